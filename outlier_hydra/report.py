@@ -1,0 +1,65 @@
+"""What a run leaves behind: JSON result files (written atomically) and the one-screen summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from outlier_hydra.stats import atomic_write_bytes
+
+FINAL_RESULTS = "final_analysis_results.json"
+TOKEN_IDS = "token_ids.npy"
+CONFIG_JSON = "config.json"
+STATS_DIR = "stats"
+FINAL_STATS = "statistics.npz"
+
+
+def batch_results_name(index: int) -> str:
+    return f"batch_{index + 1:03d}_results.json"
+
+
+def batch_stats_name(index: int) -> str:
+    return f"batch_{index + 1:03d}.npz"
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def print_summary(results: dict, max_rows: int = 20) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    feats = results["systematic_outliers"]
+    c = results["criteria"]
+    header = (
+        f"[bold]{len(feats)} systematic outlier features[/bold] in {results['model']['name']}\n"
+        f"{results['num_hooked_modules']} hooked modules, {results['num_tokens']} tokens; criteria: "
+        f"|x| >= {c['magnitude_threshold']:g} in >= {100 * c['min_layer_percentage']:g}% of modules "
+        f"and >= {100 * c['min_seq_percentage']:g}% of positions"
+    )
+    table = Table()
+    for col in ("dim", "max |x|", "layers %", "seq %", "occurrences", "batches", "examples"):
+        table.add_column(col, justify="right" if col != "examples" else "left")
+    for r in feats[:max_rows]:
+        table.add_row(
+            str(r["feature_dim"]),
+            f"{r['max_magnitude']:.2f}",
+            f"{100 * r['layer_percentage']:.1f}",
+            f"{100 * r['seq_percentage']:.1f}",
+            str(r["total_occurrences"]),
+            f"{r['batches_systematic']}/{results['num_batches']}",
+            ", ".join(f"{v:.1f}" for v in r["example_values"][:3]),
+        )
+    console = Console()
+    console.print(header, soft_wrap=True)
+    console.print(table)
+    if len(feats) > max_rows:
+        console.print(f"... {len(feats) - max_rows} more in {FINAL_RESULTS}")
+    if results["nonfinite_values"]:
+        console.print(f"[yellow]non-finite activations (excluded from the statistics): {results['nonfinite_values']}")

