@@ -45,7 +45,7 @@ def print_summary(results: dict, max_rows: int = 20) -> None:
     )
     table = Table()
     for col in ("dim", "max |x|", "layers %", "seq %", "occurrences", "batches", "examples"):
-        table.add_column(col, justify="right" if col != "examples" else "left")
+        table.add_column(col, justify="right" if col != "examples" else "left", no_wrap=True)
     for r in feats[:max_rows]:
         table.add_row(
             str(r["feature_dim"]),

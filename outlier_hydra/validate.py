@@ -72,7 +72,8 @@ def resolve_layers(cfg: DictConfig, model_config) -> list[int]:
         return list(range(n))
     layers = sorted(int(i) for i in cfg.analysis.layers)
     bad = [i for i in layers if i >= n]
-    _require(not bad, f"analysis.layers: layer {bad[0]} is out of range; {cfg.model.name} has {n} layers (0..{n - 1})")
+    if bad:
+        raise OutlierHydraError(f"analysis.layers: layer {bad[0]} is out of range; {cfg.model.name} has {n} layers (0..{n - 1})")
     return layers
 
 

@@ -1,0 +1,95 @@
+"""Merge finished runs (shards over disjoint sequences) into one result, exactly.
+
+    python -m outlier_hydra.merge RUN_DIR [RUN_DIR ...] --out MERGED_DIR
+
+Each run directory holds its per-batch statistics (stats/batch_*.npz). The runs must agree on
+everything but which sequences they covered (model, layers, criteria, sequence length), and their
+sequences must not overlap; the merged final_analysis_results.json equals the one a single run over
+all those sequences would write (same batches -> identical, including batches_systematic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from outlier_hydra import report
+from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.stats import OutlierStats
+
+# keys that may differ between shards of one run
+SHARD_KEYS = {"dataset.num_sequences", "dataset.skip_sequences"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def load_run(run_dir: Path) -> tuple[dict, dict, list[OutlierStats]]:
+    final = run_dir / report.FINAL_RESULTS
+    if not final.is_file():
+        raise OutlierHydraError(f"{run_dir}: no {report.FINAL_RESULTS} (the run did not finish)")
+    results = report.read_json(final)
+    config = report.read_json(run_dir / report.CONFIG_JSON)
+    batches = [OutlierStats.load(p) for p in sorted((run_dir / report.STATS_DIR).glob("batch_*.npz"))]
+    if len(batches) != results["num_batches"]:
+        raise OutlierHydraError(f"{run_dir}: {len(batches)} batch statistics for {results['num_batches']} batches")
+    return config, results, batches
+
+
+def merge_runs(run_dirs: list[Path], out: Path) -> dict:
+    runs = [load_run(Path(d)) for d in run_dirs]
+    config0, results0, _ = runs[0]
+    flat0 = {k: v for k, v in _flat({k: config0[k] for k in ("model", "dataset", "analysis")}).items() if k not in SHARD_KEYS}
+    for d, (config, _, _) in zip(run_dirs[1:], runs[1:]):
+        flat = {k: v for k, v in _flat({k: config[k] for k in ("model", "dataset", "analysis")}).items() if k not in SHARD_KEYS}
+        diff = sorted(k for k in flat0.keys() | flat.keys() if flat0.get(k) != flat.get(k))
+        if diff:
+            raise OutlierHydraError(f"{d}: differs from {run_dirs[0]} in {', '.join(diff[:5])}; not shards of one run")
+    batches = sorted((b for _, _, bs in runs for b in bs), key=lambda b: b.meta["sequences"][0])
+    for prev, nxt in zip(batches, batches[1:]):
+        if nxt.meta["sequences"][0] < prev.meta["sequences"][1]:
+            raise OutlierHydraError(f"overlapping sequences {prev.meta['sequences']} and {nxt.meta['sequences']}: not disjoint shards")
+    analyzer = instantiate(OmegaConf.create(config0["analysis"]["analyzer"]))
+    total = batches[0]
+    for b in batches[1:]:
+        total = total.merge(b)
+    merged = {
+        "model": results0["model"],
+        "dataset": {
+            "num_sequences": sum(r["dataset"]["num_sequences"] for _, r, _ in runs),
+            "sequence_length": results0["dataset"]["sequence_length"],
+            "skip_sequences": min(r["dataset"]["skip_sequences"] for _, r, _ in runs),
+        },
+        **analyzer.analyze(total, batches),
+        "merged_from": [str(d) for d in run_dirs],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    total.save(out / report.FINAL_STATS)
+    report.write_json(out / report.FINAL_RESULTS, merged)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m outlier_hydra.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="directory for the merged results")
+    args = parser.parse_args(argv)
+    try:
+        merged = merge_runs(args.run_dirs, args.out)
+    except OutlierHydraError as exc:
+        print(f"outlier_hydra.merge: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{merged['num_systematic_outliers']} systematic features over {merged['num_tokens']} tokens -> {args.out / report.FINAL_RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

