@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from omegaconf import DictConfig
 
 from outlier_hydra.errors import OutlierHydraError
 
-log = logging.getLogger("outlier_hydra")
 EXIT_BAD_INPUT = 2
 
 
@@ -22,6 +20,5 @@ def run_or_exit(cfg: DictConfig) -> int:
     except OutlierHydraError as exc:
         if cfg.get("debug"):
             raise
-        log.error("%s", exc)
         print(f"outlier_hydra: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

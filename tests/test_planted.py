@@ -70,3 +70,9 @@ def test_layer_subset_and_chunked_passes(tiny_models, tmp_path):
     assert full["systematic_outliers"] == chunked["systematic_outliers"]
     found = {r["feature_dim"]: r["layer_percentage"] for r in full["systematic_outliers"]}
     assert found == {7: 0.5, 21: 0.5}
+
+
+def test_analysis_stage_swaps_from_the_command_line(tiny_models, tmp_path):
+    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.analyzer._target_=helpers.TopFeatureOnly")),
+                  tmp_path)
+    assert results["num_systematic_outliers"] == 1

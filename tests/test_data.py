@@ -1,0 +1,74 @@
+"""Token windows: exact non-overlapping cuts of the tokenized stream, from every supported file type."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import CORPUS, make_cfg
+
+from outlier_hydra.data import token_windows
+from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(make_cfg().model)
+
+
+def _stream(tokenizer, docs):
+    ids = []
+    for d in docs:
+        ids += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    return ids
+
+
+def test_windows_are_consecutive_cuts_and_skip_shards(tokenizer, tmp_path):
+    docs = [f"document number {i} says something about hackers and jargon." for i in range(200)]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    stream = _stream(tokenizer, docs)
+    cfg = make_cfg("dataset=local", f"dataset.data_files={f}", "dataset.num_sequences=5", "dataset.sequence_length=16")
+    w = token_windows(cfg.dataset, tokenizer)
+    assert w.shape == (5, 16) and w.dtype == np.int64
+    assert w.ravel().tolist() == stream[:80]
+    cfg.dataset.skip_sequences = 3
+    assert token_windows(cfg.dataset, tokenizer).ravel().tolist() == stream[48:128]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "txt-glob"])
+def test_other_file_types(kind, tokenizer, tmp_path):
+    docs = [f"paragraph {i} of the local corpus." for i in range(50)]
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
+        overrides = [f"dataset.data_files={tmp_path}/*.parquet", "dataset.text_field=body"]
+    else:
+        (tmp_path / "a.txt").write_text("\n\n".join(docs[:25]))
+        (tmp_path / "b.txt").write_text("\n\n".join(docs[25:]))
+        overrides = [f"dataset.data_files={tmp_path}/*.txt"]
+    cfg = make_cfg("dataset=local", *overrides, "dataset.num_sequences=4", "dataset.sequence_length=20")
+    assert token_windows(cfg.dataset, tokenizer).ravel().tolist() == _stream(tokenizer, docs)[:80]
+
+
+def test_shuffle_is_seeded(tokenizer):
+    base = ["dataset.num_sequences=4", "dataset.sequence_length=32", "dataset.shuffle=true"]
+    a = token_windows(make_cfg(*base, "dataset.seed=1").dataset, tokenizer)
+    b = token_windows(make_cfg(*base, "dataset.seed=1").dataset, tokenizer)
+    c = token_windows(make_cfg(*base, "dataset.seed=2").dataset, tokenizer)
+    plain = token_windows(make_cfg(*base[:2]).dataset, tokenizer)
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, plain)
+
+
+def test_mixed_file_types_are_refused(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    cfg = make_cfg("dataset=local", f"dataset.data_files={tmp_path}/*")
+    with pytest.raises(OutlierHydraError, match=r"dataset\.data_files: .* mixes file types"):
+        token_windows(cfg.dataset, tokenizer)
+
+
+def test_shipped_corpus_is_real_text():
+    text = open(CORPUS).read()
+    assert len(text) > 50_000 and "hacker" in text
