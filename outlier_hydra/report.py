@@ -54,7 +54,7 @@ def print_summary(results: dict, max_rows: int = 20) -> None:
             f"{100 * r['seq_percentage']:.1f}",
             str(r["total_occurrences"]),
             f"{r['batches_systematic']}/{results['num_batches']}",
-            ", ".join(f"{v:.1f}" for v in r["example_values"][:3]),
+            ", ".join(f"{v:.1f}" for v in r["example_values"][:2]),
         )
     console = Console()
     console.print(header, soft_wrap=True)

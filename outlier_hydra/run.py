@@ -59,11 +59,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _claim_directory(out: Path, fp: dict, token_ids: np.ndarray) -> None:
     """First run in `out`: record what it runs. A rerun: refuse unless it is the same run."""
     state_path = out / RUN_STATE
+    for stale in out.rglob(".*.tmp-*") if out.exists() else ():
+        stale.unlink()  # left by a write that was killed halfway; the real file was never replaced
     if state_path.exists():
         old = report.read_json(state_path)
         if old.get("sha256") != fp["sha256"]:
             a, b = _flatten(old.get("config", {})), _flatten(fp["config"])
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            # the stage nodes copy analysis.* by interpolation: name the key the user set
+            direct = [k for k in diff if not k.startswith(("analysis.collector.", "analysis.analyzer."))]
+            diff = direct or diff
             raise OutlierHydraError(
                 f"{out}: holds a run with a different config ({', '.join(diff[:5]) or 'unknown keys'} differ); "
                 "use a new hydra.run.dir"

@@ -109,3 +109,17 @@ def test_cli_schema_errors_name_the_key(override, key, tmp_path):
     assert proc.returncode != 0
     assert key in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_hub_dataset_while_offline(olmoe, no_weights, tmp_path):
+    _fails(tiny_overrides(olmoe, "dataset=hub", "dataset.sequence_length=32", "dataset.name=no-such-org/no-such-data"),
+           r"dataset\.name: cannot open no-such-org/no-such-data: .*Offline", tmp_path)
+
+
+def test_debug_flag_shows_the_traceback(olmoe, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", *tiny_overrides(olmoe, "analysis.layers=[7]"), "debug=true",
+         f"hydra.run.dir={tmp_path}/x"], capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "OutlierHydraError" in proc.stderr

@@ -1,0 +1,66 @@
+"""Property-based: statistics merged in any order and any grouping give the same result."""
+
+import random
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from outlier_hydra.analysis import SystematicOutlierAnalysis
+from outlier_hydra.stats import OutlierStats, merge_all
+
+NAMES = ["layer_0_ln_attn", "layer_0_ln_mlp", "layer_1_ln_attn"]
+D, K = 5, 3
+
+
+@st.composite
+def batch_stats(draw):
+    n = draw(st.integers(1, 50))
+    occ = np.array(draw(st.lists(st.lists(st.integers(0, n), min_size=D, max_size=D), min_size=3, max_size=3)), np.int64)
+    # values on a coarse grid so that ties (equal magnitudes, both signs) really happen
+    vals = st.sampled_from([6.0, -6.0, 7.5, -7.5, 9.0, -9.0, 12.0])
+    top = np.array(draw(st.lists(st.lists(vals, min_size=D, max_size=D), min_size=K, max_size=K)), np.float32)
+    top = top[np.argsort(-np.abs(top), axis=0, kind="stable"), np.arange(D)]
+    return OutlierStats(
+        module_names=list(NAMES), threshold=6.0, num_tokens=n, occurrences=occ,
+        max_abs=np.abs(np.array(draw(st.lists(st.lists(vals, min_size=D, max_size=D), min_size=3, max_size=3)), np.float32)),
+        top_values=top, positions_hit=np.minimum(occ.max(0), n),
+        nonfinite=np.array(draw(st.lists(st.integers(0, 3), min_size=3, max_size=3)), np.int64),
+    )
+
+
+def _same(a: OutlierStats, b: OutlierStats):
+    assert (a.num_tokens, a.num_batches) == (b.num_tokens, b.num_batches)
+    for f in ("occurrences", "max_abs", "positions_hit", "nonfinite"):
+        assert np.array_equal(getattr(a, f), getattr(b, f))
+    assert np.array_equal(a.top_values, b.top_values, equal_nan=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(batch_stats(), min_size=1, max_size=6), st.randoms(use_true_random=False))
+def test_merge_is_independent_of_order_and_grouping(batches, rnd: random.Random):
+    reference = merge_all(batches)
+    shuffled = batches[:]
+    rnd.shuffle(shuffled)
+    cut = rnd.randint(0, len(shuffled))
+    left, right = shuffled[:cut], shuffled[cut:]
+    parts = [merge_all(p) for p in (left, right) if p]
+    _same(reference, merge_all(parts))
+    analysis = SystematicOutlierAnalysis(6.0, 0.25, 0.06)
+    assert analysis.analyze(reference) == analysis.analyze(merge_all(parts))
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch_stats())
+def test_save_load_round_trip(tmp_path_factory, stats):
+    path = tmp_path_factory.mktemp("rt") / "s.npz"
+    stats.save(path)
+    _same(stats, OutlierStats.load(path))
+
+
+def test_merge_with_empty_is_identity():
+    s = OutlierStats.empty(NAMES, D, 6.0, K)
+    s.num_tokens, s.num_batches = 10, 1
+    s.occurrences[1, 2] = 4
+    s.top_values[0, 2] = -9.0
+    _same(OutlierStats.empty(NAMES, D, 6.0, K).merge(s), s)
