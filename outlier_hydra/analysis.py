@@ -4,11 +4,14 @@ Per feature dim d (M hooked modules, N analysed token positions):
   total_occurrences = #(m, p) with |x_m[p, d]| >= threshold
   layer_percentage  = #{m : d has an outlier in m} / M             (a fraction in [0, 1])
   seq_percentage    = #{p : |x_m[p, d]| >= threshold for some m} / N
-  max_magnitude     = max |x|;  example_values: up to num_examples signed outlier values, largest |x| first
+  max_magnitude     = max |x|
+  example_values    = up to num_examples signed outlier values, largest |x| first, at distinct token
+                      positions (each position's largest-|x| value across the hooked modules)
   layers_affected   = names of the modules with an outlier in d, in model order
 d is systematic when layer_percentage >= min_layer_percentage and seq_percentage >= min_seq_percentage.
 The comparisons are exact (integer arithmetic against the minimum as written), so 3 of 12 modules
-meets 0.25 and 6 of 100 positions meets 0.06.
+meets 0.25 and 6 of 100 positions meets 0.06. The threshold may be any edge of the statistics'
+histograms (so one collection serves a whole threshold sweep); another threshold is an error.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ class SystematicOutlierAnalysis:
 
     def systematic_dims(self, stats: OutlierStats) -> np.ndarray:
         self._check(stats)
-        layers_with = (stats.occurrences > 0).sum(0)
+        t = self.magnitude_threshold
+        layers_with = (stats.occurrences(t) > 0).sum(0)
         ok = meets(layers_with, stats.num_modules, self.min_layer_percentage) & meets(
-            stats.positions_hit, stats.num_tokens, self.min_seq_percentage
+            stats.positions_hit(t), stats.num_tokens, self.min_seq_percentage
         )
         return np.flatnonzero(ok.astype(bool))
 
@@ -63,7 +67,8 @@ class SystematicOutlierAnalysis:
         return out
 
     def record(self, stats: OutlierStats, d: int) -> dict:
-        occ = stats.occurrences[:, d]
+        t = self.magnitude_threshold
+        occ = stats.occurrences(t)[:, d]
         hit_modules = np.flatnonzero(occ > 0)
         tops = stats.top_values[:, d]
         examples = [float(v) for v in tops if np.isfinite(v) and abs(v) >= self.magnitude_threshold]
@@ -71,18 +76,14 @@ class SystematicOutlierAnalysis:
             "feature_dim": d,
             "max_magnitude": float(stats.max_abs[:, d].max()),
             "layer_percentage": len(hit_modules) / stats.num_modules,
-            "seq_percentage": int(stats.positions_hit[d]) / stats.num_tokens,
+            "seq_percentage": int(stats.positions_hit(t)[d]) / stats.num_tokens,
             "total_occurrences": int(occ.sum()),
             "layers_affected": [stats.module_names[m] for m in hit_modules],
             "example_values": examples[: self.num_examples],
         }
 
     def _check(self, stats: OutlierStats) -> None:
-        if stats.threshold != self.magnitude_threshold:
-            raise ValueError(
-                f"statistics were collected at magnitude_threshold={stats.threshold}, "
-                f"not {self.magnitude_threshold}"
-            )
+        stats.edge_index(self.magnitude_threshold)  # ThresholdNotAnEdge, naming the edges there are
         if stats.num_tokens <= 0:
             raise ValueError("statistics cover no tokens")
 

@@ -1,21 +1,27 @@
 """The extraction stage: forward hooks that reduce each hooked tensor on the model's device.
 
-Per batch, every hooked module m updates, on its own device and without any host sync:
-  occurrences[m] += (|x| >= t).sum(tokens)      max_abs[m] = max(max_abs[m], |x|.amax(tokens))
-  top[dev]        = top-k by |x| of (top[dev] ∪ top-k of x over tokens)
-  mask[dev]      |= (|x| >= t)                   (a [tokens, D] bool per device, OR'd over modules)
-  nonfinite[m]   += count of NaN / Inf           (those values are zeroed before the statistics)
-When the batch is done the per-device state is copied to the host once and becomes an OutlierStats;
-positions_hit is the column sum of the OR of the device masks. Memory is O(tokens_per_batch x D) on
-the device and O(M x D) on the host: it does not grow with the number of tokens analysed.
+For every hooked module m and batch, with a = |x| (NaN/Inf counted, then treated as 0):
+  ge_counts[m, :, e] += #(a >= edges[e]) per dim       max_abs[m] = max(max_abs[m], amax(a))
+  pabs, pval          : per token position and dim, the largest |x| over the modules so far and
+                        its signed value (a [tokens, D] buffer per device; ties keep the earlier)
+When the batch is done: pos_ge_counts from pabs, the top-k positions of pabs give top_values, and
+everything is copied to the host once per device. Memory: O(tokens_per_batch x D) on the device,
+O(M x D x E) on the host; nothing grows with the number of tokens analysed.
+
+Three interchangeable reductions (``backend``), identical statistics:
+  dense     plain PyTorch, no host sync inside a hook: the reference
+  compiled  torch.compile of the dense reduction, fused into one kernel per tensor (GPU default)
+  sparse    only the values >= the lowest edge (a few percent) are binned and scattered into the
+            position buffer; it asks the host how many there are, which is free on a CPU (CPU default)
 
 With ``chunk_layers`` the hook points are split into groups of at most that many layers, one
-forward pass per group over the same batch (the masks persist across the passes). Each pass stops
-right after its last hooked module: nothing downstream of it is needed.
+forward pass per group over the same batch (the position buffer persists across passes). Each pass
+stops right after its last hooked module: nothing downstream of it is needed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import numpy as np
@@ -23,7 +29,10 @@ import torch
 
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.models.adapters import HookPoint
-from outlier_hydra.stats import OutlierStats, merge_top_values
+from outlier_hydra.stats import DEFAULT_EDGES, OutlierStats, histogram_edges
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "dense", "compiled", "sparse")
 
 
 class _StopForward(Exception):
@@ -49,107 +58,210 @@ def resolve_modules(model: torch.nn.Module, points: list[HookPoint]) -> list[tor
     return [modules[p.module_path] for p in points]
 
 
+# ---- the per-tensor reductions ---------------------------------------------------------------
+def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
+    """x [N, D] -> (ge [D, E] int64, amax [D], nonfinite [], new pabs, new pval). No host sync.
+    edges_t is float32, so a bf16 |x| is compared exactly (promoted, not the edge rounded)."""
+    a = x.abs()
+    finite = a < float("inf")  # False for NaN and Inf
+    a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    ge = torch.stack([(a >= edges_t[i]).sum(0) for i in range(edges_t.shape[0])], 1)
+    amax = a.amax(0)
+    wins = a > pabs
+    return ge, amax, (~finite).sum(), torch.where(wins, a, pabs), torch.where(wins, x, pval)
+
+
+def sparse_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
+    """Same result as dense_reduce (pabs/pval updated in place), touching only values >= edges[0]."""
+    n, d = x.shape
+    e = edges_t.numel()
+    a = x.abs()
+    amax = a.amax(0)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=x.device)
+    if not bool(torch.isfinite(amax).all()):  # host sync: this backend is for the CPU
+        finite = a < float("inf")
+        nonfinite = (~finite).sum()
+        a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        amax = a.amax(0)
+    rows, cols = (a >= edges_t[0]).nonzero().unbind(1)
+    v = a[rows, cols]
+    bins = torch.bucketize(v.float(), edges_t, right=True) - 1
+    hist = torch.bincount(cols * e + bins, minlength=d * e).view(d, e)
+    ge = hist.flip(1).cumsum(1).flip(1)
+    flat = rows * d + cols  # unique within one module
+    pabs_flat, pval_flat = pabs.view(-1), pval.view(-1)
+    wins = v > pabs_flat[flat]
+    flat = flat[wins]
+    pabs_flat[flat] = v[wins]
+    pval_flat[flat] = x[rows[wins], cols[wins]]
+    return ge, amax, nonfinite, pabs, pval
+
+
+_compiled_reduce = None
+
+
+def compiled_reduce(x, pabs, pval, edges_t):
+    global _compiled_reduce
+    if _compiled_reduce is None:
+        _compiled_reduce = torch.compile(dense_reduce, dynamic=False)
+    return _compiled_reduce(x, pabs, pval, edges_t)
+
+
+def _position_counts(pabs: torch.Tensor, edges_t: torch.Tensor, sparse: bool) -> torch.Tensor:
+    e, d = edges_t.shape[0], pabs.shape[1]
+    if sparse:
+        rows, cols = (pabs >= edges_t[0]).nonzero().unbind(1)
+        bins = torch.bucketize(pabs[rows, cols].float(), edges_t, right=True) - 1
+        return torch.bincount(cols * e + bins, minlength=d * e).view(d, e).flip(1).cumsum(1).flip(1)
+    return torch.stack([(pabs >= edges_t[i]).sum(0) for i in range(e)], 1)
+
+
 class _BatchState:
     """Device-resident accumulators for one batch."""
 
-    def __init__(self, threshold: float, num_examples: int, num_modules: int):
-        self.threshold = threshold
+    def __init__(self, edges: np.ndarray, num_examples: int, num_modules: int, backend: str):
+        self.edges = tuple(float(e) for e in edges)
         self.k = num_examples
-        self.occurrences: list[torch.Tensor | None] = [None] * num_modules
+        self.backend = backend
+        self.ge: list[torch.Tensor | None] = [None] * num_modules
         self.max_abs: list[torch.Tensor | None] = [None] * num_modules
         self.nonfinite: list[torch.Tensor | None] = [None] * num_modules
-        self.mask: dict[torch.device, torch.Tensor] = {}
-        self.top: dict[torch.device, torch.Tensor] = {}
+        self.pabs: dict[torch.device, torch.Tensor] = {}
+        self.pval: dict[torch.device, torch.Tensor] = {}
+        self.edges_t: dict[torch.device, torch.Tensor] = {}
         self.num_tokens: int | None = None
         self.num_features: int | None = None
 
     def update(self, row: int, x: torch.Tensor) -> None:
         d = x.shape[-1]
         x = x.detach().reshape(-1, d)
-        n = x.shape[0]
-        if self.num_tokens is None:
-            self.num_tokens, self.num_features = n, d
         dev = x.device
-        finite = torch.isfinite(x)
-        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=dev))
-        a = x.abs()
-        hit = a >= self.threshold
-        count = hit.sum(0)
-        amax = a.amax(0).float()
-        bad = (~finite).sum()
-        if self.occurrences[row] is None:
-            self.occurrences[row], self.max_abs[row], self.nonfinite[row] = count, amax, bad
-        else:  # a module hooked in two passes of one batch (never with the shipped adapters)
-            self.occurrences[row] += count
-            self.max_abs[row] = torch.maximum(self.max_abs[row], amax)
-            self.nonfinite[row] += bad
-        if dev in self.mask:
-            self.mask[dev] |= hit
+        if self.num_tokens is None:
+            self.num_tokens, self.num_features = x.shape[0], d
+        if dev not in self.pabs:
+            self.pabs[dev] = torch.zeros_like(x)
+            self.pval[dev] = torch.zeros_like(x)
+            self.edges_t[dev] = torch.tensor(self.edges, dtype=torch.float32, device=dev)
+        if self.backend == "sparse":
+            out = sparse_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+        elif self.backend == "compiled":
+            out = compiled_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
         else:
-            self.mask[dev] = hit
-        k = min(self.k, n)
-        idx = a.topk(k, dim=0).indices
-        cand = x.gather(0, idx).float()
-        if dev in self.top:
-            cand = torch.cat([self.top[dev], cand], 0)
-            keep = cand.abs().topk(min(self.k, cand.shape[0]), dim=0).indices
-            cand = cand.gather(0, keep)
-        self.top[dev] = cand
+            out = dense_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+        ge, amax, bad, self.pabs[dev], self.pval[dev] = out
+        if self.ge[row] is None:
+            self.ge[row], self.max_abs[row], self.nonfinite[row] = ge, amax.float(), bad
+        else:  # a module hooked in two passes of one batch (never with the shipped adapters)
+            self.ge[row] = self.ge[row] + ge
+            self.max_abs[row] = torch.maximum(self.max_abs[row], amax.float())
+            self.nonfinite[row] = self.nonfinite[row] + bad
 
-    def to_host(self, module_names: list[str]) -> OutlierStats:
-        """One host copy per device: stack the rows that live there, then move them."""
-        m, d = len(module_names), self.num_features
-        occurrences = np.zeros((m, d), np.int64)
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine the devices' position buffers (layers sit on devices in model order)."""
+        devs = list(self.pabs)
+        pabs, pval = self.pabs[devs[0]], self.pval[devs[0]]
+        for dev in devs[1:]:
+            other_abs, other_val = self.pabs[dev].to(pabs.device), self.pval[dev].to(pabs.device)
+            wins = other_abs > pabs
+            pabs, pval = torch.where(wins, other_abs, pabs), torch.where(wins, other_val, pval)
+        return pabs, pval
+
+    def to_host(self, module_names: list[str], threshold: float) -> OutlierStats:
+        m, d, e = len(module_names), self.num_features, len(self.edges)
+        ge = np.zeros((m, d, e), np.int64)
         max_abs = np.zeros((m, d), np.float32)
         nonfinite = np.zeros(m, np.int64)
         rows_by_dev: dict[torch.device, list[int]] = defaultdict(list)
-        for row, t in enumerate(self.occurrences):
+        for row, t in enumerate(self.ge):
             if t is None:
                 raise RuntimeError(f"hooked module {module_names[row]} never ran in the forward pass")
             rows_by_dev[t.device].append(row)
-        for dev, rows in rows_by_dev.items():
-            occurrences[rows] = torch.stack([self.occurrences[r] for r in rows]).cpu().numpy()
+        for dev, rows in rows_by_dev.items():  # one host copy per device and kind
+            ge[rows] = torch.stack([self.ge[r] for r in rows]).cpu().numpy()
             max_abs[rows] = torch.stack([self.max_abs[r] for r in rows]).cpu().numpy()
             nonfinite[rows] = torch.stack([self.nonfinite[r] for r in rows]).cpu().numpy()
-        masks = list(self.mask.values())
-        any_hit = masks[0]
-        for other in masks[1:]:
-            any_hit = any_hit | other.to(any_hit.device)
-        positions_hit = any_hit.sum(0).cpu().numpy().astype(np.int64)
-        top = np.full((self.k, d), np.nan, np.float32)
-        for t in self.top.values():
-            vals = t.cpu().numpy()
-            pad = np.full((self.k - vals.shape[0], d), np.nan, np.float32)
-            top = merge_top_values(top, np.concatenate([vals, pad], 0))
+        pabs, pval = self._positions()
+        low = self.edges[0]
+        edges_t = torch.tensor(self.edges, dtype=torch.float32, device=pabs.device)
+        pos_ge = _position_counts(pabs, edges_t, self.backend == "sparse").cpu().numpy()
+        k = min(self.k, pabs.shape[0])
+        top = pval.gather(0, _example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
+        top = torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))).cpu().numpy()
+        if k < self.k:
+            top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
         return OutlierStats(
             module_names=list(module_names),
-            threshold=self.threshold,
+            edges=np.asarray(self.edges, np.float64),
+            threshold=threshold,
             num_tokens=int(self.num_tokens),
-            occurrences=occurrences,
+            ge_counts=ge,
+            pos_ge_counts=pos_ge.astype(np.int64),
             max_abs=max_abs,
-            top_values=top,
-            positions_hit=positions_hit,
+            top_values=_sorted_top(top),
             nonfinite=nonfinite,
             num_batches=1,
         )
 
 
+def _example_order_key(pabs: torch.Tensor, pval: torch.Tensor, low: float) -> torch.Tensor:
+    """A total order for picking examples: |v| first, then positive before negative (one float64
+    ulp, far below the spacing of float32/bf16 values). Equal keys then mean equal signed values, so
+    which position topk picks among them cannot change the result; below the lowest edge: 0."""
+    key = pabs.double()
+    key = torch.where(pval > 0, torch.nextafter(key, torch.full_like(key, float("inf"))), key)
+    return torch.where(pabs >= low, key, torch.zeros_like(key))
+
+
+def _sorted_top(top: np.ndarray) -> np.ndarray:
+    """Canonical order (|v| desc, then v desc, NaN last), as merge_top_values keeps it."""
+    from outlier_hydra.stats import merge_top_values
+
+    return merge_top_values(top, np.full_like(top, np.nan))
+
+
 class OutlierCollector:
     """Builds one OutlierStats per batch from forward hooks on the hook points."""
 
-    def __init__(self, magnitude_threshold: float, num_examples: int = 5, chunk_layers: int | None = None):
+    def __init__(
+        self,
+        magnitude_threshold: float,
+        num_examples: int = 5,
+        chunk_layers: int | None = None,
+        histogram_edges: list[float] | None = None,
+        backend: str = "auto",
+    ):
+        if backend not in BACKENDS:
+            raise OutlierHydraError(f"analysis.collector.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
         self.magnitude_threshold = float(magnitude_threshold)
         self.num_examples = int(num_examples)
         self.chunk_layers = chunk_layers
+        self.edges = histogram_edges_for(histogram_edges, self.magnitude_threshold)
+        self.backend = backend
 
     def passes(self, points: list[HookPoint]) -> list[list[HookPoint]]:
         return layer_chunks(points, self.chunk_layers)
 
+    def backend_for(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "compiled" if device.type == "cuda" else "sparse"
+
     @torch.inference_mode()
     def collect_batch(self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor) -> OutlierStats:
+        backend = self.backend_for(input_ids.device)
+        try:
+            return self._collect(model, points, input_ids, backend)
+        except Exception as exc:
+            if backend != "compiled" or isinstance(exc, OutlierHydraError):
+                raise
+            log.warning("torch.compile reduction failed (%s); falling back to the dense reduction", exc)
+            self.backend = "dense"
+            return self._collect(model, points, input_ids, "dense")
+
+    def _collect(self, model, points, input_ids, backend) -> OutlierStats:
         modules = resolve_modules(model, points)
         row_of = {p.name: i for i, p in enumerate(points)}
-        state = _BatchState(self.magnitude_threshold, self.num_examples, len(points))
+        state = _BatchState(self.edges, self.num_examples, len(points), backend)
         for group in self.passes(points):
             handles = []
             last = group[-1].name
@@ -162,7 +274,7 @@ class OutlierCollector:
             finally:
                 for h in handles:
                     h.remove()
-        return state.to_host([p.name for p in points])
+        return state.to_host([p.name for p in points], self.magnitude_threshold)
 
     @staticmethod
     def _hook(state: _BatchState, row: int, stop: bool):
@@ -172,3 +284,10 @@ class OutlierCollector:
                 raise _StopForward
 
         return hook
+
+
+def histogram_edges_for(edges: list[float] | None, threshold: float) -> np.ndarray:
+    try:
+        return histogram_edges(DEFAULT_EDGES if edges is None else edges, threshold)
+    except ValueError as exc:
+        raise OutlierHydraError(f"analysis.histogram_edges: {exc}") from None

@@ -92,6 +92,8 @@ class CollectorConfig:
     magnitude_threshold: float = "${analysis.magnitude_threshold}"  # type: ignore[assignment]
     num_examples: int = "${analysis.num_examples}"  # type: ignore[assignment]
     chunk_layers: Optional[int] = "${analysis.chunk_layers}"  # type: ignore[assignment]
+    histogram_edges: Optional[List[float]] = "${analysis.histogram_edges}"  # type: ignore[assignment]
+    backend: str = "auto"  # auto | dense | compiled | sparse (see collect.py)
 
 
 @dataclass
@@ -114,6 +116,8 @@ class AnalysisConfig:
     chunk_layers: Optional[int] = None  # hook at most N layers per forward pass
     batch_size: int = 1  # sequences per forward pass
     num_examples: int = 5  # example_values kept per feature
+    # |x| edges at which counts are kept exactly (null: stats.DEFAULT_EDGES); the threshold is added
+    histogram_edges: Optional[List[float]] = None
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
 

@@ -1,17 +1,20 @@
 """OutlierStats: the small, plain statistics a run keeps, and how they merge exactly.
 
-For M hooked modules, D feature dims, threshold t:
-  occurrences[M, D]  int64    count of |x| >= t                          merge: add
-  max_abs[M, D]      float32  largest finite |x|                         merge: max
-  top_values[k, D]   float32  signed values of largest |x| over all      merge: top-k of the union
-                              modules and positions (NaN = none yet)
-  positions_hit[D]   int64    token positions where d reaches t in at    merge: add
-                              least one hooked module
-  nonfinite[M]       int64    NaN/Inf values seen (never counted as       merge: add
-                              outliers, never in max_abs)
-  num_tokens, num_batches     ints                                        merge: add
-Token positions of different batches (and shards) are distinct, so positions_hit adds exactly. Every
-merge is exact and independent of order and grouping (top-k ties are broken by value, then sign).
+For M hooked modules, D feature dims and E edges (ascending, > 0; the configured magnitude
+threshold is always one of them), with pmax[p, d] = max over hooked modules of |x_m[p, d]|:
+  ge_counts[M, D, E]   int64    #(p : |x_m[p, d]| >= edges[e])                      merge: add
+  pos_ge_counts[D, E]  int64    #(p : pmax[p, d] >= edges[e])                       merge: add
+  max_abs[M, D]        float32  largest finite |x|                                  merge: max
+  top_values[k, D]     float32  signed values of largest |x| at k distinct token     merge: top-k of
+                                positions (each position's largest-|x| value over          the union
+                                the modules), >= edges[0]; NaN = none
+  nonfinite[M]         int64    NaN/Inf values seen (excluded from everything else) merge: add
+  num_tokens, num_batches                                                           merge: add
+At any threshold t that is an edge, the exact statistics are one column:
+  occurrences(t)[m, d] = #(p : |x_m[p, d]| >= t)       = ge_counts[m, d, e(t)]
+  positions_hit(t)[d]  = #(p : pmax[p, d] >= t)        = pos_ge_counts[d, e(t)]
+Token positions of different batches (and shards) are distinct, so the position histogram adds
+exactly. Every merge is exact and independent of order and grouping (top-k ties: larger value first).
 """
 
 from __future__ import annotations
@@ -25,21 +28,39 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+# Edges for |x|: the thresholds people sweep (3..8), the range of systematic features (up to ~100)
+# and massive activations (>= 1000). The configured threshold is always added. The lowest edge
+# bounds what the statistics see at all: values below it only enter max_abs.
+DEFAULT_EDGES = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 20.0, 32.0, 64.0, 100.0, 1000.0)
+
+
+class ThresholdNotAnEdge(ValueError):
+    """The statistics cannot give exact counts at this threshold."""
+
+
+def histogram_edges(edges, threshold: float) -> np.ndarray:
+    """The sorted, de-duplicated edges with the threshold included."""
+    out = np.unique(np.asarray([*edges, threshold], dtype=np.float64))
+    if out[0] <= 0:
+        raise ValueError(f"histogram edges must be > 0, got {out[0]}")
+    return out
 
 
 @dataclass
 class OutlierStats:
     module_names: list[str]
-    threshold: float
+    edges: np.ndarray
+    threshold: float  # the configured threshold the run was made for (an edge)
     num_tokens: int
-    occurrences: np.ndarray
+    ge_counts: np.ndarray
+    pos_ge_counts: np.ndarray
     max_abs: np.ndarray
     top_values: np.ndarray
-    positions_hit: np.ndarray
     nonfinite: np.ndarray
     num_batches: int = 1
-    meta: dict = field(default_factory=dict)  # free-form provenance (model, batch indices ...), not merged
+    meta: dict = field(default_factory=dict)  # provenance (batch index, sequences ...), not merged
 
     @property
     def num_modules(self) -> int:
@@ -47,19 +68,39 @@ class OutlierStats:
 
     @property
     def num_features(self) -> int:
-        return int(self.occurrences.shape[1])
+        return int(self.max_abs.shape[1])
+
+    def edge_index(self, threshold: float) -> int:
+        idx = np.flatnonzero(self.edges == float(threshold))
+        if not len(idx):
+            raise ThresholdNotAnEdge(
+                f"magnitude_threshold {threshold:g} is not a histogram edge of these statistics "
+                f"(edges: {', '.join(f'{e:g}' for e in self.edges)}); collect again with it in analysis.histogram_edges"
+            )
+        return int(idx[0])
+
+    def occurrences(self, threshold: float | None = None) -> np.ndarray:
+        """[M, D] count of |x| >= threshold (default: the configured one)."""
+        e = self.edge_index(self.threshold if threshold is None else threshold)
+        return self.ge_counts[:, :, e]
+
+    def positions_hit(self, threshold: float | None = None) -> np.ndarray:
+        """[D] positions where the dim reaches threshold in at least one hooked module."""
+        e = self.edge_index(self.threshold if threshold is None else threshold)
+        return self.pos_ge_counts[:, e]
 
     @classmethod
-    def empty(cls, module_names: list[str], num_features: int, threshold: float, num_examples: int) -> "OutlierStats":
-        m, d = len(module_names), num_features
+    def empty(cls, module_names: list[str], num_features: int, edges, threshold: float, num_examples: int) -> "OutlierStats":
+        m, d, e = len(module_names), num_features, len(edges)
         return cls(
             module_names=list(module_names),
+            edges=np.asarray(edges, np.float64),
             threshold=float(threshold),
             num_tokens=0,
-            occurrences=np.zeros((m, d), np.int64),
+            ge_counts=np.zeros((m, d, e), np.int64),
+            pos_ge_counts=np.zeros((d, e), np.int64),
             max_abs=np.zeros((m, d), np.float32),
             top_values=np.full((num_examples, d), np.nan, np.float32),
-            positions_hit=np.zeros(d, np.int64),
             nonfinite=np.zeros(m, np.int64),
             num_batches=0,
         )
@@ -68,25 +109,27 @@ class OutlierStats:
     def merge(self, other: "OutlierStats") -> "OutlierStats":
         if self.module_names != other.module_names:
             raise ValueError("cannot merge statistics of different hooked modules")
-        if self.threshold != other.threshold:
-            raise ValueError(f"cannot merge statistics at thresholds {self.threshold} and {other.threshold}")
-        if self.occurrences.shape != other.occurrences.shape or self.top_values.shape != other.top_values.shape:
+        if not np.array_equal(self.edges, other.edges):
+            raise ValueError("cannot merge statistics with different histogram edges")
+        if self.max_abs.shape != other.max_abs.shape or self.top_values.shape != other.top_values.shape:
             raise ValueError("cannot merge statistics of different shapes")
         return OutlierStats(
             module_names=list(self.module_names),
+            edges=self.edges,
             threshold=self.threshold,
             num_tokens=self.num_tokens + other.num_tokens,
-            occurrences=self.occurrences + other.occurrences,
+            ge_counts=self.ge_counts + other.ge_counts,
+            pos_ge_counts=self.pos_ge_counts + other.pos_ge_counts,
             max_abs=np.maximum(self.max_abs, other.max_abs),
             top_values=merge_top_values(self.top_values, other.top_values),
-            positions_hit=self.positions_hit + other.positions_hit,
             nonfinite=self.nonfinite + other.nonfinite,
             num_batches=self.num_batches + other.num_batches,
         )
 
     # ---- files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder, fsync, rename)."""
+        """Write atomically (temporary file in the same folder, fsync, rename). Counts that fit are
+        stored as int32 (a batch's always do): half the disk, restored to int64 on load."""
         meta = {
             "format_version": FORMAT_VERSION,
             "module_names": self.module_names,
@@ -95,13 +138,15 @@ class OutlierStats:
             "num_batches": self.num_batches,
             "meta": self.meta,
         }
+        small = self.num_tokens < 2**31
         buf = io.BytesIO()
         np.savez(
             buf,
-            occurrences=self.occurrences,
+            edges=self.edges,
+            ge_counts=self.ge_counts.astype(np.int32) if small else self.ge_counts,
+            pos_ge_counts=self.pos_ge_counts.astype(np.int32) if small else self.pos_ge_counts,
             max_abs=self.max_abs,
             top_values=self.top_values,
-            positions_hit=self.positions_hit,
             nonfinite=self.nonfinite,
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
         )
@@ -115,14 +160,15 @@ class OutlierStats:
                 raise ValueError(f"{path}: statistics format {meta.get('format_version')} is not {FORMAT_VERSION}")
             return cls(
                 module_names=meta["module_names"],
+                edges=z["edges"],
                 threshold=meta["threshold"],
                 num_tokens=meta["num_tokens"],
                 num_batches=meta["num_batches"],
                 meta=meta.get("meta", {}),
-                occurrences=z["occurrences"],
+                ge_counts=z["ge_counts"].astype(np.int64),
+                pos_ge_counts=z["pos_ge_counts"].astype(np.int64),
                 max_abs=z["max_abs"],
                 top_values=z["top_values"],
-                positions_hit=z["positions_hit"],
                 nonfinite=z["nonfinite"],
             )
 

@@ -1,6 +1,7 @@
 """The collector on exact, hand-made activations: NaN/Inf, the threshold boundary, dtypes."""
 
 import numpy as np
+import pytest
 import torch
 from helpers import ReplayModel
 
@@ -9,36 +10,42 @@ from outlier_hydra.collect import OutlierCollector
 from outlier_hydra.models.adapters import PRE_NORM_DECODER
 
 
-def _collect(acts, threshold=6.0, chunk_layers=None, k=5):
+BACKENDS = ["dense", "sparse"]
+
+
+def _collect(acts, threshold=6.0, chunk_layers=None, k=5, backend="dense"):
     model = ReplayModel(acts)
     points = PRE_NORM_DECODER.hook_points(list(range(len(acts))))
-    return OutlierCollector(threshold, k, chunk_layers).collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
+    collector = OutlierCollector(threshold, k, chunk_layers, backend=backend)
+    return collector.collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
 
 
-def test_nan_and_inf_are_counted_and_excluded():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_are_counted_and_excluded(backend):
     a = torch.zeros(1, 10, 4)
     a[0, :3, 1] = float("nan")
     a[0, 3, 1] = float("inf")
     a[0, 4, 2] = -float("inf")
     a[0, 5, 2] = 7.0
     b = torch.zeros(1, 10, 4)
-    stats = _collect([[a, b]])
+    stats = _collect([[a, b]], backend=backend)
     assert stats.nonfinite.tolist() == [5, 0]
-    assert stats.occurrences[0].tolist() == [0, 0, 1, 0]  # the Inf is not an outlier; the 7.0 is
+    assert stats.occurrences()[0].tolist() == [0, 0, 1, 0]  # the Inf is not an outlier; the 7.0 is
     assert stats.max_abs[0].tolist() == [0, 0, 7.0, 0]
     assert np.isfinite(stats.top_values[~np.isnan(stats.top_values)]).all()
     result = SystematicOutlierAnalysis(6.0, 0.25, 0.06).analyze(stats)
     assert result["nonfinite_values"] == {"layer_0_ln_attn": 5}
 
 
-def test_threshold_is_inclusive_and_criteria_boundaries_are_exact():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_is_inclusive_and_criteria_boundaries_are_exact(backend):
     # 4 modules; dim 0 reaches exactly 6.0 in exactly 1 module (25%) at 6 of 100 positions (6%)
     acts = [[torch.zeros(1, 100, 3) for _ in range(2)] for _ in range(2)]
     acts[1][0][0, :6, 0] = -6.0
     acts[0][1][0, :5, 1] = 6.0  # 5% of positions: not systematic
     acts[0][0][0, :50, 2] = np.nextafter(np.float32(6.0), np.float32(0)).item()  # just below 6.0
-    stats = _collect(acts)
-    assert stats.occurrences.sum(0).tolist() == [6, 5, 0]
+    stats = _collect(acts, backend=backend)
+    assert stats.occurrences().sum(0).tolist() == [6, 5, 0]
     analysis = SystematicOutlierAnalysis(6.0, 0.25, 0.06)
     records = analysis.records(stats)
     assert [r["feature_dim"] for r in records] == [0]
@@ -48,22 +55,73 @@ def test_threshold_is_inclusive_and_criteria_boundaries_are_exact():
     assert [r["feature_dim"] for r in SystematicOutlierAnalysis(6.0, 0.25, 0.05).records(stats)] == [0, 1]
 
 
-def test_positions_hit_counts_a_position_once_across_modules_and_passes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positions_hit_counts_a_position_once_across_modules_and_passes(backend):
     acts = [[torch.zeros(1, 8, 2) for _ in range(2)] for _ in range(3)]
     for layer in range(3):
         acts[layer][0][0, :4, 0] = 10.0  # the same 4 positions in three modules
     acts[2][1][0, 4, 0] = 10.0  # and one more position elsewhere
     for chunk in (None, 1, 2):
-        stats = _collect(acts, chunk_layers=chunk)
-        assert stats.positions_hit.tolist() == [5, 0]
-        assert stats.occurrences[:, 0].tolist() == [4, 0, 4, 0, 4, 1]
+        stats = _collect(acts, chunk_layers=chunk, backend=backend)
+        assert stats.positions_hit().tolist() == [5, 0]
+        assert stats.occurrences()[:, 0].tolist() == [4, 0, 4, 0, 4, 1]
 
 
-def test_bfloat16_activations():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_activations(backend):
     x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0)) * 4
-    f32 = _collect([[x, x]])
-    bf16 = _collect([[x.bfloat16(), x.bfloat16()]])
+    f32 = _collect([[x, x]], backend=backend)
+    bf16 = _collect([[x.bfloat16(), x.bfloat16()]], backend=backend)
     xb = x.bfloat16().float()
-    assert bf16.occurrences.tolist() == (xb.abs() >= 6).reshape(-1, 8).sum(0).repeat(2, 1).tolist()
+    assert bf16.occurrences().tolist() == (xb.abs() >= 6).reshape(-1, 8).sum(0).repeat(2, 1).tolist()
     assert np.array_equal(bf16.max_abs[0], xb.abs().reshape(-1, 8).amax(0).numpy())
     assert f32.num_tokens == bf16.num_tokens == 32
+
+
+def test_threshold_sweep_from_one_collection_is_exact():
+    x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
+    stats = _collect([[x, x * 2]], backend="sparse")
+    a = torch.stack([x, x * 2]).abs().reshape(2, 400, 6)
+    for t in (2.0, 3.0, 4.0, 6.0, 8.0, 12.0):
+        assert stats.occurrences(t).tolist() == (a >= t).sum(1).tolist()
+        assert stats.positions_hit(t).tolist() == (a.amax(0) >= t).sum(0).tolist()
+    from outlier_hydra.stats import ThresholdNotAnEdge
+    with pytest.raises(ThresholdNotAnEdge, match="6.5 is not a histogram edge"):
+        stats.occurrences(6.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backends_give_identical_statistics(dtype, tiny_models):
+    """The sparse (CPU) and dense (reference) reductions agree exactly on a real tiny MoE."""
+    from transformers import AutoModel
+
+    from outlier_hydra.models.adapters import PRE_NORM_MOE
+
+    model = AutoModel.from_pretrained(tiny_models["qwen3_moe"], dtype=dtype).eval()
+    ids = torch.randint(1000, 20000, (2, 48), generator=torch.Generator().manual_seed(0))
+    points = PRE_NORM_MOE.hook_points([0, 1, 2, 3])
+    results = [OutlierCollector(6.0, 5, None, backend=b).collect_batch(model, points, ids) for b in BACKENDS]
+    _assert_identical(*results)
+    assert results[0].occurrences().sum() > 0
+
+
+def _assert_identical(a, b):
+    for f in ("ge_counts", "pos_ge_counts", "max_abs", "nonfinite", "edges"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    assert np.array_equal(a.top_values, b.top_values, equal_nan=True)
+    assert a.num_tokens == b.num_tokens
+
+
+def test_compiled_backend_matches_the_reference(tiny_models):
+    """torch.compile of the dense reduction (the GPU default; inductor's C++ backend here)."""
+    from transformers import AutoModel
+
+    from outlier_hydra.models.adapters import PRE_NORM_MOE
+
+    model = AutoModel.from_pretrained(tiny_models["olmoe"], dtype=torch.float32).eval()
+    ids = torch.randint(1000, 20000, (2, 32), generator=torch.Generator().manual_seed(0))
+    points = PRE_NORM_MOE.hook_points([0, 1, 2, 3])
+    compiled = OutlierCollector(6.0, 5, None, backend="compiled")
+    reference = OutlierCollector(6.0, 5, None, backend="dense").collect_batch(model, points, ids)
+    _assert_identical(compiled.collect_batch(model, points, ids), reference)
+    assert compiled.backend == "compiled", "it compiled, rather than falling back"

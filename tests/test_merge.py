@@ -53,7 +53,7 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
     assert merged == single_disk  # identical: every statistic, every record, batches_systematic too
     a = OutlierStats.load(tmp_path / "all" / "statistics.npz")
     b = OutlierStats.load(tmp_path / "merged" / "statistics.npz")
-    for f in ("occurrences", "max_abs", "top_values", "positions_hit", "nonfinite"):
+    for f in ("ge_counts", "pos_ge_counts", "max_abs", "top_values", "nonfinite"):
         assert np.array_equal(getattr(a, f), getattr(b, f), equal_nan=True)
     assert single["num_systematic_outliers"] == 2
 

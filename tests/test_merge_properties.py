@@ -11,27 +11,29 @@ from outlier_hydra.stats import OutlierStats, merge_all
 
 NAMES = ["layer_0_ln_attn", "layer_0_ln_mlp", "layer_1_ln_attn"]
 D, K = 5, 3
+EDGES = np.array([2.0, 6.0, 8.0])
 
 
 @st.composite
 def batch_stats(draw):
     n = draw(st.integers(1, 50))
-    occ = np.array(draw(st.lists(st.lists(st.integers(0, n), min_size=D, max_size=D), min_size=3, max_size=3)), np.int64)
+    counts = st.lists(st.integers(0, n), min_size=len(EDGES), max_size=len(EDGES)).map(lambda c: sorted(c, reverse=True))
+    ge = np.array(draw(st.lists(st.lists(counts, min_size=D, max_size=D), min_size=3, max_size=3)), np.int64)
     # values on a coarse grid so that ties (equal magnitudes, both signs) really happen
     vals = st.sampled_from([6.0, -6.0, 7.5, -7.5, 9.0, -9.0, 12.0])
     top = np.array(draw(st.lists(st.lists(vals, min_size=D, max_size=D), min_size=K, max_size=K)), np.float32)
     top = top[np.argsort(-np.abs(top), axis=0, kind="stable"), np.arange(D)]
     return OutlierStats(
-        module_names=list(NAMES), threshold=6.0, num_tokens=n, occurrences=occ,
+        module_names=list(NAMES), edges=EDGES, threshold=6.0, num_tokens=n, ge_counts=ge,
         max_abs=np.abs(np.array(draw(st.lists(st.lists(vals, min_size=D, max_size=D), min_size=3, max_size=3)), np.float32)),
-        top_values=top, positions_hit=np.minimum(occ.max(0), n),
+        top_values=top, pos_ge_counts=ge.max(0),
         nonfinite=np.array(draw(st.lists(st.integers(0, 3), min_size=3, max_size=3)), np.int64),
     )
 
 
 def _same(a: OutlierStats, b: OutlierStats):
     assert (a.num_tokens, a.num_batches) == (b.num_tokens, b.num_batches)
-    for f in ("occurrences", "max_abs", "positions_hit", "nonfinite"):
+    for f in ("ge_counts", "max_abs", "pos_ge_counts", "nonfinite"):
         assert np.array_equal(getattr(a, f), getattr(b, f))
     assert np.array_equal(a.top_values, b.top_values, equal_nan=True)
 
@@ -59,8 +61,8 @@ def test_save_load_round_trip(tmp_path_factory, stats):
 
 
 def test_merge_with_empty_is_identity():
-    s = OutlierStats.empty(NAMES, D, 6.0, K)
+    s = OutlierStats.empty(NAMES, D, EDGES, 6.0, K)
     s.num_tokens, s.num_batches = 10, 1
-    s.occurrences[1, 2] = 4
+    s.ge_counts[1, 2] = [4, 3, 1]
     s.top_values[0, 2] = -9.0
-    _same(OutlierStats.empty(NAMES, D, 6.0, K).merge(s), s)
+    _same(OutlierStats.empty(NAMES, D, EDGES, 6.0, K).merge(s), s)
