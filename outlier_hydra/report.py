@@ -63,3 +63,28 @@ def print_summary(results: dict, max_rows: int = 20) -> None:
         console.print(f"... {len(feats) - max_rows} more in {FINAL_RESULTS}")
     if results["nonfinite_values"]:
         console.print(f"[yellow]non-finite activations (excluded from the statistics): {results['nonfinite_values']}")
+
+
+def write_results(out: Path, header: dict, analyzer, batches: list) -> dict:
+    """Apply the analyzer to each batch alone and to their merge; write every result file.
+
+    header: what describes the run (model, dataset); the same in every file. The final file is
+    written last, so it exists only when the rest does. Returns the final results document.
+    """
+    from outlier_hydra.stats import merge_all
+
+    out = Path(out)
+    for b, stats in enumerate(batches):
+        write_json(out / batch_results_name(b), {**header, **analyzer.analyze(stats, [stats])})
+    total = merge_all(batches)
+    total.threshold = analyzer.magnitude_threshold
+    results = {**header, **analyzer.analyze(total, batches)}
+    total.save(out / FINAL_STATS)
+    write_json(out / FINAL_RESULTS, results)
+    return results
+
+
+def load_batches(run_dir: Path) -> list:
+    from outlier_hydra.stats import OutlierStats
+
+    return [OutlierStats.load(p) for p in sorted((Path(run_dir) / STATS_DIR).glob("batch_*.npz"))]

@@ -4,8 +4,9 @@ Order matters: every check that can fail on bad input (config ranges, `_target_`
 model's config.json, layers, sequence length, the corpus) runs before any weight is loaded, and
 nothing is written to the run directory until they all pass. Each finished batch leaves its
 statistics in stats/ (atomically); a run restarted in the same directory with the same config skips
-those batches, and one with a different config refuses. final_analysis_results.json is written
-last, atomically: if it exists, it is complete.
+those batches, and one with a different config refuses. The model is loaded only if some batch is
+left to collect (none is when resuming a finished run or reusing a sweep's statistics).
+final_analysis_results.json is written last, atomically: if it exists, it is complete.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from outlier_hydra import report
+from outlier_hydra import cache, report
 from outlier_hydra.data import token_windows
 from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.loggers import open_logger
 from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
 from outlier_hydra.models.loading import input_device
-from outlier_hydra.stats import OutlierStats
+from outlier_hydra.plots import make_plots
+from outlier_hydra.stats import OutlierStats, merge_all
 from outlier_hydra.validate import check_config, check_sequence_length, resolve_layers
 
 log = logging.getLogger(__name__)
@@ -41,8 +44,7 @@ def plain_config(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    plain = plain_config(cfg)
+def fingerprint(plain: dict) -> dict:
     sections = {k: plain[k] for k in RESULT_KEYS}
     digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
     return {"sha256": digest, "config": sections}
@@ -78,7 +80,7 @@ def _claim_directory(out: Path, fp: dict, token_ids: np.ndarray) -> None:
             raise OutlierHydraError(f"{out}: holds a run over different tokens (the dataset changed); use a new hydra.run.dir")
         return
     out.mkdir(parents=True, exist_ok=True)
-    buf = out / f".{report.TOKEN_IDS}.tmp"
+    buf = out / f".{report.TOKEN_IDS}.tmp-0"
     with open(buf, "wb") as f:
         np.save(f, token_ids)
     buf.replace(out / report.TOKEN_IDS)
@@ -91,6 +93,54 @@ def hydra_output_dir() -> Path:
     if not HydraConfig.initialized():
         raise ValueError("run(cfg) outside a Hydra app needs output_dir")
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+class _LazyModel:
+    """Loads the weights the first time a batch needs them, and never otherwise."""
+
+    def __init__(self, cfg: DictConfig, model_type: str):
+        self.cfg, self.model_type = cfg, model_type
+        self.model, self.device = None, None
+
+    def get(self):
+        if self.model is None:
+            log.info("loading %s (%s, device_map=%s)", self.cfg.model.name, self.model_type, self.cfg.model.device_map)
+            self.model = load_model(self.cfg.model)
+            self.device = input_device(self.model)
+        return self.model, self.device
+
+
+def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _LazyModel) -> tuple[list[OutlierStats], dict]:
+    bs = cfg.analysis.batch_size
+    first = cfg.dataset.skip_sequences
+    num_batches = -(-len(token_ids) // bs)
+    batches, done_before, seconds, new_tokens = [], 0, 0.0, 0
+    bar = tqdm(total=token_ids.size, unit="tok", desc="collecting", disable=not cfg.progress)
+    for b in range(num_batches):
+        path = stats_dir / report.batch_stats_name(b)
+        if path.exists():
+            stats = OutlierStats.load(path)
+            done_before += 1
+        else:
+            model, device = lazy.get()
+            ids = torch.from_numpy(token_ids[b * bs : (b + 1) * bs]).to(device)
+            t0 = time.perf_counter()
+            stats = collector.collect_batch(model, points, ids)
+            seconds += time.perf_counter() - t0
+            new_tokens += stats.num_tokens
+            stats.meta = {"batch_index": b, "sequences": [first + b * bs, first + b * bs + len(ids)]}
+            stats.save(path)
+        batches.append(stats)
+        bar.update(stats.num_tokens)
+    bar.close()
+    timing = {
+        "batches": num_batches,
+        "batches_already_done": done_before,
+        "collect_seconds": seconds,
+        "tokens_collected": new_tokens,
+        "tokens_per_second": new_tokens / seconds if seconds else None,
+    }
+    return batches, timing
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
@@ -106,68 +156,43 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     collector = instantiate(cfg.analysis.collector)
     analyzer = instantiate(cfg.analysis.analyzer)
     points = adapter.hook_points(layers)
+    plain = plain_config(cfg)
 
-    _claim_directory(out, fingerprint(cfg), token_ids)
-    report.write_json(out / report.CONFIG_JSON, plain_config(cfg))
+    _claim_directory(out, fingerprint(plain), token_ids)
+    report.write_json(out / report.CONFIG_JSON, plain)
     stats_dir = out / report.STATS_DIR
-    stats_dir.mkdir(exist_ok=True)
+    edges = getattr(collector, "edges", None)
+    cache_root = cache.cache_dir(cfg) if edges is not None else None
+    key = cache.cache_key(plain, edges, cfg.analysis.collector._target_) if cache_root else ""
 
-    bs = cfg.analysis.batch_size
-    num_batches = -(-len(token_ids) // bs)
-    model, device = None, None
-    batches: list[OutlierStats] = []
-    resumed, collect_seconds = 0, 0.0
-    first = cfg.dataset.skip_sequences
-    bar = tqdm(total=token_ids.size, unit="tok", desc="collecting", disable=not cfg.progress)
-    for b in range(num_batches):
-        path = stats_dir / report.batch_stats_name(b)
-        if path.exists():
-            stats = OutlierStats.load(path)
-            resumed += 1
-        else:
-            if model is None:
-                log.info("loading %s (%s, device_map=%s)", cfg.model.name, model_config.model_type, cfg.model.device_map)
-                model = load_model(cfg.model)
-                device = input_device(model)
-            ids = torch.from_numpy(token_ids[b * bs : (b + 1) * bs]).to(device)
-            t0 = time.perf_counter()
-            stats = collector.collect_batch(model, points, ids)
-            collect_seconds += time.perf_counter() - t0
-            stats.meta = {"batch_index": b, "sequences": [first + b * bs, first + b * bs + len(ids)]}
-            stats.save(path)
-        report.write_json(out / report.batch_results_name(b), analyzer.analyze(stats, [stats]))
-        batches.append(stats)
-        bar.update(stats.num_tokens)
-    bar.close()
-    if resumed:
-        log.info("resumed: %d of %d batches were already done in %s", resumed, num_batches, out)
-
-    total = batches[0]
-    for s in batches[1:]:
-        total = total.merge(s)
-    results = {
-        "model": {
-            "name": cfg.model.name,
-            "model_type": model_config.model_type,
-            "dtype": getattr(cfg.model.dtype, "value", cfg.model.dtype),
-            "layers": layers,
-            "hidden_size": total.num_features,
-        },
-        "dataset": {
-            "num_sequences": int(token_ids.shape[0]),
-            "sequence_length": int(token_ids.shape[1]),
-            "skip_sequences": first,
-        },
-        **analyzer.analyze(total, batches),
-    }
-    total.save(out / report.FINAL_STATS)
-    new_tokens = (num_batches - resumed) and sum(s.num_tokens for s in batches[resumed:])
-    report.write_json(
-        out / "timing.json",
-        {"collect_seconds": collect_seconds, "tokens_collected": new_tokens,
-         "tokens_per_second": new_tokens / collect_seconds if collect_seconds else None},
-    )
-    report.write_json(out / report.FINAL_RESULTS, results)
+    with open_logger(cfg, out, plain) as logger:
+        reused = not stats_dir.exists() and cache.fetch(cache_root, key, token_ids, stats_dir)
+        stats_dir.mkdir(exist_ok=True)
+        batches, timing = collect_batches(cfg, collector, points, token_ids, stats_dir, _LazyModel(cfg, model_config.model_type))
+        if reused:
+            timing["reused_statistics"] = str(cache_root / key)
+        elif timing["batches_already_done"]:
+            log.info("resumed: %d of %d batches were already done in %s", timing["batches_already_done"], timing["batches"], out)
+        cache.store(cache_root, key, token_ids, stats_dir)
+        header = {
+            "model": {
+                "name": cfg.model.name,
+                "model_type": model_config.model_type,
+                "dtype": plain["model"]["dtype"],
+                "layers": layers,
+                "hidden_size": batches[0].num_features,
+            },
+            "dataset": {
+                "num_sequences": int(token_ids.shape[0]),
+                "sequence_length": int(token_ids.shape[1]),
+                "skip_sequences": cfg.dataset.skip_sequences,
+            },
+        }
+        results = report.write_results(out, header, analyzer, batches)
+        report.write_json(out / "timing.json", timing)
+        total = merge_all(batches)
+        plots = make_plots(out, results, total, analyzer.magnitude_threshold) if cfg.plots else {}
+        logger.log_results(results, total, plots, timing)
     if cfg.progress:
         report.print_summary(results)
     log.info("%d systematic outlier features; results in %s", results["num_systematic_outliers"], out / report.FINAL_RESULTS)

@@ -118,6 +118,9 @@ class AnalysisConfig:
     num_examples: int = 5  # example_values kept per feature
     # |x| edges at which counts are kept exactly (null: stats.DEFAULT_EDGES); the threshold is added
     histogram_edges: Optional[List[float]] = None
+    # reuse statistics of an earlier run with the same model, data, layers and edges (see cache.py)
+    reuse_statistics: bool = True
+    statistics_cache: Optional[str] = None  # null: the sweep's own cache in a -m run, none otherwise
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
 
@@ -133,8 +136,10 @@ class LoggerConfig:
     project: str = "outlier_hydra"
     entity: Optional[str] = None
     mode: str = "online"  # online | offline | disabled
-    group: Optional[str] = None
+    group: Optional[str] = None  # null: the sweep directory in a -m run
     tags: List[str] = field(default_factory=list)
+    name: Optional[str] = None
+    id: Optional[str] = None  # null: derived from the run directory (a requeued job resumes its run)
 
 
 @dataclass
@@ -145,7 +150,8 @@ class Config:
     deployment: DeploymentConfig = MISSING
     logger: LoggerConfig = MISSING
     debug: bool = False  # full tracebacks instead of one-line errors
-    progress: bool = True  # progress bar
+    progress: bool = True  # progress bar and summary table
+    plots: bool = True  # PNG plots in <run dir>/plots
     extras: Dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the results
 
 

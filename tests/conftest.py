@@ -8,7 +8,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-os.environ.setdefault("HF_HOME", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"outlier_hydra_test_hf_{os.getpid()}"))
+_TMP = Path(os.environ.get("TMPDIR", "/tmp")) / f"outlier_hydra_test_{os.getpid()}"
+os.environ.setdefault("HF_HOME", str(_TMP / "hf"))
+for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):  # wandb writes there even with dir=
+    os.environ.setdefault(_var, str(_TMP / _var.lower()))
+os.environ.setdefault("WANDB_MODE", "offline")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,0 +1,128 @@
+"""One table (and a plot) per sweep: what each job found.
+
+Written by a Hydra callback when a `-m` sweep ends (on the submitting host, after every job has
+returned), and by hand for any sweep directory:
+
+    python -m outlier_hydra.sweep multirun/2026-11-27/10-00-00
+
+sweep_summary.json / sweep_summary.csv: a row per job with its overrides, the number of systematic
+features and the top dims with their percentages (jobs that did not finish say so);
+sweep_systematic_vs_threshold.png: systematic-feature count against the threshold, a line per
+combination of the other overrides.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from outlier_hydra import report
+
+TOP = 5
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(path))
+
+
+def summarize(sweep_dir: Path) -> list[dict]:
+    sweep_dir = Path(sweep_dir)
+    jobs = sorted((d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()),
+                  key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    rows = []
+    for d in jobs:
+        row: dict[str, Any] = {"job": d.name, "overrides": " ".join(_overrides(d))}
+        final = d / report.FINAL_RESULTS
+        if not final.exists():
+            rows.append({**row, "status": "not finished"})
+            continue
+        r = report.read_json(final)
+        top = r["systematic_outliers"][:TOP]
+        rows.append({
+            **row,
+            "status": "done",
+            "magnitude_threshold": r["criteria"]["magnitude_threshold"],
+            "min_layer_percentage": r["criteria"]["min_layer_percentage"],
+            "min_seq_percentage": r["criteria"]["min_seq_percentage"],
+            "num_systematic_outliers": r["num_systematic_outliers"],
+            "num_tokens": r["num_tokens"],
+            "top_dims": [t["feature_dim"] for t in top],
+            "top_layer_percentages": [t["layer_percentage"] for t in top],
+            "top_seq_percentages": [t["seq_percentage"] for t in top],
+        })
+    return rows
+
+
+def write_summary(sweep_dir: Path) -> list[dict]:
+    sweep_dir = Path(sweep_dir)
+    rows = summarize(sweep_dir)
+    report.write_json(sweep_dir / "sweep_summary.json", rows)
+    columns = ["job", "overrides", "status", "magnitude_threshold", "min_layer_percentage", "min_seq_percentage",
+               "num_systematic_outliers", "num_tokens", "top_dims", "top_layer_percentages", "top_seq_percentages"]
+    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (" ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list) else v)
+                        for k, v in row.items()})
+    _plot(sweep_dir, rows)
+    return rows
+
+
+def _plot(sweep_dir: Path, rows: list[dict]) -> None:
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        return
+    from outlier_hydra.plots import _plt
+
+    plt = _plt()
+    lines = defaultdict(list)
+    for r in done:
+        others = " ".join(o for o in r["overrides"].split() if not o.startswith("analysis.magnitude_threshold="))
+        lines[others or "all jobs"].append((r["magnitude_threshold"], r["num_systematic_outliers"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label[:60])
+    ax.set_xlabel("magnitude threshold")
+    ax.set_ylabel("systematic outlier features")
+    ax.set_title(f"Sweep {sweep_dir.name}", fontsize=9)
+    if len(lines) > 1:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "sweep_systematic_vs_threshold.png", dpi=110)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """hydra.callbacks entry: writes the summary when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            write_summary(sweep_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m outlier_hydra.sweep SWEEP_DIR", file=sys.stderr)
+        return 2
+    rows = write_summary(Path(args[0]))
+    print(f"{len(rows)} jobs -> {Path(args[0]) / 'sweep_summary.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
