@@ -90,9 +90,18 @@ def _separator(tokenizer) -> list[int]:
     return []
 
 
+def sequence_range(ds_cfg) -> tuple[int, int]:
+    """(first window, number of windows) this job analyses: its shard of
+    [skip_sequences, skip_sequences + num_sequences), split into num_shards contiguous parts."""
+    n, k, shards = ds_cfg.num_sequences, ds_cfg.shard_index, ds_cfg.num_shards
+    start, stop = k * n // shards, (k + 1) * n // shards
+    return ds_cfg.skip_sequences + start, stop - start
+
+
 def token_windows(ds_cfg, tokenizer) -> np.ndarray:
-    """int64 array [num_sequences, sequence_length] of token ids, or a one-line error."""
-    length, wanted, skip = ds_cfg.sequence_length, ds_cfg.num_sequences, ds_cfg.skip_sequences
+    """int64 array [windows of this shard, sequence_length] of token ids, or a one-line error."""
+    length = ds_cfg.sequence_length
+    skip, wanted = sequence_range(ds_cfg)
     needed = (skip + wanted) * length
     ds, where = open_dataset(ds_cfg)
     sep = _separator(tokenizer)

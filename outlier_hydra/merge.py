@@ -22,7 +22,7 @@ from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.stats import OutlierStats
 
 # keys that may differ between shards of one run
-SHARD_KEYS = {"dataset.num_sequences", "dataset.skip_sequences"}
+SHARD_KEYS = {"dataset.num_sequences", "dataset.skip_sequences", "dataset.num_shards", "dataset.shard_index"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -38,43 +38,49 @@ def load_run(run_dir: Path) -> tuple[dict, dict, list[OutlierStats]]:
         raise OutlierHydraError(f"{run_dir}: no {report.FINAL_RESULTS} (the run did not finish)")
     results = report.read_json(final)
     config = report.read_json(run_dir / report.CONFIG_JSON)
-    batches = [OutlierStats.load(p) for p in sorted((run_dir / report.STATS_DIR).glob("batch_*.npz"))]
+    batches = report.load_batches(run_dir)
     if len(batches) != results["num_batches"]:
         raise OutlierHydraError(f"{run_dir}: {len(batches)} batch statistics for {results['num_batches']} batches")
     return config, results, batches
 
 
+def _identity(config: dict) -> dict:
+    """What shards of one run share: everything but which sequences they cover."""
+    flat = _flat({k: config[k] for k in ("model", "dataset", "analysis")})
+    return {k: v for k, v in flat.items() if k not in SHARD_KEYS}
+
+
 def merge_runs(run_dirs: list[Path], out: Path) -> dict:
-    runs = [load_run(Path(d)) for d in run_dirs]
-    config0, results0, _ = runs[0]
-    flat0 = {k: v for k, v in _flat({k: config0[k] for k in ("model", "dataset", "analysis")}).items() if k not in SHARD_KEYS}
+    run_dirs = [Path(d) for d in run_dirs]
+    runs = [load_run(d) for d in run_dirs]
+    first = _identity(runs[0][0])
     for d, (config, _, _) in zip(run_dirs[1:], runs[1:]):
-        flat = {k: v for k, v in _flat({k: config[k] for k in ("model", "dataset", "analysis")}).items() if k not in SHARD_KEYS}
-        diff = sorted(k for k in flat0.keys() | flat.keys() if flat0.get(k) != flat.get(k))
+        other = _identity(config)
+        diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if diff:
             raise OutlierHydraError(f"{d}: differs from {run_dirs[0]} in {', '.join(diff[:5])}; not shards of one run")
     batches = sorted((b for _, _, bs in runs for b in bs), key=lambda b: b.meta["sequences"][0])
     for prev, nxt in zip(batches, batches[1:]):
         if nxt.meta["sequences"][0] < prev.meta["sequences"][1]:
             raise OutlierHydraError(f"overlapping sequences {prev.meta['sequences']} and {nxt.meta['sequences']}: not disjoint shards")
+    config0, results0, _ = runs[0]
     analyzer = instantiate(OmegaConf.create(config0["analysis"]["analyzer"]))
-    total = batches[0]
-    for b in batches[1:]:
-        total = total.merge(b)
-    merged = {
+    header = {
         "model": results0["model"],
         "dataset": {
             "num_sequences": sum(r["dataset"]["num_sequences"] for _, r, _ in runs),
             "sequence_length": results0["dataset"]["sequence_length"],
             "skip_sequences": min(r["dataset"]["skip_sequences"] for _, r, _ in runs),
         },
-        **analyzer.analyze(total, batches),
-        "merged_from": [str(d) for d in run_dirs],
     }
     out.mkdir(parents=True, exist_ok=True)
-    total.save(out / report.FINAL_STATS)
-    report.write_json(out / report.FINAL_RESULTS, merged)
-    return merged
+    stats_dir = out / report.STATS_DIR
+    stats_dir.mkdir(exist_ok=True)
+    for i, b in enumerate(batches):
+        b.save(stats_dir / report.batch_stats_name(i))
+    report.write_json(out / "merged_from.json", [str(d) for d in run_dirs])
+    report.write_json(out / report.CONFIG_JSON, config0)
+    return report.write_results(out, header, analyzer, batches)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from outlier_hydra import cache, report
-from outlier_hydra.data import token_windows
+from outlier_hydra.data import sequence_range, token_windows
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.loggers import open_logger
 from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
@@ -112,7 +112,7 @@ class _LazyModel:
 
 def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _LazyModel) -> tuple[list[OutlierStats], dict]:
     bs = cfg.analysis.batch_size
-    first = cfg.dataset.skip_sequences
+    first, _ = sequence_range(cfg.dataset)
     num_batches = -(-len(token_ids) // bs)
     batches, done_before, seconds, new_tokens = [], 0, 0.0, 0
     bar = tqdm(total=token_ids.size, unit="tok", desc="collecting", disable=not cfg.progress)
@@ -141,6 +141,24 @@ def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _L
         "tokens_per_second": new_tokens / seconds if seconds else None,
     }
     return batches, timing
+
+
+def environment() -> dict:
+    """Where the job ran (Slurm ids, visible GPUs, versions): provenance, kept out of the results."""
+    import os
+    import platform
+
+    import transformers
+
+    keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "CUDA_VISIBLE_DEVICES")
+    return {
+        "hostname": platform.node(),
+        **{k.lower(): os.environ.get(k) for k in keys},
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
@@ -185,11 +203,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
             "dataset": {
                 "num_sequences": int(token_ids.shape[0]),
                 "sequence_length": int(token_ids.shape[1]),
-                "skip_sequences": cfg.dataset.skip_sequences,
+                "skip_sequences": sequence_range(cfg.dataset)[0],
             },
         }
         results = report.write_results(out, header, analyzer, batches)
         report.write_json(out / "timing.json", timing)
+        report.write_json(out / "environment.json", environment())
         total = merge_all(batches)
         plots = make_plots(out, results, total, analyzer.magnitude_threshold) if cfg.plots else {}
         logger.log_results(results, total, plots, timing)

@@ -78,7 +78,9 @@ class DatasetConfig:
     streaming: bool = True
     num_sequences: int = 8
     sequence_length: int = 128
-    skip_sequences: int = 0  # windows to skip first (sharding by hand)
+    skip_sequences: int = 0  # windows to skip first
+    num_shards: int = 1  # split the num_sequences windows into this many contiguous shards ...
+    shard_index: int = 0  # ... and analyse this one (a sweep over shard_index = one job per shard)
     shuffle: bool = False
     shuffle_buffer: int = 10_000
     seed: int = 0
@@ -127,7 +129,26 @@ class AnalysisConfig:
 
 @dataclass
 class DeploymentConfig:
+    """Where jobs run. The launcher itself is chosen by the deployment option (its YAML overrides
+    hydra/launcher); these keys feed hydra.launcher.* there, and any hydra.launcher.* key stays
+    overridable on its own."""
+
     name: str = "local"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: Any = 0  # a count, or "auto": the smallest allowed count that fits (estimate_vram.py)
+    min_vram_gb: Optional[float] = None  # memory of one card, for "auto" (null: 80)
+    allowed_gpu_counts: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    timeout_min: int = 60
+    array_parallelism: int = 256
+    max_num_timeout: int = 3  # requeues after a timeout or pre-emption (the run resumes its batches)
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)  # any other sbatch option
 
 
 @dataclass
@@ -147,7 +168,7 @@ class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
     analysis: AnalysisConfig = MISSING
-    deployment: DeploymentConfig = MISSING
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     logger: LoggerConfig = MISSING
     debug: bool = False  # full tracebacks instead of one-line errors
     progress: bool = True  # progress bar and summary table
@@ -175,6 +196,15 @@ def register() -> None:
         OmegaConf.register_new_resolver("oh.corpus", corpus_path)
     if not OmegaConf.has_resolver("oh.minilm"):
         OmegaConf.register_new_resolver("oh.minilm", _minilm_path)
+    if not OmegaConf.has_resolver("oh.gpus_per_node"):
+        OmegaConf.register_new_resolver("oh.gpus_per_node", _gpus_per_node)
+
+
+def _gpus_per_node(*, _root_) -> int:
+    """hydra.launcher.gpus_per_node from deployment.gpus_per_node (a count, or auto)."""
+    from outlier_hydra.estimate_vram import gpus_per_node
+
+    return gpus_per_node(_root_)
 
 
 register()

@@ -8,7 +8,9 @@ returned), and by hand for any sweep directory:
 sweep_summary.json / sweep_summary.csv: a row per job with its overrides, the number of systematic
 features and the top dims with their percentages (jobs that did not finish say so);
 sweep_systematic_vs_threshold.png: systematic-feature count against the threshold, a line per
-combination of the other overrides.
+combination of the other overrides. Jobs that are the shards of one run (a sweep over
+dataset.shard_index) are merged into merged/ (merged_<n>/ for several groups) once every shard of
+the group has finished: the same files a single run over all the sequences writes.
 """
 
 from __future__ import annotations
@@ -105,13 +107,40 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def merge_shard_groups(sweep_dir: Path) -> list[Path]:
+    """Merge every complete group of shard jobs; returns the merged directories."""
+    import json
+
+    from outlier_hydra.merge import _identity, merge_runs
+
+    groups: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    shards_of: dict[str, int] = {}
+    for d in sorted(Path(sweep_dir).iterdir()):
+        if not (d / report.FINAL_RESULTS).exists() or not (d / report.CONFIG_JSON).exists():
+            continue
+        config = report.read_json(d / report.CONFIG_JSON)
+        if config["dataset"].get("num_shards", 1) > 1:
+            key = json.dumps(_identity(config), sort_keys=True)
+            groups[key].append((config["dataset"]["shard_index"], d))
+            shards_of[key] = config["dataset"]["num_shards"]
+    merged = []
+    for i, (key, members) in enumerate(sorted(groups.items())):
+        if sorted(k for k, _ in members) != list(range(shards_of[key])):
+            continue  # some shard did not finish: nothing to merge yet
+        target = Path(sweep_dir) / ("merged" if len(groups) == 1 else f"merged_{i}")
+        merge_runs([d for _, d in sorted(members)], target)
+        merged.append(target)
+    return merged
+
+
 class SweepSummary(Callback):
-    """hydra.callbacks entry: writes the summary when a multirun ends."""
+    """hydra.callbacks entry: writes the summary (and merges shard groups) when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
             write_summary(sweep_dir)
+            merge_shard_groups(sweep_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m outlier_hydra.sweep SWEEP_DIR", file=sys.stderr)
         return 2
     rows = write_summary(Path(args[0]))
-    print(f"{len(rows)} jobs -> {Path(args[0]) / 'sweep_summary.csv'}")
+    merged = merge_shard_groups(Path(args[0]))
+    print(f"{len(rows)} jobs -> {Path(args[0]) / 'sweep_summary.csv'}" + "".join(f"; merged shards -> {m}" for m in merged))
     return 0
 
 

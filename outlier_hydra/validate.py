@@ -38,6 +38,13 @@ def check_config(cfg: DictConfig) -> None:
     _require(d.sequence_length >= 1, f"dataset.sequence_length: must be >= 1, got {d.sequence_length}")
     _require(d.skip_sequences >= 0, f"dataset.skip_sequences: must be >= 0, got {d.skip_sequences}")
     _require(d.shuffle_buffer >= 1, f"dataset.shuffle_buffer: must be >= 1, got {d.shuffle_buffer}")
+    _require(1 <= d.num_shards <= d.num_sequences,
+             f"dataset.num_shards: must be between 1 and dataset.num_sequences ({d.num_sequences}), got {d.num_shards}")
+    _require(0 <= d.shard_index < d.num_shards,
+             f"dataset.shard_index: must be in [0, {d.num_shards}) for dataset.num_shards={d.num_shards}, got {d.shard_index}")
+    gpus = cfg.deployment.gpus_per_node
+    _require(str(gpus) == "auto" or (isinstance(gpus, int) and gpus >= 0),
+             f"deployment.gpus_per_node: a count >= 0 or auto, got {gpus!r}")
     source = getattr(d.source, "value", d.source)
     if source == "local":
         _require(bool(d.data_files), "dataset.data_files: not set (a path or glob) for dataset.source=local")

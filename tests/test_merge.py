@@ -47,10 +47,9 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
     # through the command line, as a user would
     subprocess.run([sys.executable, "-m", "outlier_hydra.merge", *map(str, shards), "--out", str(tmp_path / "merged")],
                    check=True, capture_output=True)
-    merged = json.loads((tmp_path / "merged" / "final_analysis_results.json").read_text())
-    single_disk = json.loads((tmp_path / "all" / "final_analysis_results.json").read_text())
-    merged.pop("merged_from")
-    assert merged == single_disk  # identical: every statistic, every record, batches_systematic too
+    for name in ["final_analysis_results.json"] + [f"batch_{b:03d}_results.json" for b in range(1, 5)]:
+        merged = json.loads((tmp_path / "merged" / name).read_text())
+        assert merged == json.loads((tmp_path / "all" / name).read_text()), name  # identical, batches_systematic too
     a = OutlierStats.load(tmp_path / "all" / "statistics.npz")
     b = OutlierStats.load(tmp_path / "merged" / "statistics.npz")
     for f in ("ge_counts", "pos_ge_counts", "max_abs", "top_values", "nonfinite"):

@@ -1,0 +1,84 @@
+"""Deployment configs without a cluster: the sbatch script submitit writes for each Slurm option
+holds the expected directives (nothing is submitted), and the VRAM estimate behind
+gpus_per_node=auto gives the known parameter counts of the real models."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
+
+from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.estimate_vram import estimate, gpus_per_node
+from outlier_hydra.paths import config_dir
+
+
+def _compose(*overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def sbatch_script(cfg, tmp_path) -> str:
+    """What hydra-submitit-launcher would submit: its own parameter mapping, submitit's own writer."""
+    import submitit
+
+    params = {k: v for k, v in OmegaConf.to_container(cfg.hydra.launcher, resolve=True).items() if k != "_target_"}
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout")})
+    return executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
+
+
+def test_multi_gpu_sbatch_directives(tmp_path):
+    cfg = _compose("deployment=slurm_multi_gpu", "model=mixtral_8x7b", "deployment.partition=gpu",
+                   "deployment.account=lab", "deployment.setup=[module load cuda/12.4]",
+                   "+deployment.additional_parameters.reservation=mine")
+    assert cfg.model.device_map == "balanced"
+    expected_gpus = estimate(cfg).gpus_needed(80)
+    assert expected_gpus == 2  # Mixtral-8x7B in bf16: 87 GB of weights
+    text = sbatch_script(cfg, tmp_path)
+    for line in (f"#SBATCH --gpus-per-node={expected_gpus}", "#SBATCH --cpus-per-task=16", "#SBATCH --mem=256GB",
+                 "#SBATCH --time=240", "#SBATCH --partition=gpu", "#SBATCH --account=lab",
+                 "#SBATCH --reservation=mine", "#SBATCH --job-name=outlier_hydra", "module load cuda/12.4"):
+        assert line in text, line
+    assert "#SBATCH --signal=USR2@120" in text  # the launcher's checkpoint / requeue signal
+
+
+def test_single_gpu_sbatch_directives(tmp_path):
+    text = sbatch_script(_compose("deployment=slurm", "deployment.partition=a100", "deployment.qos=high"), tmp_path)
+    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB",
+                 "#SBATCH --partition=a100", "#SBATCH --qos=high"):
+        assert line in text, line
+
+
+def test_every_launcher_key_stays_overridable(tmp_path):
+    cfg = _compose("deployment=slurm", "hydra.launcher.gpus_per_node=3", "hydra.launcher.comment=mine")
+    text = sbatch_script(cfg, tmp_path)
+    assert "#SBATCH --gpus-per-node=3" in text and "#SBATCH --comment=mine" in text
+
+
+@pytest.mark.parametrize("model,total,active", [("olmoe_1b_7b", 6.92e9, 1.3e9), ("qwen3_30b", 30.5e9, 3.3e9)])
+def test_parameter_counts_of_the_real_models(model, total, active):
+    est = estimate(_compose(f"model={model}"))
+    assert est.source == "model.architecture"  # offline: the config group's numbers, built on the meta device
+    assert est.total_params == pytest.approx(total, rel=0.005)
+    assert est.active_params == pytest.approx(active, rel=0.03)
+
+
+def test_auto_gpu_count_and_its_failure():
+    cfg = _compose("deployment=slurm_multi_gpu", "model=qwen3_30b", "deployment.min_vram_gb=24")
+    assert gpus_per_node(cfg) == 4
+    cfg = _compose("deployment=slurm_multi_gpu", "model=mixtral_8x7b", "deployment.min_vram_gb=24",
+                   "deployment.allowed_gpu_counts=[1,2]")
+    with pytest.raises(OutlierHydraError, match=r"deployment\.gpus_per_node=auto: .* no allowed count \(1, 2\) of 24 GB cards fits"):
+        gpus_per_node(cfg)
+
+
+def test_estimator_reads_a_local_config_json(tiny_models):
+    est = estimate(_compose("model=local", f"model.name={tiny_models['olmoe']}"))
+    assert est.source == "config.json"
+    from transformers import AutoModel
+
+    assert est.loaded_params == sum(p.numel() for p in AutoModel.from_pretrained(tiny_models["olmoe"]).parameters())
