@@ -28,9 +28,12 @@ from outlier_hydra import report
 log = logging.getLogger(__name__)
 
 
-def cache_key(plain_cfg: dict, edges: np.ndarray, collector_target: str) -> str:
+def cache_key(plain_cfg: dict, edges: np.ndarray, collector_target: str, stage_keys: list[str] = ()) -> str:
+    """stage_keys: the collection stages that apply (their settings change what is collected)."""
     a = plain_cfg["analysis"]
+    stage_cfg = {"moe_routing": a.get("router"), "massive_activations": a.get("massive")}
     material = {
+        "stages": {k: stage_cfg.get(k) for k in sorted(stage_keys)},
         "model": plain_cfg["model"],
         "dataset": plain_cfg["dataset"],
         "layers": a["layers"],

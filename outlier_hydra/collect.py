@@ -16,7 +16,10 @@ Three interchangeable reductions (``backend``), identical statistics:
 
 With ``chunk_layers`` the hook points are split into groups of at most that many layers, one
 forward pass per group over the same batch (the position buffer persists across passes). Each pass
-stops right after its last hooked module: nothing downstream of it is needed.
+stops right after the last layer it analyses: nothing downstream of it is needed.
+
+Optional collection stages (stages/: router statistics, massive activations) hook the same passes
+and hand back their own mergeable statistics, which land in OutlierStats.extras.
 """
 
 from __future__ import annotations
@@ -247,43 +250,62 @@ class OutlierCollector:
         return "compiled" if device.type == "cuda" else "sparse"
 
     @torch.inference_mode()
-    def collect_batch(self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor) -> OutlierStats:
+    def collect_batch(self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor,
+                      stages=(), first_sequence: int = 0, adapter=None) -> OutlierStats:
+        """One batch: its OutlierStats (stages' statistics in .extras). `adapter` names the layer
+        modules, so that each pass can stop after its last layer; without it, after the last hook."""
         backend = self.backend_for(input_ids.device)
         try:
-            return self._collect(model, points, input_ids, backend)
+            return self._collect(model, points, input_ids, backend, stages, first_sequence, adapter)
         except Exception as exc:
             if backend != "compiled" or isinstance(exc, OutlierHydraError):
                 raise
             log.warning("torch.compile reduction failed (%s); falling back to the dense reduction", exc)
             self.backend = "dense"
-            return self._collect(model, points, input_ids, "dense")
+            return self._collect(model, points, input_ids, "dense", stages, first_sequence, adapter)
 
-    def _collect(self, model, points, input_ids, backend) -> OutlierStats:
-        modules = resolve_modules(model, points)
+    def _collect(self, model, points, input_ids, backend, stages, first_sequence, adapter) -> OutlierStats:
+        modules = dict(model.named_modules())
+        resolve_modules(model, points)
         row_of = {p.name: i for i, p in enumerate(points)}
         state = _BatchState(self.edges, self.num_examples, len(points), backend)
+        for stage in stages:
+            stage.start_batch(first_sequence)
         for group in self.passes(points):
+            layers = sorted({p.layer for p in group})
+            hooks = [(p.module_path, self._hook(state, row_of[p.name])) for p in group]
+            for stage in stages:
+                hooks += stage.hooks(layers)
+            if adapter is not None and adapter.layer is not None:
+                hooks.append((adapter.layer(layers[-1]), _stop))
+            else:  # stop right after the last hooked module instead
+                hooks.append((group[-1].module_path, _stop))
             handles = []
-            last = group[-1].name
-            for p in group:
-                handles.append(modules[row_of[p.name]].register_forward_hook(self._hook(state, row_of[p.name], p.name == last)))
             try:
+                for path, fn in hooks:  # registration order = firing order on a shared module
+                    if path not in modules:
+                        raise OutlierHydraError(f"model.name: {type(model).__name__} has no module {path!r}")
+                    handles.append(modules[path].register_forward_hook(fn))
                 model(input_ids=input_ids)
             except _StopForward:
                 pass
             finally:
                 for h in handles:
                     h.remove()
-        return state.to_host([p.name for p in points], self.magnitude_threshold)
+        stats = state.to_host([p.name for p in points], self.magnitude_threshold)
+        stats.extras = {stage.name: stage.finish_batch() for stage in stages}
+        return stats
 
     @staticmethod
-    def _hook(state: _BatchState, row: int, stop: bool):
+    def _hook(state: _BatchState, row: int):
         def hook(module, args, output):
             state.update(row, output[0] if isinstance(output, tuple) else output)
-            if stop:
-                raise _StopForward
 
         return hook
+
+
+def _stop(module, args, output):
+    raise _StopForward
 
 
 def histogram_edges_for(edges: list[float] | None, threshold: float) -> np.ndarray:

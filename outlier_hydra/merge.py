@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -80,7 +81,13 @@ def merge_runs(run_dirs: list[Path], out: Path) -> dict:
         b.save(stats_dir / report.batch_stats_name(i))
     report.write_json(out / "merged_from.json", [str(d) for d in run_dirs])
     report.write_json(out / report.CONFIG_JSON, config0)
-    return report.write_results(out, header, analyzer, batches)
+    from outlier_hydra.stages import report_context, stages_for_report
+
+    order = sorted(range(len(runs)), key=lambda i: runs[i][1]["dataset"]["skip_sequences"])
+    context = report_context(run_dirs[order[0]], config0, {"dataset": header["dataset"]})
+    context["token_ids"] = np.concatenate([np.load(run_dirs[i] / report.TOKEN_IDS) for i in order])
+    np.save(out / report.TOKEN_IDS, context["token_ids"])
+    return report.write_results(out, header, analyzer, batches, stages_for_report(config0["analysis"], batches[0]), **context)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,3 +102,58 @@ def _save(fig, path: Path, plt) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def make_stage_plots(out: Path, results: dict) -> dict[str, Path]:
+    """moe_expert_load.png (router stage) and massive_activations.png (massive stage), when present."""
+    plt = _plt()
+    folder = Path(out) / "plots"
+    folder.mkdir(exist_ok=True)
+    paths = {}
+    moe = results.get("moe_routing")
+    if moe and moe["features"]:
+        feats = [f for f in moe["features"] if f["layers"]][:3]
+        fig, axes = plt.subplots(1, max(1, len(feats)), figsize=(5 * max(1, len(feats)), 3.8), squeeze=False)
+        overall = {layer["layer"]: np.asarray(layer["tokens_per_expert"], float) for layer in moe["layers"]}
+        for ax, f in zip(axes[0], feats):
+            layers = [entry["layer"] for entry in f["layers"]]
+            top_e = [entry["top_experts"][0]["expert"] for entry in f["layers"]]
+            at_outliers = [entry["top_experts"][0]["position_share"] for entry in f["layers"]]
+            tokens = {layer["layer"]: layer["tokens"] for layer in moe["layers"]}
+            base = [overall[layer][e] / tokens[layer] for layer, e in zip(layers, top_e)]
+            ax.plot(layers, at_outliers, marker="o", label="at the feature's outlier positions")
+            ax.plot(layers, base, marker="s", linestyle="--", label="over all tokens")
+            for layer, e, y in zip(layers, top_e, at_outliers):
+                ax.annotate(f"e{e}", (layer, y), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
+            ax.set_ylim(0, 1.05)
+            ax.set_xticks(layers)
+            ax.set_xlabel("MoE layer")
+            ax.set_ylabel("share of positions routed to the top expert")
+            ax.set_title(f"feature dim {f['feature_dim']}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("Expert load at outlier positions vs overall (annotated: the top expert)", fontsize=9)
+        paths["moe_expert_load"] = _save(fig, folder / "moe_expert_load.png", plt)
+    massive = results.get("massive_activations")
+    if massive:
+        layers = [entry["layer"] for entry in massive["layers"]]
+        top = [abs(entry["top"][0]["value"]) if entry["top"] else np.nan for entry in massive["layers"]]
+        median = [entry["median_abs"] for entry in massive["layers"]]
+        c = massive["criteria"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(layers, top, marker="o", label="largest |x|")
+        ax.plot(layers, median, marker="s", label="median |x|")
+        ax.plot(layers, [c["min_ratio_to_median"] * m for m in median], linestyle=":", label=f"{c['min_ratio_to_median']:g} x median")
+        ax.axhline(c["min_magnitude"], color="tab:red", linestyle="--", linewidth=1, label=f"{c['min_magnitude']:g}")
+        for entry in massive["layers"]:
+            if entry["massive"]:
+                m = entry["massive"][0]
+                ax.annotate(f"d{m['dim']} {m.get('token', '')}", (entry["layer"], abs(m["value"])),
+                            textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+        ax.set_yscale("log")
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer (residual stream after it)")
+        ax.set_ylabel("|x|")
+        ax.legend(fontsize=7)
+        ax.set_title("Massive activations across depth (annotated: dim and token of the largest)", fontsize=9)
+        paths["massive_activations"] = _save(fig, folder / "massive_activations.png", plt)
+    return paths

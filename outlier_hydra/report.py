@@ -65,20 +65,33 @@ def print_summary(results: dict, max_rows: int = 20) -> None:
         console.print(f"[yellow]non-finite activations (excluded from the statistics): {results['nonfinite_values']}")
 
 
-def write_results(out: Path, header: dict, analyzer, batches: list) -> dict:
-    """Apply the analyzer to each batch alone and to their merge; write every result file.
+def write_results(out: Path, header: dict, analyzer, batches: list, stages=(), tokenizer=None,
+                  token_ids=None, first_sequence: int = 0, finalize=None) -> dict:
+    """Apply the analyzer (and each stage's report) to each batch alone and to their merge; write
+    every result file.
 
-    header: what describes the run (model, dataset); the same in every file. The final file is
+    header: what describes the run (model, dataset); the same in every file. finalize(results), if
+    given, returns more sections for the final document (the int8 measurement). The final file is
     written last, so it exists only when the rest does. Returns the final results document.
     """
     from outlier_hydra.stats import merge_all
 
     out = Path(out)
+
+    def document(stats, group):
+        doc = {**header, **analyzer.analyze(stats, group)}
+        for stage in stages:
+            if stage.name in stats.extras:
+                doc[stage.name] = stage.report(stats, doc["systematic_outliers"], tokenizer, token_ids, first_sequence)
+        return doc
+
     for b, stats in enumerate(batches):
-        write_json(out / batch_results_name(b), {**header, **analyzer.analyze(stats, [stats])})
+        write_json(out / batch_results_name(b), document(stats, [stats]))
     total = merge_all(batches)
     total.threshold = analyzer.magnitude_threshold
-    results = {**header, **analyzer.analyze(total, batches)}
+    results = document(total, batches)
+    if finalize is not None:
+        results.update(finalize(results))
     total.save(out / FINAL_STATS)
     write_json(out / FINAL_RESULTS, results)
     return results

@@ -29,7 +29,8 @@ from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.loggers import open_logger
 from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
 from outlier_hydra.models.loading import input_device
-from outlier_hydra.plots import make_plots
+from outlier_hydra.plots import make_plots, make_stage_plots
+from outlier_hydra.stages import build_stages, instantiate_stage
 from outlier_hydra.stats import OutlierStats, merge_all
 from outlier_hydra.validate import check_config, check_sequence_length, resolve_layers
 
@@ -110,7 +111,8 @@ class _LazyModel:
         return self.model, self.device
 
 
-def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _LazyModel) -> tuple[list[OutlierStats], dict]:
+def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _LazyModel, stages=(),
+                    adapter=None) -> tuple[list[OutlierStats], dict]:
     bs = cfg.analysis.batch_size
     first, _ = sequence_range(cfg.dataset)
     num_batches = -(-len(token_ids) // bs)
@@ -125,7 +127,7 @@ def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _L
             model, device = lazy.get()
             ids = torch.from_numpy(token_ids[b * bs : (b + 1) * bs]).to(device)
             t0 = time.perf_counter()
-            stats = collector.collect_batch(model, points, ids)
+            stats = collector.collect_batch(model, points, ids, stages=stages, first_sequence=first + b * bs, adapter=adapter)
             seconds += time.perf_counter() - t0
             new_tokens += stats.num_tokens
             stats.meta = {"batch_index": b, "sequences": [first + b * bs, first + b * bs + len(ids)]}
@@ -174,6 +176,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     collector = instantiate(cfg.analysis.collector)
     analyzer = instantiate(cfg.analysis.analyzer)
     points = adapter.hook_points(layers)
+    stages = [s for s in build_stages(cfg.analysis) if s.bind(adapter, layers, analyzer.magnitude_threshold)]
+    int8 = instantiate_stage(cfg.analysis.int8) if cfg.analysis.int8.enabled else None
     plain = plain_config(cfg)
 
     _claim_directory(out, fingerprint(plain), token_ids)
@@ -181,12 +185,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     stats_dir = out / report.STATS_DIR
     edges = getattr(collector, "edges", None)
     cache_root = cache.cache_dir(cfg) if edges is not None else None
-    key = cache.cache_key(plain, edges, cfg.analysis.collector._target_) if cache_root else ""
+    key = cache.cache_key(plain, edges, cfg.analysis.collector._target_, [s.name for s in stages]) if cache_root else ""
 
     with open_logger(cfg, out, plain) as logger:
         reused = not stats_dir.exists() and cache.fetch(cache_root, key, token_ids, stats_dir)
         stats_dir.mkdir(exist_ok=True)
-        batches, timing = collect_batches(cfg, collector, points, token_ids, stats_dir, _LazyModel(cfg, model_config.model_type))
+        lazy = _LazyModel(cfg, model_config.model_type)
+        batches, timing = collect_batches(cfg, collector, points, token_ids, stats_dir, lazy, stages, adapter)
         if reused:
             timing["reused_statistics"] = str(cache_root / key)
         elif timing["batches_already_done"]:
@@ -206,11 +211,21 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
                 "skip_sequences": sequence_range(cfg.dataset)[0],
             },
         }
-        results = report.write_results(out, header, analyzer, batches)
+        first = sequence_range(cfg.dataset)[0]
+
+        def int8_section(results: dict) -> dict:
+            model, device = lazy.get()
+            bs = cfg.analysis.batch_size
+            ids = [torch.from_numpy(token_ids[i : i + bs]).to(device) for i in range(0, len(token_ids), bs)]
+            keep = sorted(r["feature_dim"] for r in results["systematic_outliers"])
+            return {int8.name: int8.measure(model, points, ids, keep)}
+
+        results = report.write_results(out, header, analyzer, batches, stages, tokenizer, token_ids, first,
+                                       finalize=int8_section if int8 else None)
         report.write_json(out / "timing.json", timing)
         report.write_json(out / "environment.json", environment())
         total = merge_all(batches)
-        plots = make_plots(out, results, total, analyzer.magnitude_threshold) if cfg.plots else {}
+        plots = {**make_plots(out, results, total, analyzer.magnitude_threshold), **make_stage_plots(out, results)} if cfg.plots else {}
         logger.log_results(results, total, plots, timing)
     if cfg.progress:
         report.print_summary(results)

@@ -110,6 +110,37 @@ class AnalyzerConfig:
 
 
 @dataclass
+class RouterStageConfig:
+    """MoE router/expert statistics (stages/router.py). Its threshold is fixed, not the analysis
+    threshold, so that one collection still serves a whole threshold sweep."""
+
+    _target_: str = "outlier_hydra.stages.router.RouterStage"
+    enabled: bool = True
+    magnitude_threshold: float = 6.0  # outlier positions for the per-feature expert statistics
+    top_experts: int = 3
+
+
+@dataclass
+class MassiveStageConfig:
+    """Massive activations in the residual stream (stages/massive.py)."""
+
+    _target_: str = "outlier_hydra.stages.massive.MassiveActivationStage"
+    enabled: bool = False
+    min_magnitude: float = 100.0
+    min_ratio_to_median: float = 1000.0
+    top_k: int = 20
+
+
+@dataclass
+class Int8StageConfig:
+    """Per-token absmax int8 error, all dims vs systematic dims kept (stages/int8.py)."""
+
+    _target_: str = "outlier_hydra.stages.int8.Int8ErrorStage"
+    enabled: bool = False
+    max_batches: int = 1  # batches re-run (one extra forward each) once the systematic dims are known
+
+
+@dataclass
 class AnalysisConfig:
     magnitude_threshold: float = 6.0
     min_layer_percentage: float = 0.25
@@ -125,6 +156,9 @@ class AnalysisConfig:
     statistics_cache: Optional[str] = None  # null: the sweep's own cache in a -m run, none otherwise
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    router: RouterStageConfig = field(default_factory=RouterStageConfig)
+    massive: MassiveStageConfig = field(default_factory=MassiveStageConfig)
+    int8: Int8StageConfig = field(default_factory=Int8StageConfig)
 
 
 @dataclass
@@ -164,6 +198,25 @@ class LoggerConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """A benchmark preset (python -m outlier_hydra.benchmark benchmark=NAME): a model shape built
+    with random weights on the device, and the batch to time."""
+
+    name: str = MISSING
+    model_type: str = MISSING
+    shape: Dict[str, Any] = field(default_factory=dict)  # transformers config kwargs of that model_type
+    dtype: str = "float32"
+    device: str = "auto"  # auto = cuda if available, else cpu
+    batch_size: int = 4
+    sequence_length: int = 512
+    repeats: int = 5
+    warmup: int = 2
+    baseline: bool = True  # also time the copy-to-host tool
+    baseline_repeats: int = 1
+    memory_tokens: List[int] = field(default_factory=list)  # e.g. [10000, 1000000]: RSS flat, time linear
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -174,6 +227,7 @@ class Config:
     progress: bool = True  # progress bar and summary table
     plots: bool = True  # PNG plots in <run dir>/plots
     extras: Dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the results
+    benchmark: Optional[BenchmarkConfig] = None  # only python -m outlier_hydra.benchmark reads it
 
 
 def _minilm_path() -> str:

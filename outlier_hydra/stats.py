@@ -61,6 +61,9 @@ class OutlierStats:
     nonfinite: np.ndarray
     num_batches: int = 1
     meta: dict = field(default_factory=dict)  # provenance (batch index, sequences ...), not merged
+    # what optional collection stages gathered (stages/): name -> object with merge(), to_arrays(),
+    # from_arrays(); saved with its class path so that load() can rebuild it
+    extras: dict = field(default_factory=dict)
 
     @property
     def num_modules(self) -> int:
@@ -124,6 +127,7 @@ class OutlierStats:
             top_values=merge_top_values(self.top_values, other.top_values),
             nonfinite=self.nonfinite + other.nonfinite,
             num_batches=self.num_batches + other.num_batches,
+            extras=_merge_extras(self.extras, other.extras),
         )
 
     # ---- files -------------------------------------------------------------------------------
@@ -137,7 +141,9 @@ class OutlierStats:
             "num_tokens": self.num_tokens,
             "num_batches": self.num_batches,
             "meta": self.meta,
+            "extras": {name: f"{type(x).__module__}.{type(x).__qualname__}" for name, x in self.extras.items()},
         }
+        extra_arrays = {f"extra.{name}.{k}": v for name, x in self.extras.items() for k, v in x.to_arrays().items()}
         small = self.num_tokens < 2**31
         buf = io.BytesIO()
         np.savez(
@@ -149,6 +155,7 @@ class OutlierStats:
             top_values=self.top_values,
             nonfinite=self.nonfinite,
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            **extra_arrays,
         )
         atomic_write_bytes(path, buf.getvalue())
 
@@ -158,7 +165,13 @@ class OutlierStats:
             meta = json.loads(bytes(z["meta"]).decode())
             if meta.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"{path}: statistics format {meta.get('format_version')} is not {FORMAT_VERSION}")
+            extras = {}
+            for name, class_path in meta.get("extras", {}).items():
+                prefix = f"extra.{name}."
+                arrays = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+                extras[name] = _import(class_path).from_arrays(arrays)
             return cls(
+                extras=extras,
                 module_names=meta["module_names"],
                 edges=z["edges"],
                 threshold=meta["threshold"],
@@ -171,6 +184,19 @@ class OutlierStats:
                 top_values=z["top_values"],
                 nonfinite=z["nonfinite"],
             )
+
+
+def _merge_extras(a: dict, b: dict) -> dict:
+    if a.keys() != b.keys():
+        raise ValueError(f"cannot merge statistics of different stages ({sorted(a)} vs {sorted(b)})")
+    return {name: a[name].merge(b[name]) for name in a}
+
+
+def _import(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def merge_all(stats: list[OutlierStats]) -> OutlierStats:

@@ -53,9 +53,12 @@ def check_config(cfg: DictConfig) -> None:
     check_device_map(cfg.model.device_map)
     check_target(cfg.analysis.collector, "analysis.collector")
     check_target(cfg.analysis.analyzer, "analysis.analyzer")
+    for stage in ("router", "massive", "int8"):
+        if cfg.analysis[stage].enabled:
+            check_target(cfg.analysis[stage], f"analysis.{stage}", skip=("enabled",))
 
 
-def check_target(node: DictConfig, key: str) -> None:
+def check_target(node: DictConfig, key: str, skip: tuple[str, ...] = ()) -> None:
     """The `_target_` imports and its arguments bind to its signature (before the model loads)."""
     from hydra.utils import get_object
 
@@ -65,7 +68,7 @@ def check_target(node: DictConfig, key: str) -> None:
         obj = get_object(target)
     except Exception as exc:
         raise OutlierHydraError(f"{key}._target_: cannot import {target} ({exc})") from None
-    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_") and k not in skip}
     try:
         inspect.signature(obj).bind(**kwargs)
     except TypeError as exc:

@@ -144,3 +144,64 @@ class SlowCollector(OutlierCollector):
 
         time.sleep(0.4)
         return super().collect_batch(*args, **kwargs)
+
+
+def plant_router_preference(model_dir, dim: int, experts: tuple[int, int], layers, gain: float = 30.0) -> None:
+    """In place: layer i's router sends large positive x[dim] to experts[0], large negative to experts[1]."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        for i in layers:
+            gate = model.layers[i].mlp.gate.weight
+            gate[experts[0], dim] = gain
+            gate[experts[1], dim] = -gain
+    model.save_pretrained(model_dir)
+
+
+def plant_massive_activation(model_dir, token_id: int, dim: int, value: float = 5000.0) -> None:
+    """In place: every occurrence of token_id carries `value` at `dim` in the residual stream."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.embed_tokens.weight[token_id, dim] = value
+    model.save_pretrained(model_dir)
+
+
+def routing_recompute(model_dir, token_ids: np.ndarray, layer: int, dim: int, batch_size: int, threshold=6.0):
+    """Independent: expert choices over all tokens and at positions where |x[dim]| >= threshold at the
+    layer's MLP input, from plain hooks on post_attention_layernorm and the router."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen = {"x": [], "idx": []}
+    h1 = model.layers[layer].post_attention_layernorm.register_forward_hook(
+        lambda m, a, o: seen["x"].append(o.reshape(-1, o.shape[-1]).numpy().copy()))
+    h2 = model.layers[layer].mlp.gate.register_forward_hook(lambda m, a, o: seen["idx"].append(o[2].numpy().copy()))
+    with torch.no_grad():
+        for s in range(0, len(token_ids), batch_size):
+            model(input_ids=torch.from_numpy(token_ids[s:s + batch_size]))
+    h1.remove(), h2.remove()
+    x, idx = np.concatenate(seen["x"]), np.concatenate(seen["idx"])
+    n_experts = model.layers[layer].mlp.gate.weight.shape[0]
+    overall = np.bincount(idx.ravel(), minlength=n_experts)
+    at_outliers = np.bincount(idx[np.abs(x[:, dim]) >= threshold].ravel(), minlength=n_experts)
+    return overall, at_outliers, x[:, dim]
+
+
+def int8_recompute(acts: np.ndarray, keep: list[int]) -> tuple[float, float]:
+    """Relative error of per-token absmax int8 over all modules: all dims, and `keep` in float16."""
+    def q(x):
+        scale = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-12) / 127
+        return np.clip(np.round(x / scale), -127, 127) * scale
+
+    x = acts.astype(np.float32).astype(np.float64)
+    err_all = ((x - q(x.astype(np.float32)).astype(np.float64)) ** 2).sum()
+    rest = x.copy()
+    rest[..., keep] = 0
+    err_kept = ((rest - q(rest.astype(np.float32)).astype(np.float64)) ** 2).sum()
+    kept = x[..., keep]
+    err_kept += ((kept - kept.astype(np.float16).astype(np.float64)) ** 2).sum()
+    norm = (x ** 2).sum()
+    return float(np.sqrt(err_all / norm)), float(np.sqrt(err_kept / norm))

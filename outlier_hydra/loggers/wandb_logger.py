@@ -76,6 +76,7 @@ class WandbLogger:
         }
         for name, path in plots.items():
             payload[f"plots/{name}"] = wandb.Image(str(path))
+        payload.update(_stage_tables(wandb, results))
         self.run.log(payload)
         self.run.summary.update({
             "num_systematic_outliers": results["num_systematic_outliers"],
@@ -88,6 +89,30 @@ class WandbLogger:
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def _stage_tables(wandb, results: dict) -> dict:
+    out = {}
+    moe = results.get("moe_routing")
+    if moe:
+        rows = [[f["feature_dim"], entry["layer"], entry["outlier_positions"], t["expert"], t["position_share"], t["share"]]
+                for f in moe["features"] for entry in f["layers"] for t in entry["top_experts"][:1]]
+        out["moe_routing/feature_top_expert"] = wandb.Table(
+            columns=["feature_dim", "layer", "outlier_positions", "top_expert", "position_share", "choice_share"], data=rows)
+        out["moe_routing/layers"] = wandb.Table(
+            columns=["layer", "entropy_mean", "top1_share_mean", "tokens_per_expert"],
+            data=[[entry["layer"], entry["entropy_mean"], entry["top1_share_mean"], str(entry["tokens_per_expert"])]
+                  for entry in moe["layers"]])
+    massive = results.get("massive_activations")
+    if massive:
+        rows = [[entry["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]
+                for entry in massive["layers"] for m in entry["massive"]]
+        out["massive_activations"] = wandb.Table(columns=["layer", "value", "dim", "sequence", "position", "token"], data=rows)
+    int8 = results.get("int8_error")
+    if int8:
+        out["int8/relative_error_all_int8"] = int8["relative_error_all_int8"]
+        out["int8/relative_error_outliers_kept"] = int8["relative_error_outliers_kept"]
+    return out
 
 
 def _histogram(wandb, ge: np.ndarray, edges: np.ndarray, top: float):

@@ -33,6 +33,7 @@ class ModelAdapter:
     attn_input: Callable[[int], str]
     mlp_input: Callable[[int], str]
     router: Callable[[int], str] | None = None  # MoE router module (returns logits, weights, indices)
+    layer: Callable[[int], str] | None = None  # the whole layer i (its output: the residual stream)
 
     def hook_points(self, layers: list[int]) -> list[HookPoint]:
         """Hook points in model (execution) order for the given layers."""
@@ -47,17 +48,20 @@ PRE_NORM_DECODER = ModelAdapter(
     family="pre_norm_decoder",
     attn_input=lambda i: f"layers.{i}.input_layernorm",
     mlp_input=lambda i: f"layers.{i}.post_attention_layernorm",
+    layer=lambda i: f"layers.{i}",
 )
 PRE_NORM_MOE = ModelAdapter(
     family="pre_norm_moe",
     attn_input=PRE_NORM_DECODER.attn_input,
     mlp_input=PRE_NORM_DECODER.mlp_input,
     router=lambda i: f"layers.{i}.mlp.gate",
+    layer=PRE_NORM_DECODER.layer,
 )
 POST_NORM_ENCODER = ModelAdapter(
     family="post_norm_encoder",
     attn_input=lambda i: "embeddings.LayerNorm" if i == 0 else f"encoder.layer.{i - 1}.output.LayerNorm",
     mlp_input=lambda i: f"encoder.layer.{i}.attention.output.LayerNorm",
+    layer=lambda i: f"encoder.layer.{i}",
 )
 
 # config.json `model_type` -> adapter

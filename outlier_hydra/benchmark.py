@@ -1,0 +1,222 @@
+"""What collecting the statistics costs over the forward pass the model needs anyway.
+
+    python -m outlier_hydra.benchmark benchmark=cpu_mid            (also scripts/benchmark.py)
+    python -m outlier_hydra.benchmark benchmark=olmoe_shape        (GPU: real shape, random weights)
+
+On one model and one batch of random tokens it times, as medians over `repeats` after `warmup`
+runs (the device synchronised around each):
+  (a) forward   the bare base-model forward
+  (b) collect   a full outlier_hydra collection: every stage on by default, the host copy included
+  (c) baseline  the older tool: copy every hooked output to the host, torch.save, reload, analyse
+                on the CPU
+and prints one table with tokens/s and the ratios b/a and c/a, plus peak device memory and peak
+host RSS; everything goes to benchmark.json in the run directory. With `memory_tokens`, it also
+streams that many tokens through the collector (merging as a run does) and reports peak RSS and time
+per token for each count: memory stays flat and time grows linearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics as st
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from outlier_hydra import schema  # noqa: F401  (registers the config schema)
+from outlier_hydra.models.adapters import adapter_for
+from outlier_hydra.paths import config_dir
+from outlier_hydra.report import write_json
+
+log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(b: DictConfig, device: torch.device) -> torch.nn.Module:
+    """Random weights of the preset's shape, created on the device directly (nothing downloaded)."""
+    from transformers import AutoConfig, AutoModel
+
+    shape = dict(b.shape)
+    config = AutoConfig.for_model(b.model_type, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModel.from_config(config, dtype=DTYPES[b.dtype])
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def copy_to_host_baseline(model, points, ids, threshold: float, folder: Path) -> None:
+    """The older tool: every hooked activation to the host and to disk, reloaded, analysed in Python."""
+    modules = dict(model.named_modules())
+    saved: list[Path] = []
+
+    def hook(name):
+        def fn(module, args, output):
+            path = folder / f"{name}.pt"
+            torch.save(output.detach().to("cpu", torch.float32), path)
+            saved.append(path)
+
+        return fn
+
+    handles = [modules[p.module_path].register_forward_hook(hook(p.name)) for p in points]
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    any_hit = None
+    for path in saved:
+        x = torch.load(path).reshape(-1, torch.load(path).shape[-1]).numpy()
+        hit = np.abs(x) >= threshold
+        hit.sum(0), np.abs(x).max(0)
+        any_hit = hit if any_hit is None else any_hit | hit
+    any_hit.sum(0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_scaling(model, points, collector, b, device) -> list[dict]:
+    """Stream N tokens through the collector, merging as a run does; peak RSS and time per token."""
+    rows = []
+    per_batch = b.batch_size * b.sequence_length
+    gen = torch.Generator().manual_seed(1)
+    for n in b.memory_tokens:
+        batches = max(1, n // per_batch)
+        total = None
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=gen).to(device)
+            s = collector.collect_batch(model, points, ids)
+            total = s if total is None else total.merge(s)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        rows.append({"tokens": batches * per_batch, "seconds": seconds, "seconds_per_mtok": seconds / (batches * per_batch) * 1e6,
+                     "peak_rss_mb": peak_rss_mb()})
+    return rows
+
+
+def run_benchmark(cfg: DictConfig, out: Path) -> dict:
+    b = cfg.benchmark
+    device = pick_device(b.device)
+    model = build_model(b, device)
+    points = adapter_for(b.model_type).hook_points(list(range(b.shape.num_hidden_layers)))
+    collector = instantiate(cfg.analysis.collector)
+    ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = ids.numel()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def forward():
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    def collect():
+        collector.collect_batch(model, points, ids)
+
+    timed(forward, device, 0, b.warmup)
+    peak_forward = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    timed(collect, device, 0, b.warmup)
+    peak_collect = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    fwd, col = [], []
+    for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits both alike
+        fwd += timed(forward, device, 1, 0)
+        col += timed(collect, device, 1, 0)
+    result = {
+        "preset": b.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": b.dtype,
+        "tokens": tokens,
+        "hooked_modules": len(points),
+        "collector_backend": collector.backend_for(device),
+        "forward_s": st.median(fwd),
+        "collect_s": st.median(col),
+        "forward_tokens_per_s": tokens / st.median(fwd),
+        "collect_tokens_per_s": tokens / st.median(col),
+        "ratio_collect_over_forward": st.median(col) / st.median(fwd),
+        "forward_all_s": fwd,
+        "collect_all_s": col,
+        "peak_device_mem_forward_gb": peak_forward / 2**30 if peak_forward else None,
+        "peak_device_mem_collect_gb": peak_collect / 2**30 if peak_collect else None,
+    }
+    if b.baseline:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            base = timed(lambda: copy_to_host_baseline(model, points, ids, collector.magnitude_threshold, Path(tmp)),
+                         device, b.baseline_repeats, 1)
+        result.update({"baseline_s": st.median(base), "ratio_baseline_over_forward": st.median(base) / st.median(fwd)})
+    if b.memory_tokens:
+        result["memory_scaling"] = memory_scaling(model, points, collector, b, device)
+    result["peak_host_rss_mb"] = peak_rss_mb()
+    write_json(out / "benchmark.json", result)
+    print(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    lines = [
+        f"benchmark {r['preset']} on {r['device']}, {r['dtype']}, {r['tokens']} tokens, "
+        f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}",
+        f"  {'':<22}{'seconds':>10}{'tokens/s':>12}{'x forward':>11}",
+        f"  {'(a) forward':<22}{r['forward_s']:>10.4f}{r['forward_tokens_per_s']:>12.0f}{1:>11.3f}",
+        f"  {'(b) outlier_hydra':<22}{r['collect_s']:>10.4f}{r['collect_tokens_per_s']:>12.0f}{r['ratio_collect_over_forward']:>11.3f}",
+    ]
+    if "baseline_s" in r:
+        lines.append(f"  {'(c) copy-to-host tool':<22}{r['baseline_s']:>10.4f}{r['tokens'] / r['baseline_s']:>12.0f}"
+                     f"{r['ratio_baseline_over_forward']:>11.2f}")
+    if r.get("peak_device_mem_forward_gb"):
+        lines.append(f"  peak device memory: forward {r['peak_device_mem_forward_gb']:.2f} GB, "
+                     f"with collection {r['peak_device_mem_collect_gb']:.2f} GB")
+    for m in r.get("memory_scaling", []):
+        lines.append(f"  {m['tokens']:>9} tokens streamed: {m['seconds']:.2f} s ({m['seconds_per_mtok']:.2f} s per M tokens), "
+                     f"peak RSS {m['peak_rss_mb']:.0f} MB")
+    lines.append(f"  peak host RSS {r['peak_host_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("benchmark") is None:
+        print("choose a preset: benchmark=cpu_tiny | cpu_mid | memory | olmoe_shape | qwen3_shape", file=sys.stderr)
+        sys.exit(2)
+    return run_benchmark(cfg, Path(HydraConfig.get().runtime.output_dir))["ratio_collect_over_forward"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""MoE-aware stages on tiny models with planted behaviour: a planted router preference shows up as the
+experts that receive a feature's outlier positions, with the shares an independent recomputation
+gives; a planted massive activation is found at its position and dim; the int8 error with the
+outlier dims kept is lower than without and equals a direct computation."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import make_cfg, tiny_overrides
+from helpers import (
+    LAYERS,
+    decoder_module_paths,
+    full_activations,
+    int8_recompute,
+    plant_massive_activation,
+    plant_router_preference,
+    routing_recompute,
+)
+
+from outlier_hydra.run import run
+
+E_POS, E_NEG = 3, 1
+
+
+@pytest.fixture(scope="module")
+def routed_models(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("routed")
+    out = {}
+    for family in ("olmoe", "qwen3_moe", "mixtral"):
+        d = root / family
+        shutil.copytree(tiny_models[family], d)
+        plant_router_preference(d, dim=7, experts=(E_POS, E_NEG), layers=[1, 2])
+        out[family] = d
+    return out
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
+def test_planted_router_preference_is_reported_with_recomputed_shares(family, routed_models, tmp_path):
+    results = run(make_cfg(*tiny_overrides(routed_models[family])), tmp_path)
+    moe = results["moe_routing"]
+    token_ids = np.load(tmp_path / "token_ids.npy")
+    assert 7 in [r["feature_dim"] for r in results["systematic_outliers"]]
+    feature = next(f for f in moe["features"] if f["feature_dim"] == 7)
+    by_layer = {entry["layer"]: entry for entry in feature["layers"]}
+    for layer in (1, 2):
+        overall, at_outliers, x = routing_recompute(routed_models[family], token_ids, layer, 7, batch_size=4)
+        assert moe["layers"][layer]["tokens_per_expert"] == overall.tolist()
+        got = by_layer[layer]
+        assert got["outlier_positions"] == int((np.abs(x) >= 6).sum())
+        total = at_outliers.sum()
+        expected = sorted(range(len(at_outliers)), key=lambda e: (-at_outliers[e], e))[:3]
+        assert [t["expert"] for t in got["top_experts"]] == [e for e in expected if at_outliers[e] > 0]
+        for t in got["top_experts"]:
+            assert t["choices"] == at_outliers[t["expert"]] and t["share"] == at_outliers[t["expert"]] / total
+        # the planted preference: outliers of either sign go to the two planted experts
+        planted = at_outliers[E_POS] + at_outliers[E_NEG]
+        assert planted >= (np.abs(x) >= 6).sum() * 0.95
+        assert got["top_experts"][0]["expert"] in (E_POS, E_NEG)  # each token's second choice goes elsewhere
+        share_planted = planted / total
+        assert share_planted > overall[[E_POS, E_NEG]].sum() / overall.sum()  # concentrated vs overall load
+    assert 0 < moe["layers"][0]["entropy_mean"] <= np.log(4) + 1e-6
+    assert 0.5 <= moe["layers"][0]["top1_share_mean"] <= 1.0
+
+
+def test_router_stats_merge_exactly_across_batches(routed_models, tmp_path):
+    one = run(make_cfg(*tiny_overrides(routed_models["olmoe"], "analysis.batch_size=8")), tmp_path / "a")
+    two = run(make_cfg(*tiny_overrides(routed_models["olmoe"], "analysis.batch_size=2")), tmp_path / "b")
+    for a, b in zip(one["moe_routing"]["layers"], two["moe_routing"]["layers"]):
+        assert a["tokens_per_expert"] == b["tokens_per_expert"]
+        assert a["entropy_mean"] == pytest.approx(b["entropy_mean"], rel=1e-6)
+    fa = {f["feature_dim"]: f for f in one["moe_routing"]["features"]}
+    fb = {f["feature_dim"]: f for f in two["moe_routing"]["features"]}
+    assert fa.keys() == fb.keys()
+    for d in fa:
+        assert [(l["layer"], l["outlier_positions"], l["top_experts"]) for l in fa[d]["layers"]] == \
+               [(l["layer"], l["outlier_positions"], l["top_experts"]) for l in fb[d]["layers"]]
+
+
+def test_router_stage_is_not_applied_to_dense_models(tmp_path):
+    results = run(make_cfg("dataset.num_sequences=2", "dataset.sequence_length=32"), tmp_path)  # MiniLM
+    assert "moe_routing" not in results
+
+
+def test_planted_massive_activation_is_found_at_its_position_and_dim(tiny_models, tmp_path):
+    model = tmp_path / "massive_model"
+    shutil.copytree(tiny_models["olmoe"], model)
+    probe = run(make_cfg(*tiny_overrides(model)), tmp_path / "probe")
+    token_ids = np.load(tmp_path / "probe" / "token_ids.npy")
+    values, counts = np.unique(token_ids, return_counts=True)
+    target = int(values[np.argsort(-counts)[3]])  # a frequent token, not the separator
+    plant_massive_activation(model, target, dim=13, value=5000.0)
+    results = run(make_cfg(*tiny_overrides(model, "analysis.massive.enabled=true")), tmp_path / "run")
+    section = results["massive_activations"]
+    where = {(int(s), int(p)) for s, p in zip(*np.nonzero(token_ids == target))}
+    assert probe["num_systematic_outliers"] >= 0
+    for layer in section["layers"]:
+        assert layer["median_abs"] < 10
+        massive = layer["massive"]
+        assert massive, f"layer {layer['layer']}"
+        assert all(m["dim"] == 13 and (m["sequence"], m["position"]) in where and m["token_id"] == target
+                   for m in massive)
+        assert abs(massive[0]["value"]) > 1000
+        assert massive[0]["token"]  # decoded
+    # in the batch files too
+    batch = json.loads((tmp_path / "run" / "batch_001_results.json").read_text())
+    assert batch["massive_activations"]["layers"][0]["massive"]
+
+
+def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_models, tmp_path):
+    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.int8.enabled=true")), tmp_path)
+    section = results["int8_error"]
+    keep = sorted(r["feature_dim"] for r in results["systematic_outliers"])
+    assert section["kept_dims"] == keep == [7, 21]
+    token_ids = np.load(tmp_path / "token_ids.npy")[:4]  # the first batch (max_batches=1)
+    acts = full_activations(tiny_models["olmoe"], decoder_module_paths(range(LAYERS)), token_ids, batch_size=4)
+    all_err, kept_err = int8_recompute(acts, keep)
+    assert section["relative_error_all_int8"] == pytest.approx(all_err, rel=1e-4)
+    assert section["relative_error_outliers_kept"] == pytest.approx(kept_err, rel=1e-4)
+    assert section["relative_error_outliers_kept"] < section["relative_error_all_int8"]
+    m0 = section["modules"]["layer_0_ln_attn"]
+    a0, k0 = int8_recompute(acts[:1], keep)
+    assert m0["relative_error_all_int8"] == pytest.approx(a0, rel=1e-4) and m0["relative_error_outliers_kept"] == pytest.approx(k0, rel=1e-4)
