@@ -7,6 +7,8 @@ On one model and one batch of random tokens it times, as medians over `repeats` 
 runs (the device synchronised around each):
   (a) forward   the bare base-model forward
   (b) collect   a full outlier_hydra collection: every stage on by default, the host copy included
+                (each pass ends after the last module anything reads, as in a run); timed again
+                with the whole forward run, which isolates what the reductions themselves cost
   (c) baseline  the older tool: copy every hooked output to the host, torch.save, reload, analyse
                 on the CPU
 and prints one table with tokens/s and the ratios b/a and c/a, plus peak device memory and peak
@@ -35,6 +37,7 @@ from outlier_hydra import schema  # noqa: F401  (registers the config schema)
 from outlier_hydra.models.adapters import adapter_for
 from outlier_hydra.paths import config_dir
 from outlier_hydra.report import write_json
+from outlier_hydra.stages import build_stages
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -110,7 +113,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def memory_scaling(model, points, collector, b, device) -> list[dict]:
+def memory_scaling(model, points, collector, b, device, stages=(), adapter=None) -> list[dict]:
     """Stream N tokens through the collector, merging as a run does; peak RSS and time per token."""
     rows = []
     per_batch = b.batch_size * b.sequence_length
@@ -121,7 +124,7 @@ def memory_scaling(model, points, collector, b, device) -> list[dict]:
         t0 = time.perf_counter()
         for _ in range(batches):
             ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=gen).to(device)
-            s = collector.collect_batch(model, points, ids)
+            s = collector.collect_batch(model, points, ids, stages=stages)
             total = s if total is None else total.merge(s)
         sync(device)
         seconds = time.perf_counter() - t0
@@ -134,8 +137,12 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     b = cfg.benchmark
     device = pick_device(b.device)
     model = build_model(b, device)
-    points = adapter_for(b.model_type).hook_points(list(range(b.shape.num_hidden_layers)))
+    adapter = adapter_for(b.model_type)
+    layers = list(range(b.shape.num_hidden_layers))
+    points = adapter.hook_points(layers)
     collector = instantiate(cfg.analysis.collector)
+    # every stage that is on by default (or switched on by the overrides), as a run would use them
+    stages = [s for s in build_stages(cfg.analysis) if s.bind(adapter, layers, collector.magnitude_threshold)]
     ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length),
                         generator=torch.Generator().manual_seed(0)).to(device)
     tokens = ids.numel()
@@ -147,16 +154,23 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
             model(input_ids=ids)
 
     def collect():
-        collector.collect_batch(model, points, ids)
+        collector.collect_batch(model, points, ids, stages=stages)
+
+    full = instantiate(cfg.analysis.collector, early_stop=False)
+
+    def collect_full_forward():  # the same reductions with the whole forward run: their own cost
+        full.collect_batch(model, points, ids, stages=stages)
 
     timed(forward, device, 0, b.warmup)
     peak_forward = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     timed(collect, device, 0, b.warmup)
     peak_collect = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    fwd, col = [], []
-    for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits both alike
+    timed(collect_full_forward, device, 0, b.warmup)
+    fwd, col, colf = [], [], []
+    for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits all alike
         fwd += timed(forward, device, 1, 0)
         col += timed(collect, device, 1, 0)
+        colf += timed(collect_full_forward, device, 1, 0)
     result = {
         "preset": b.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -164,11 +178,14 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         "tokens": tokens,
         "hooked_modules": len(points),
         "collector_backend": collector.backend_for(device),
+        "stages": [s.name for s in stages],
         "forward_s": st.median(fwd),
         "collect_s": st.median(col),
         "forward_tokens_per_s": tokens / st.median(fwd),
         "collect_tokens_per_s": tokens / st.median(col),
         "ratio_collect_over_forward": st.median(col) / st.median(fwd),
+        "collect_full_forward_s": st.median(colf),
+        "ratio_collect_full_forward_over_forward": st.median(colf) / st.median(fwd),
         "forward_all_s": fwd,
         "collect_all_s": col,
         "peak_device_mem_forward_gb": peak_forward / 2**30 if peak_forward else None,
@@ -180,7 +197,7 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
                          device, b.baseline_repeats, 1)
         result.update({"baseline_s": st.median(base), "ratio_baseline_over_forward": st.median(base) / st.median(fwd)})
     if b.memory_tokens:
-        result["memory_scaling"] = memory_scaling(model, points, collector, b, device)
+        result["memory_scaling"] = memory_scaling(model, points, collector, b, device, stages, adapter)
     result["peak_host_rss_mb"] = peak_rss_mb()
     write_json(out / "benchmark.json", result)
     print(table(result))
@@ -190,10 +207,13 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
 def table(r: dict) -> str:
     lines = [
         f"benchmark {r['preset']} on {r['device']}, {r['dtype']}, {r['tokens']} tokens, "
-        f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}",
+        f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}, "
+        f"stages: {', '.join(r['stages']) or 'none'}",
         f"  {'':<22}{'seconds':>10}{'tokens/s':>12}{'x forward':>11}",
         f"  {'(a) forward':<22}{r['forward_s']:>10.4f}{r['forward_tokens_per_s']:>12.0f}{1:>11.3f}",
         f"  {'(b) outlier_hydra':<22}{r['collect_s']:>10.4f}{r['collect_tokens_per_s']:>12.0f}{r['ratio_collect_over_forward']:>11.3f}",
+        f"  {'    same, full forward':<22}{r['collect_full_forward_s']:>10.4f}{r['tokens'] / r['collect_full_forward_s']:>12.0f}"
+        f"{r['ratio_collect_full_forward_over_forward']:>11.3f}   (no early stop: the reductions' own cost)",
     ]
     if "baseline_s" in r:
         lines.append(f"  {'(c) copy-to-host tool':<22}{r['baseline_s']:>10.4f}{r['tokens'] / r['baseline_s']:>12.0f}"

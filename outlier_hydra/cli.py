@@ -22,3 +22,14 @@ def run_or_exit(cfg: DictConfig) -> int:
             raise
         print(f"outlier_hydra: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def exit_code_of(prog: str, command) -> int:
+    """For the small commands (merge, reanalyze, estimate_vram): run command(); bad input becomes
+    one line on stderr and exit code 2."""
+    try:
+        command()
+    except OutlierHydraError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0

@@ -19,7 +19,8 @@ forward pass per group over the same batch (the position buffer persists across 
 stops right after the last layer it analyses: nothing downstream of it is needed.
 
 Optional collection stages (stages/: router statistics, massive activations) hook the same passes
-and hand back their own mergeable statistics, which land in OutlierStats.extras.
+and hand back their own mergeable statistics, which land in OutlierStats.extras. The pass then stops
+after the latest module any of them reads in its last layer.
 """
 
 from __future__ import annotations
@@ -186,12 +187,15 @@ class _BatchState:
         pabs, pval = self._positions()
         low = self.edges[0]
         edges_t = torch.tensor(self.edges, dtype=torch.float32, device=pabs.device)
-        pos_ge = _position_counts(pabs, edges_t, self.backend == "sparse").cpu().numpy()
-        k = min(self.k, pabs.shape[0])
-        top = pval.gather(0, _example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
-        top = torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))).cpu().numpy()
-        if k < self.k:
-            top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
+        if self.backend == "sparse":
+            pos_ge, top = _sparse_positions(pabs, pval, edges_t, self.k)
+        else:
+            pos_ge = _position_counts(pabs, edges_t, False).cpu().numpy()
+            k = min(self.k, pabs.shape[0])
+            top = pval.gather(0, _example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
+            top = torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))).cpu().numpy()
+            if k < self.k:
+                top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
         return OutlierStats(
             module_names=list(module_names),
             edges=np.asarray(self.edges, np.float64),
@@ -204,6 +208,25 @@ class _BatchState:
             nonfinite=nonfinite,
             num_batches=1,
         )
+
+
+def _sparse_positions(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor, k: int):
+    """pos_ge_counts and top_values from the few positions whose max |x| reaches the lowest edge:
+    one host copy of those entries, ordered there (|v| desc, then v desc, as the dense path)."""
+    d, e = pabs.shape[1], edges_t.shape[0]
+    rows, cols = (pabs >= edges_t[0]).nonzero().unbind(1)
+    mags = pabs[rows, cols].float()
+    bins = torch.bucketize(mags, edges_t, right=True) - 1
+    pos_ge = torch.bincount(cols * e + bins, minlength=d * e).view(d, e).flip(1).cumsum(1).flip(1).cpu().numpy()
+    cols_np, mags_np, vals_np = cols.cpu().numpy(), mags.cpu().numpy(), pval[rows, cols].float().cpu().numpy()
+    order = np.lexsort((-vals_np, -mags_np, cols_np))  # by dim, then |v| desc, then v desc
+    cols_sorted = cols_np[order]
+    starts = np.searchsorted(cols_sorted, np.arange(d))
+    rank = np.arange(len(order)) - starts[cols_sorted]
+    keep = rank < k
+    top = np.full((k, d), np.nan, np.float32)
+    top[rank[keep], cols_sorted[keep]] = vals_np[order][keep]
+    return pos_ge, top
 
 
 def _example_order_key(pabs: torch.Tensor, pval: torch.Tensor, low: float) -> torch.Tensor:
@@ -232,6 +255,7 @@ class OutlierCollector:
         chunk_layers: int | None = None,
         histogram_edges: list[float] | None = None,
         backend: str = "auto",
+        early_stop: bool = True,
     ):
         if backend not in BACKENDS:
             raise OutlierHydraError(f"analysis.collector.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -240,6 +264,7 @@ class OutlierCollector:
         self.chunk_layers = chunk_layers
         self.edges = histogram_edges_for(histogram_edges, self.magnitude_threshold)
         self.backend = backend
+        self.early_stop = early_stop  # stop each pass after the last module anything reads
 
     def passes(self, points: list[HookPoint]) -> list[list[HookPoint]]:
         return layer_chunks(points, self.chunk_layers)
@@ -251,20 +276,19 @@ class OutlierCollector:
 
     @torch.inference_mode()
     def collect_batch(self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor,
-                      stages=(), first_sequence: int = 0, adapter=None) -> OutlierStats:
-        """One batch: its OutlierStats (stages' statistics in .extras). `adapter` names the layer
-        modules, so that each pass can stop after its last layer; without it, after the last hook."""
+                      stages=(), first_sequence: int = 0) -> OutlierStats:
+        """One batch: its OutlierStats (the stages' statistics in .extras)."""
         backend = self.backend_for(input_ids.device)
         try:
-            return self._collect(model, points, input_ids, backend, stages, first_sequence, adapter)
+            return self._collect(model, points, input_ids, backend, stages, first_sequence)
         except Exception as exc:
             if backend != "compiled" or isinstance(exc, OutlierHydraError):
                 raise
             log.warning("torch.compile reduction failed (%s); falling back to the dense reduction", exc)
             self.backend = "dense"
-            return self._collect(model, points, input_ids, "dense", stages, first_sequence, adapter)
+            return self._collect(model, points, input_ids, "dense", stages, first_sequence)
 
-    def _collect(self, model, points, input_ids, backend, stages, first_sequence, adapter) -> OutlierStats:
+    def _collect(self, model, points, input_ids, backend, stages, first_sequence) -> OutlierStats:
         modules = dict(model.named_modules())
         resolve_modules(model, points)
         row_of = {p.name: i for i, p in enumerate(points)}
@@ -276,10 +300,11 @@ class OutlierCollector:
             hooks = [(p.module_path, self._hook(state, row_of[p.name])) for p in group]
             for stage in stages:
                 hooks += stage.hooks(layers)
-            if adapter is not None and adapter.layer is not None:
-                hooks.append((adapter.layer(layers[-1]), _stop))
-            else:  # stop right after the last hooked module instead
-                hooks.append((group[-1].module_path, _stop))
+            # stop as early as everything hooked allows: after the last hooked norm, or later in the
+            # last layer if a stage reads further (the router: its gate; massive: the layer output)
+            stop_rank, stop_path = max([(0, group[-1].module_path)] + [s.stop_after(layers[-1]) for s in stages])
+            if self.early_stop:
+                hooks.append((stop_path, _stop))
             handles = []
             try:
                 for path, fn in hooks:  # registration order = firing order on a shared module

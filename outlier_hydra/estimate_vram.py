@@ -170,13 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    try:
-        est = estimate(cfg)
-    except OutlierHydraError as exc:
-        print(f"outlier_hydra.estimate_vram: error: {exc}", file=sys.stderr)
-        return 2
-    print(table(est))
-    return 0
+    from outlier_hydra.cli import exit_code_of
+
+    return exit_code_of("outlier_hydra.estimate_vram", lambda: print(table(estimate(cfg))))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from outlier_hydra import report
+from outlier_hydra.cli import exit_code_of
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.stats import OutlierStats
 
@@ -95,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged results")
     args = parser.parse_args(argv)
-    try:
+
+    def command():
         merged = merge_runs(args.run_dirs, args.out)
-    except OutlierHydraError as exc:
-        print(f"outlier_hydra.merge: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{merged['num_systematic_outliers']} systematic features over {merged['num_tokens']} tokens -> {args.out / report.FINAL_RESULTS}")
-    return 0
+        print(f"{merged['num_systematic_outliers']} systematic features over {merged['num_tokens']} tokens "
+              f"-> {args.out / report.FINAL_RESULTS}")
+
+    return exit_code_of("outlier_hydra.merge", command)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from outlier_hydra import report
+from outlier_hydra.cli import exit_code_of
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.stats import ThresholdNotAnEdge
 
@@ -85,13 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="analysis.KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/reanalysis/<settings>")
     args = parser.parse_args(argv)
-    try:
+
+    def command():
         results, out = reanalyze(args.run_dir, args.overrides, args.out)
-    except OutlierHydraError as exc:
-        print(f"outlier_hydra.reanalyze: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{results['num_systematic_outliers']} systematic features -> {out / report.FINAL_RESULTS}")
-    return 0
+        print(f"{results['num_systematic_outliers']} systematic features -> {out / report.FINAL_RESULTS}")
+
+    return exit_code_of("outlier_hydra.reanalyze", command)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _L
             model, device = lazy.get()
             ids = torch.from_numpy(token_ids[b * bs : (b + 1) * bs]).to(device)
             t0 = time.perf_counter()
-            stats = collector.collect_batch(model, points, ids, stages=stages, first_sequence=first + b * bs, adapter=adapter)
+            stats = collector.collect_batch(model, points, ids, stages=stages, first_sequence=first + b * bs)
             seconds += time.perf_counter() - t0
             new_tokens += stats.num_tokens
             stats.meta = {"batch_index": b, "sequences": [first + b * bs, first + b * bs + len(ids)]}

@@ -96,6 +96,7 @@ class CollectorConfig:
     chunk_layers: Optional[int] = "${analysis.chunk_layers}"  # type: ignore[assignment]
     histogram_edges: Optional[List[float]] = "${analysis.histogram_edges}"  # type: ignore[assignment]
     backend: str = "auto"  # auto | dense | compiled | sparse (see collect.py)
+    early_stop: bool = True  # end each forward pass after the last module anything reads
 
 
 @dataclass

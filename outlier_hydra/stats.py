@@ -32,8 +32,9 @@ FORMAT_VERSION = 2
 
 # Edges for |x|: the thresholds people sweep (3..8), the range of systematic features (up to ~100)
 # and massive activations (>= 1000). The configured threshold is always added. The lowest edge
-# bounds what the statistics see at all: values below it only enter max_abs.
-DEFAULT_EDGES = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 20.0, 32.0, 64.0, 100.0, 1000.0)
+# bounds what the statistics see at all: values below it only enter max_abs. It is also what the
+# CPU reduction pays for: about 0.3% of normal activations reach 3, 4.6% reach 2.
+DEFAULT_EDGES = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0, 20.0, 32.0, 64.0, 100.0, 1000.0)
 
 
 class ThresholdNotAnEdge(ValueError):

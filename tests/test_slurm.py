@@ -5,7 +5,6 @@ CUDA_VISIBLE_DEVICES, cancelled jobs are reported as failed, requeued jobs resum
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -91,14 +90,20 @@ def _running_job(submitit_dir: Path) -> str:
     return ids[0]
 
 
+def _start_slow_sweep(model, sweep: Path) -> subprocess.Popen:
+    """A one-job sweep of 40 batches x 0.4 s in the background: still running when a signal comes
+    (SIGKILL follows scancel / requeue after KillWait=2 on the local cluster)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
+    slow = tiny_overrides(model, "analysis.batch_size=1", "dataset.num_sequences=40",
+                          "analysis.collector._target_=helpers.SlowCollector")
+    return subprocess.Popen([sys.executable, "-m", "outlier_hydra", "-m", *slow, *SMALL, "analysis.magnitude_threshold=6",
+                             f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def test_cancelled_job_is_reported_as_failed_not_waited_on(tiny_models, tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
-    # 40 batches x 0.4 s: still running when SIGKILL follows scancel (KillWait=2 on the local cluster)
-    slow = tiny_overrides(tiny_models["olmoe"], "analysis.batch_size=1", "dataset.num_sequences=40",
-                          "analysis.collector._target_=helpers.SlowCollector")
-    proc = subprocess.Popen([sys.executable, "-m", "outlier_hydra", "-m", *slow, *SMALL, "analysis.magnitude_threshold=6",
-                             f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_slow_sweep(tiny_models["olmoe"], sweep)
     _wait_for(lambda: (sweep / "0" / "stats" / "batch_001.npz").exists(), 120, "the job to start collecting")
     job = _running_job(sweep / ".submitit")
     subprocess.run(["scancel", job.split("_")[0]], check=True)
@@ -112,11 +117,7 @@ def test_cancelled_job_is_reported_as_failed_not_waited_on(tiny_models, tmp_path
 
 def test_requeued_job_resumes_from_its_last_batch(tiny_models, tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
-    args = tiny_overrides(tiny_models["olmoe"], "analysis.batch_size=1", "dataset.num_sequences=40",
-                          "analysis.collector._target_=helpers.SlowCollector")
-    proc = subprocess.Popen([sys.executable, "-m", "outlier_hydra", "-m", *args, *SMALL, "analysis.magnitude_threshold=6",
-                             f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start_slow_sweep(tiny_models["olmoe"], sweep)
     _wait_for(lambda: (sweep / "0" / "stats" / "batch_002.npz").exists(), 120, "two finished batches")
     job = _running_job(sweep / ".submitit")
     subprocess.run(["scontrol", "requeue", job], check=True)

@@ -89,7 +89,7 @@ def test_reanalysis_equals_a_fresh_run(overrides, tiny_models, tmp_path):
 
 def test_reanalysis_refuses_what_it_cannot_answer(tiny_models, tmp_path):
     run(make_cfg(*tiny_overrides(tiny_models["mixtral"])), tmp_path)
-    with pytest.raises(OutlierHydraError, match=r"6\.5 is not a histogram edge .*edges: 2, 3, 4, 5, 6"):
+    with pytest.raises(OutlierHydraError, match=r"6\.5 is not a histogram edge .*edges: 3, 4, 5, 6, 7"):
         reanalyze(tmp_path, ["analysis.magnitude_threshold=6.5"])
     with pytest.raises(OutlierHydraError, match=r"analysis\.layers: reanalysis changes only"):
         reanalyze(tmp_path, ["analysis.layers=[1]"])

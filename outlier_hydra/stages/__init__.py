@@ -28,6 +28,10 @@ class CollectionStage(Protocol):
     def hooks(self, layers: list[int]) -> list[tuple[str, Hook]]:
         """(module path, forward hook) for the given layers of one forward pass."""
 
+    def stop_after(self, layer: int) -> tuple[int, str]:
+        """(rank, module path): how far into the pass's last layer the forward must run
+        (0: its MLP input, 1: its router, 2: its output)."""
+
     def start_batch(self, first_sequence: int) -> None: ...
 
     def finish_batch(self): ...

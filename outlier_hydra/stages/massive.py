@@ -71,6 +71,10 @@ class MassiveActivationStage:
         self.first = first_sequence
         self.state: dict[int, tuple] = {}
 
+    def stop_after(self, layer: int) -> tuple[int, str]:
+        """(rank, module) the forward must reach in the pass's last layer: the layer output (rank 2)."""
+        return 2, self.adapter.layer(layer)
+
     def hooks(self, layers: list[int]):
         return [(self.adapter.layer(i), self._hook(i)) for i in layers]
 

@@ -85,6 +85,10 @@ class RouterStage:
         self.state: dict[int, dict] = {}
         self.pending_h: dict[int, torch.Tensor] = {}
 
+    def stop_after(self, layer: int) -> tuple[int, str]:
+        """(rank, module) the forward must reach in the pass's last layer: its router (rank 1)."""
+        return 1, self.adapter.router(layer)
+
     def hooks(self, layers: list[int]):
         out = []
         for layer in layers:

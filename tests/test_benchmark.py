@@ -1,0 +1,48 @@
+"""The benchmark runs end to end (tiny CPU preset) and writes what it promises; and, where a GPU is
+visible, the GPU reductions give the reference's statistics there. Correctness only: no timings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from outlier_hydra.collect import OutlierCollector
+from outlier_hydra.models.adapters import PRE_NORM_MOE
+
+
+def test_benchmark_cpu_tiny_end_to_end(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "benchmark=cpu_tiny", "benchmark.memory_tokens=[512,2048]",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    for key in ("forward_s", "collect_s", "baseline_s", "ratio_collect_over_forward", "ratio_baseline_over_forward",
+                "forward_tokens_per_s", "peak_host_rss_mb"):
+        assert result[key] > 0, key
+    assert result["tokens"] == 2 * 64 and result["hooked_modules"] == 8 and result["collector_backend"] == "sparse"
+    assert [m["tokens"] for m in result["memory_scaling"]] == [512, 2048]
+    assert "(b) outlier_hydra" in proc.stdout and "(c) copy-to-host tool" in proc.stdout
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path is checked on one)")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_match_the_reference(dtype, tiny_models):
+    from test_collector import _assert_identical
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_models["qwen3_moe"], dtype=dtype).cuda().eval()
+    ids = torch.randint(1000, 20000, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    points = PRE_NORM_MOE.hook_points([0, 1, 2, 3])
+    reference = OutlierCollector(6.0, 5, None, backend="dense").collect_batch(model, points, ids)
+    for backend in ("compiled", "sparse"):
+        collector = OutlierCollector(6.0, 5, None, backend=backend)
+        _assert_identical(collector.collect_batch(model, points, ids), reference)
+        assert collector.backend == backend
+    assert OutlierCollector(6.0).backend_for(ids.device) == "compiled"
