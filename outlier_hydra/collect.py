@@ -52,16 +52,6 @@ def layer_chunks(points: list[HookPoint], chunk_layers: int | None) -> list[list
     return [[p for p in points if p.layer in g] for g in groups]
 
 
-def resolve_modules(model: torch.nn.Module, points: list[HookPoint]) -> list[torch.nn.Module]:
-    modules = dict(model.named_modules())
-    missing = [p.module_path for p in points if p.module_path not in modules]
-    if missing:
-        raise OutlierHydraError(
-            f"model.name: {type(model).__name__} has no module {missing[0]!r}; its adapter does not fit this model"
-        )
-    return [modules[p.module_path] for p in points]
-
-
 # ---- the per-tensor reductions ---------------------------------------------------------------
 def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
     """x [N, D] -> (ge [D, E] int64, amax [D], nonfinite [], new pabs, new pval). No host sync.
@@ -290,7 +280,6 @@ class OutlierCollector:
 
     def _collect(self, model, points, input_ids, backend, stages, first_sequence) -> OutlierStats:
         modules = dict(model.named_modules())
-        resolve_modules(model, points)
         row_of = {p.name: i for i, p in enumerate(points)}
         state = _BatchState(self.edges, self.num_examples, len(points), backend)
         for stage in stages:
@@ -309,7 +298,8 @@ class OutlierCollector:
             try:
                 for path, fn in hooks:  # registration order = firing order on a shared module
                     if path not in modules:
-                        raise OutlierHydraError(f"model.name: {type(model).__name__} has no module {path!r}")
+                        raise OutlierHydraError(f"model.name: {type(model).__name__} has no module {path!r}; "
+                                                "its adapter does not fit this model")
                     handles.append(modules[path].register_forward_hook(fn))
                 model(input_ids=input_ids)
             except _StopForward:

@@ -88,7 +88,9 @@ def merge_runs(run_dirs: list[Path], out: Path) -> dict:
     context = report_context(run_dirs[order[0]], config0, {"dataset": header["dataset"]})
     context["token_ids"] = np.concatenate([np.load(run_dirs[i] / report.TOKEN_IDS) for i in order])
     np.save(out / report.TOKEN_IDS, context["token_ids"])
-    return report.write_results(out, header, analyzer, batches, stages_for_report(config0["analysis"], batches[0]), **context)
+    results, _ = report.write_results(out, header, analyzer, batches, stages_for_report(config0["analysis"], batches[0]),
+                                      **context)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

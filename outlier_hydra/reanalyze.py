@@ -69,7 +69,7 @@ def reanalyze(run_dir: Path, overrides: list[str], out: Path | None = None) -> t
     from outlier_hydra.stages import report_context, stages_for_report
 
     stages = stages_for_report(config["analysis"], batches[0])
-    results = report.write_results(out, header, analyzer, batches, stages, **report_context(run_dir, config, old))
+    results, _ = report.write_results(out, header, analyzer, batches, stages, **report_context(run_dir, config, old))
     report.write_json(out / report.CONFIG_JSON, {**config, "analysis": {**analysis, "analyzer": node}})
     return results, out
 

@@ -66,13 +66,13 @@ def print_summary(results: dict, max_rows: int = 20) -> None:
 
 
 def write_results(out: Path, header: dict, analyzer, batches: list, stages=(), tokenizer=None,
-                  token_ids=None, first_sequence: int = 0, finalize=None) -> dict:
+                  token_ids=None, first_sequence: int = 0, finalize=None):
     """Apply the analyzer (and each stage's report) to each batch alone and to their merge; write
     every result file.
 
     header: what describes the run (model, dataset); the same in every file. finalize(results), if
     given, returns more sections for the final document (the int8 measurement). The final file is
-    written last, so it exists only when the rest does. Returns the final results document.
+    written last, so it exists only when the rest does. Returns (final results, merged statistics).
     """
     from outlier_hydra.stats import merge_all
 
@@ -94,7 +94,7 @@ def write_results(out: Path, header: dict, analyzer, batches: list, stages=(), t
         results.update(finalize(results))
     total.save(out / FINAL_STATS)
     write_json(out / FINAL_RESULTS, results)
-    return results
+    return results, total
 
 
 def load_batches(run_dir: Path) -> list:

@@ -31,7 +31,7 @@ from outlier_hydra.models import adapter_for, load_model, load_model_config, loa
 from outlier_hydra.models.loading import input_device
 from outlier_hydra.plots import make_plots, make_stage_plots
 from outlier_hydra.stages import build_stages, instantiate_stage
-from outlier_hydra.stats import OutlierStats, merge_all
+from outlier_hydra.stats import OutlierStats
 from outlier_hydra.validate import check_config, check_sequence_length, resolve_layers
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ class _LazyModel:
         return self.model, self.device
 
 
-def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _LazyModel, stages=(),
-                    adapter=None) -> tuple[list[OutlierStats], dict]:
+def collect_batches(cfg, collector, points, token_ids, stats_dir: Path, lazy: _LazyModel,
+                    stages=()) -> tuple[list[OutlierStats], dict]:
     bs = cfg.analysis.batch_size
     first, _ = sequence_range(cfg.dataset)
     num_batches = -(-len(token_ids) // bs)
@@ -191,7 +191,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         reused = not stats_dir.exists() and cache.fetch(cache_root, key, token_ids, stats_dir)
         stats_dir.mkdir(exist_ok=True)
         lazy = _LazyModel(cfg, model_config.model_type)
-        batches, timing = collect_batches(cfg, collector, points, token_ids, stats_dir, lazy, stages, adapter)
+        batches, timing = collect_batches(cfg, collector, points, token_ids, stats_dir, lazy, stages)
         if reused:
             timing["reused_statistics"] = str(cache_root / key)
         elif timing["batches_already_done"]:
@@ -220,11 +220,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
             keep = sorted(r["feature_dim"] for r in results["systematic_outliers"])
             return {int8.name: int8.measure(model, points, ids, keep)}
 
-        results = report.write_results(out, header, analyzer, batches, stages, tokenizer, token_ids, first,
-                                       finalize=int8_section if int8 else None)
+        results, total = report.write_results(out, header, analyzer, batches, stages, tokenizer, token_ids, first,
+                                              finalize=int8_section if int8 else None)
         report.write_json(out / "timing.json", timing)
         report.write_json(out / "environment.json", environment())
-        total = merge_all(batches)
         plots = {**make_plots(out, results, total, analyzer.magnitude_threshold), **make_stage_plots(out, results)} if cfg.plots else {}
         logger.log_results(results, total, plots, timing)
     if cfg.progress:
