@@ -253,6 +253,17 @@ def register() -> None:
         OmegaConf.register_new_resolver("oh.minilm", _minilm_path)
     if not OmegaConf.has_resolver("oh.gpus_per_node"):
         OmegaConf.register_new_resolver("oh.gpus_per_node", _gpus_per_node)
+    _register_launcher()
+
+
+def _register_launcher() -> None:
+    """Make the deployments' Slurm launcher known to Hydra (an editable install is not scanned)."""
+    try:
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.outlier_hydra_launcher import RequeueAwareSlurmLauncher
+    except ImportError:  # pragma: no cover - hydra-submitit-launcher not installed
+        return
+    Plugins.instance().register(RequeueAwareSlurmLauncher)
 
 
 def _gpus_per_node(*, _root_) -> int:

@@ -82,3 +82,31 @@ def test_estimator_reads_a_local_config_json(tiny_models):
     from transformers import AutoModel
 
     assert est.loaded_params == sum(p.numel() for p in AutoModel.from_pretrained(tiny_models["olmoe"]).parameters())
+
+
+def test_launcher_waits_while_slurm_still_holds_the_job(tmp_path, monkeypatch):
+    """A requeued job whose accounting already reads COMPLETED: the launcher keeps waiting as long
+    as the controller lists it as queued or running, and stops once it left without a result."""
+    from types import SimpleNamespace
+
+    import outlier_hydra.launcher as launcher
+
+    result = tmp_path / "0_result.pkl"
+    job = SimpleNamespace(job_id="7", paths=SimpleNamespace(result_pickle=result))
+    states = iter(["RUNNING", "REQUEUED", "PENDING", "RUNNING"])
+
+    def state(job_id):
+        s = next(states, None)
+        if s is None:  # the requeued run finished and wrote its result
+            result.write_bytes(b"done")
+            return "COMPLETED"
+        return s
+
+    monkeypatch.setattr(launcher, "slurm_state", state)
+    launcher.wait_until_settled(job, poll_s=0)
+    assert result.exists()
+
+    gone = SimpleNamespace(job_id="8", paths=SimpleNamespace(result_pickle=tmp_path / "never.pkl"))
+    monkeypatch.setattr(launcher, "slurm_state", lambda job_id: "CANCELLED")
+    monkeypatch.setattr(launcher, "GRACE_S", 0.05)
+    launcher.wait_until_settled(gone, poll_s=0.01)  # returns: results() then reports the failure

@@ -51,8 +51,9 @@ def test_threshold_sweep_is_one_job_array_with_correct_results(tiny_models, tmp_
     env1 = json.loads((sweep / "1" / "environment.json").read_text())
     assert env0["slurm_array_job_id"] == env1["slurm_array_job_id"] is not None
     assert {env0["slurm_array_task_id"], env1["slurm_array_task_id"]} == {"0", "1"}
-    states = _sacct(env0["slurm_array_job_id"])
-    assert set(states.values()) == {"COMPLETED"} and len(states) == 2
+    # accounting lags the controller by a moment: poll it
+    _wait_for(lambda: set(_sacct(env0["slurm_array_job_id"]).values()) == {"COMPLETED"}, 30, "accounting to record the array")
+    assert len(_sacct(env0["slurm_array_job_id"])) == 2
     for job, t in enumerate((4, 6)):
         local = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], f"analysis.magnitude_threshold={t}")), tmp_path / f"local{t}")
         assert json.loads((sweep / str(job) / "final_analysis_results.json").read_text()) == json.loads(json.dumps(local))
