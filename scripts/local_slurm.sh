@@ -20,7 +20,7 @@ PACKAGES="slurmctld slurmd slurm-client slurmdbd munge mariadb-server"
 
 log() { echo "local_slurm: $*" >&2; }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local limit=$1 what=$2; shift 2
