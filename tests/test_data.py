@@ -72,3 +72,19 @@ def test_mixed_file_types_are_refused(tokenizer, tmp_path):
 def test_shipped_corpus_is_real_text():
     text = open(CORPUS).read()
     assert len(text) > 50_000 and "hacker" in text
+
+
+def test_hub_code_path_with_a_local_dataset_directory(tokenizer, tmp_path):
+    """dataset=hub runs load_dataset(name, config_name, split=..., streaming=True), the call used for
+    HuggingFaceFW/fineweb-edu; a local dataset directory drives the same call offline."""
+    docs = [f"hub-style document {i} about systematic outliers." for i in range(60)]
+    data = tmp_path / "my_dataset" / "data"
+    data.mkdir(parents=True)
+    (data / "train-00000.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    hub = make_cfg("dataset=hub", f"dataset.name={tmp_path / 'my_dataset'}", "dataset.config_name=null",
+                   "dataset.num_sequences=3", "dataset.sequence_length=24")
+    local = make_cfg("dataset=local", f"dataset.data_files={data}/*.jsonl", "dataset.num_sequences=3",
+                     "dataset.sequence_length=24")
+    got = token_windows(hub.dataset, tokenizer)
+    assert got.ravel().tolist() == _stream(tokenizer, docs)[:72]
+    assert np.array_equal(got, token_windows(local.dataset, tokenizer))
