@@ -102,9 +102,10 @@ def copy_to_host_baseline(model, points, ids, threshold: float, folder: Path) ->
             h.remove()
     any_hit = None
     for path in saved:
-        x = torch.load(path).reshape(-1, torch.load(path).shape[-1]).numpy()
-        hit = np.abs(x) >= threshold
-        hit.sum(0), np.abs(x).max(0)
+        x = torch.load(path)
+        a = np.abs(x.reshape(-1, x.shape[-1]).numpy())
+        hit = a >= threshold
+        hit.sum(0), a.max(0)
         any_hit = hit if any_hit is None else any_hit | hit
     any_hit.sum(0)
 

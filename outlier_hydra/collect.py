@@ -101,13 +101,9 @@ def compiled_reduce(x, pabs, pval, edges_t):
     return _compiled_reduce(x, pabs, pval, edges_t)
 
 
-def _position_counts(pabs: torch.Tensor, edges_t: torch.Tensor, sparse: bool) -> torch.Tensor:
-    e, d = edges_t.shape[0], pabs.shape[1]
-    if sparse:
-        rows, cols = (pabs >= edges_t[0]).nonzero().unbind(1)
-        bins = torch.bucketize(pabs[rows, cols].float(), edges_t, right=True) - 1
-        return torch.bincount(cols * e + bins, minlength=d * e).view(d, e).flip(1).cumsum(1).flip(1)
-    return torch.stack([(pabs >= edges_t[i]).sum(0) for i in range(e)], 1)
+def _position_counts(pabs: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
+    """pos_ge_counts on the device, no host sync (the dense and compiled paths)."""
+    return torch.stack([(pabs >= edges_t[i]).sum(0) for i in range(edges_t.shape[0])], 1)
 
 
 class _BatchState:
@@ -180,7 +176,7 @@ class _BatchState:
         if self.backend == "sparse":
             pos_ge, top = _sparse_positions(pabs, pval, edges_t, self.k)
         else:
-            pos_ge = _position_counts(pabs, edges_t, False).cpu().numpy()
+            pos_ge = _position_counts(pabs, edges_t).cpu().numpy()
             k = min(self.k, pabs.shape[0])
             top = pval.gather(0, _example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
             top = torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))).cpu().numpy()

@@ -27,13 +27,6 @@ from outlier_hydra.stats import OutlierStats
 SHARD_KEYS = {"dataset.num_sequences", "dataset.skip_sequences", "dataset.num_shards", "dataset.shard_index"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def load_run(run_dir: Path) -> tuple[dict, dict, list[OutlierStats]]:
     final = run_dir / report.FINAL_RESULTS
     if not final.is_file():
@@ -48,7 +41,7 @@ def load_run(run_dir: Path) -> tuple[dict, dict, list[OutlierStats]]:
 
 def _identity(config: dict) -> dict:
     """What shards of one run share: everything but which sequences they cover."""
-    flat = _flat({k: config[k] for k in ("model", "dataset", "analysis")})
+    flat = report.flatten({k: config[k] for k in ("model", "dataset", "analysis")})
     return {k: v for k, v in flat.items() if k not in SHARD_KEYS}
 
 

@@ -51,14 +51,6 @@ def fingerprint(plain: dict) -> dict:
     return {"sha256": digest, "config": sections}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def _claim_directory(out: Path, fp: dict, token_ids: np.ndarray) -> None:
     """First run in `out`: record what it runs. A rerun: refuse unless it is the same run."""
     state_path = out / RUN_STATE
@@ -67,7 +59,7 @@ def _claim_directory(out: Path, fp: dict, token_ids: np.ndarray) -> None:
     if state_path.exists():
         old = report.read_json(state_path)
         if old.get("sha256") != fp["sha256"]:
-            a, b = _flatten(old.get("config", {})), _flatten(fp["config"])
+            a, b = report.flatten(old.get("config", {})), report.flatten(fp["config"])
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             # the stage nodes copy analysis.* by interpolation: name the key the user set
             direct = [k for k in diff if not k.startswith(("analysis.collector.", "analysis.analyzer."))]
