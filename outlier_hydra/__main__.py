@@ -1,18 +1,8 @@
-"""`python -m outlier_hydra [overrides]`: the Hydra entry point (the work is in run.py)."""
+"""`python -m outlier_hydra [subcommand] [overrides]`: the same as the `outlier-hydra` command (cli.py)."""
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from outlier_hydra import schema  # noqa: F401  (registers the typed config schema)
-from outlier_hydra.paths import config_dir
-
-
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> int:
-    from outlier_hydra.cli import run_or_exit
-
-    return run_or_exit(cfg)
-
+from outlier_hydra.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,19 +1,43 @@
-"""Turn bad input into one line on stderr and a non-zero exit (a traceback only with debug=true)."""
+"""The one command line: ``outlier-hydra [SUBCOMMAND] [ARGS]`` (``python -m outlier_hydra`` is the same).
+
+    outlier-hydra [run] [overrides]                      the job (Hydra app; -m for sweeps)
+    outlier-hydra benchmark benchmark=cpu_mid [overrides]   collection cost vs the bare forward (Hydra app)
+    outlier-hydra merge RUN_DIR... --out DIR             shards -> one result
+    outlier-hydra reanalyze RUN_DIR analysis.KEY=VALUE... [--out DIR]   other criteria, no model
+    outlier-hydra sweep-summary SWEEP_DIR                 the table and plot of a sweep
+    outlier-hydra estimate-vram [overrides]              GPU memory of a configured run
+
+Every subcommand takes Hydra-style ``key=value`` overrides, typed by the same schema; the commands
+that read run directories take ``allowed_targets=[my_pkg.]`` from their own command line only.
+Bad input ends with one line on stderr and exit code 2 (a traceback only with debug=true in a run).
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
+import hydra
 from omegaconf import DictConfig
 
+from outlier_hydra.config import config_dir, register
 from outlier_hydra.errors import OutlierHydraError
 
 EXIT_BAD_INPUT = 2
+TOOLS = {
+    "merge": "outlier_hydra.tools.merge",
+    "reanalyze": "outlier_hydra.tools.reanalyze",
+    "sweep-summary": "outlier_hydra.tools.sweep_summary",
+    "estimate-vram": "outlier_hydra.tools.estimate_vram",
+}
+APPS = ("run", "benchmark")
 
 
 def run_or_exit(cfg: DictConfig) -> int:
     """Run the job; returns the number of systematic features (a sweeper can optimise on it)."""
-    from outlier_hydra.run import run
+    from outlier_hydra.pipeline import run
 
     try:
         return run(cfg)["num_systematic_outliers"]
@@ -24,12 +48,107 @@ def run_or_exit(cfg: DictConfig) -> int:
         sys.exit(EXIT_BAD_INPUT)
 
 
-def exit_code_of(prog: str, command) -> int:
-    """For the small commands (merge, reanalyze, estimate_vram): run command(); bad input becomes
-    one line on stderr and exit code 2."""
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def run_app(cfg: DictConfig) -> int:
+    register()  # a submitit job starts here, in a fresh interpreter
+    return run_or_exit(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def benchmark_app(cfg: DictConfig) -> float:
+    register()
+    from hydra.core.hydra_config import HydraConfig
+
+    from outlier_hydra.tools.benchmark import run_benchmark
+
+    if cfg.get("benchmark") is None:
+        print("outlier-hydra benchmark: error: choose a preset: benchmark=cpu_tiny | cpu_mid | memory | olmoe_shape | "
+              "qwen3_shape", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    return run_benchmark(cfg, Path(HydraConfig.get().runtime.output_dir))["ratio_collect_over_forward"]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config a run with these overrides would get (no Hydra runtime); one line on bad overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    register()
+    GlobalHydra.instance().clear()
     try:
-        command()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    except HydraException as exc:
+        cause = exc.__cause__ or exc
+        raise OutlierHydraError(" ".join(str(cause).split("\n")[:1])) from None
+
+
+def settings(overrides: list[str]) -> dict[str, Any]:
+    """Hydra-style key=value overrides -> {key: typed value} (lists, numbers, null as on a run's line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as exc:
+        raise OutlierHydraError(str(exc).splitlines()[0]) from None
+    out = {o.key_or_group: o.value() for o in parsed}
+    allowed = out.get("allowed_targets", [])
+    if not isinstance(allowed, list) or not all(isinstance(p, str) for p in allowed):
+        raise OutlierHydraError(f"allowed_targets: a list of module prefixes such as [my_pkg.], got {allowed!r}")
+    return out
+
+
+def no_more(overrides: dict, tool: str) -> None:
+    """Refuse settings a tool does not take (after it popped the ones it does)."""
+    if overrides:
+        raise OutlierHydraError(f"{next(iter(overrides))}: {tool} takes no such setting")
+
+
+def split_args(args: list[str]) -> tuple[list[Path], list[str], Path | None]:
+    """(paths, key=value overrides, --out DIR)."""
+    paths, overrides, out = [], [], None
+    it = iter(args)
+    for a in it:
+        if a == "--out":
+            value = next(it, None)
+            if value is None:
+                raise OutlierHydraError("--out: give a directory")
+            out = Path(value)
+        elif a.startswith("--out="):
+            out = Path(a.split("=", 1)[1])
+        elif a.startswith("-"):
+            raise OutlierHydraError(f"{a}: unknown option (see outlier-hydra help)")
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            paths.append(Path(a))
+    return paths, overrides, out
+
+
+def run_tool(name: str, args: list[str]) -> int:
+    module = importlib.import_module(TOOLS[name])
+    try:
+        paths, overrides, out = split_args(args)
+        print(module.command(paths, overrides, out))
     except OutlierHydraError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"outlier-hydra {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = args[0] if args and (args[0] in TOOLS or args[0] in APPS or args[0] == "help") else "run"
+    rest = args[1:] if args and args[0] == command else args
+    if command == "help":
+        print(__doc__)
+        return 0
+    if command in TOOLS:
+        register()
+        return run_tool(command, rest)
+    register()
+    sys.argv = [sys.argv[0], *rest]
+    (benchmark_app if command == "benchmark" else run_app)()
     return 0

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Collection cost vs the bare forward (see outlier_hydra/benchmark.py). Same overrides as the app:
+"""Collection cost vs the bare forward: `outlier-hydra benchmark`, same overrides.
 
     scripts/benchmark.py benchmark=cpu_mid
     scripts/benchmark.py benchmark=qwen3_shape analysis.collector.backend=dense
 """
-from outlier_hydra.benchmark import main
+import sys
+
+from outlier_hydra.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["benchmark", *sys.argv[1:]]))

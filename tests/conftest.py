@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from outlier_hydra import schema  # noqa: E402,F401
-from outlier_hydra.paths import config_dir, corpus_path  # noqa: E402
+from outlier_hydra.config import config_dir, corpus_path, register  # noqa: E402
+
+register()
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = corpus_path("jargon_file_4.4.7_intro.txt")

@@ -102,50 +102,6 @@ def recompute(acts: np.ndarray, threshold=6.0, min_layer=0.25, min_seq=0.06) -> 
     return out
 
 
-from outlier_hydra.analysis import SystematicOutlierAnalysis  # noqa: E402
-
-
-class TopFeatureOnly(SystematicOutlierAnalysis):
-    """A user's own analysis stage, swapped in from the command line in a test."""
-
-    def records(self, stats):
-        return super().records(stats)[:1]
-
-
-class ReplayModel(torch.nn.Module):
-    """A stand-in decoder whose hook points output chosen activations: acts[layer][kind] is a
-    [batch, tokens, D] tensor per batch (kind 0 = ln_attn, 1 = ln_mlp). Lets tests feed exact
-    values (NaN, Inf, exactly 6.0, bf16) through the real collector."""
-
-    def __init__(self, acts: list[list[torch.Tensor]]):
-        super().__init__()
-        self.acts = acts
-        self.layers = torch.nn.ModuleList()
-        for _ in acts:
-            layer = torch.nn.Module()
-            layer.input_layernorm = torch.nn.Identity()
-            layer.post_attention_layernorm = torch.nn.Identity()
-            self.layers.append(layer)
-
-    def forward(self, input_ids):
-        for layer, (attn, mlp) in zip(self.layers, self.acts):
-            layer.input_layernorm(attn)
-            layer.post_attention_layernorm(mlp)
-
-
-from outlier_hydra.collect import OutlierCollector  # noqa: E402
-
-
-class SlowCollector(OutlierCollector):
-    """Takes a while per batch, so that a test can kill a run between batches."""
-
-    def collect_batch(self, *args, **kwargs):
-        import time
-
-        time.sleep(0.4)
-        return super().collect_batch(*args, **kwargs)
-
-
 def plant_router_preference(model_dir, dim: int, experts: tuple[int, int], layers, gain: float = 30.0) -> None:
     """In place: layer i's router sends large positive x[dim] to experts[0], large negative to experts[1]."""
     from transformers import AutoModel

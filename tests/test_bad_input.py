@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import CORPUS, REPO, make_cfg, tiny_overrides
 
-import outlier_hydra.run as run_module
+import outlier_hydra.pipeline.job as run_module
 from outlier_hydra.errors import OutlierHydraError
 
 
@@ -40,7 +40,13 @@ CASES = {
     "chunk_layers_zero": (["analysis.chunk_layers=0"], r"analysis\.chunk_layers"),
     "batch_size_zero": (["analysis.batch_size=0"], r"analysis\.batch_size"),
     "num_sequences_zero": (["dataset.num_sequences=0"], r"dataset\.num_sequences"),
-    "bad_collector_target": (["analysis.collector._target_=no_such_module.Collector"], r"analysis\.collector\._target_: cannot import"),
+    "target_not_allowed": (["analysis.collector._target_=os.system"],
+                           r"analysis\.collector\._target_: os\.system is outside outlier_hydra; allow it explicitly with allowed_targets=\[os\.\]"),
+    "bad_collector_target": (["analysis.collector._target_=no_such_module.Collector", "allowed_targets=[no_such_module.]"],
+                             r"analysis\.collector\._target_: cannot import"),
+    "unknown_stage": (["+analysis.stages.no_such_stage={enabled: true}"], r"analysis\.stages\.no_such_stage: no stage named 'no_such_stage'"),
+    "stage_setting_type": (["analysis.stages.moe_routing=null", "+analysis.stages.moe_routing={enabled: true, top_experts: many}"],
+                           r"analysis\.stages\.moe_routing\.top_experts: "),
     "target_signature": (["analysis.analyzer._target_=outlier_hydra.collect.OutlierCollector"], r"analysis\.analyzer: .* does not take"),
     "layer_out_of_range": (["analysis.layers=[1,4]"], r"analysis\.layers: layer 4 is out of range; .* has 4 layers"),
     "layers_empty": (["analysis.layers=[]"], r"analysis\.layers: empty"),

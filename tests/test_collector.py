@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import ReplayModel
+from doubles import ReplayModel
 
 from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector

@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector
-from outlier_hydra.schema import Config
+from outlier_hydra.config.schema import Config
 
 CONF = REPO / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())

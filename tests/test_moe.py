@@ -19,7 +19,7 @@ from helpers import (
     routing_recompute,
 )
 
-from outlier_hydra.run import run
+from outlier_hydra.pipeline import run
 
 E_POS, E_NEG = 3, 1
 
@@ -91,7 +91,7 @@ def test_planted_massive_activation_is_found_at_its_position_and_dim(tiny_models
     values, counts = np.unique(token_ids, return_counts=True)
     target = int(values[np.argsort(-counts)[3]])  # a frequent token, not the separator
     plant_massive_activation(model, target, dim=13, value=5000.0)
-    results = run(make_cfg(*tiny_overrides(model, "analysis.massive.enabled=true")), tmp_path / "run")
+    results = run(make_cfg(*tiny_overrides(model, "analysis.stages.massive_activations.enabled=true")), tmp_path / "run")
     section = results["massive_activations"]
     where = {(int(s), int(p)) for s, p in zip(*np.nonzero(token_ids == target))}
     assert probe["num_systematic_outliers"] >= 0
@@ -109,7 +109,7 @@ def test_planted_massive_activation_is_found_at_its_position_and_dim(tiny_models
 
 
 def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_models, tmp_path):
-    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.int8.enabled=true")), tmp_path)
+    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.stages.int8_error.enabled=true")), tmp_path)
     section = results["int8_error"]
     keep = sorted(r["feature_dim"] for r in results["systematic_outliers"])
     assert section["kept_dims"] == keep == [7, 21]

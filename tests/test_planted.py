@@ -8,7 +8,7 @@ import pytest
 from conftest import make_cfg, tiny_overrides
 from helpers import LAYERS, decoder_module_paths, full_activations, recompute
 
-from outlier_hydra.run import run
+from outlier_hydra.pipeline import run
 
 FAMILIES = ["olmoe", "qwen3_moe", "mixtral"]
 
@@ -74,6 +74,7 @@ def test_layer_subset_and_chunked_passes(tiny_models, tmp_path):
 
 
 def test_analysis_stage_swaps_from_the_command_line(tiny_models, tmp_path):
-    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.analyzer._target_=helpers.TopFeatureOnly")),
+    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.analyzer._target_=doubles.TopFeatureOnly",
+                                                  "allowed_targets=[doubles.]")),
                   tmp_path)
     assert results["num_systematic_outliers"] == 1

@@ -12,11 +12,12 @@ import pytest
 from conftest import REPO, make_cfg, tiny_overrides
 
 from outlier_hydra.errors import OutlierHydraError
-from outlier_hydra.run import run
+from outlier_hydra.pipeline import run
 
 
 def _args(model, out):
-    return [*tiny_overrides(model, "analysis.batch_size=1", "analysis.collector._target_=helpers.SlowCollector"),
+    return [*tiny_overrides(model, "analysis.batch_size=1", "analysis.collector._target_=doubles.SlowCollector"),
+            "allowed_targets=[doubles.]",
             f"hydra.run.dir={out}", "progress=false"]
 
 
@@ -59,7 +60,7 @@ def test_rerun_with_another_config_refuses(tiny_models, tmp_path):
 
 
 def test_finished_run_reruns_without_loading_the_model(tiny_models, tmp_path, monkeypatch):
-    import outlier_hydra.run as run_module
+    import outlier_hydra.pipeline.job as run_module
 
     first = run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"])), tmp_path)
     monkeypatch.setattr(run_module, "load_model", lambda *a: pytest.fail("nothing left to collect"))

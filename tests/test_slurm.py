@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_cfg, tiny_overrides
 
-from outlier_hydra.run import run
+from outlier_hydra.pipeline import run
 
 
 def _slurm_up() -> bool:
@@ -96,7 +96,8 @@ def _start_slow_sweep(model, sweep: Path) -> subprocess.Popen:
     (SIGKILL follows scancel / requeue after KillWait=2 on the local cluster)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
     slow = tiny_overrides(model, "analysis.batch_size=1", "dataset.num_sequences=40",
-                          "analysis.collector._target_=helpers.SlowCollector")
+                          "analysis.collector._target_=doubles.SlowCollector",
+                          "allowed_targets=[doubles.]")
     return subprocess.Popen([sys.executable, "-m", "outlier_hydra", "-m", *slow, *SMALL, "analysis.magnitude_threshold=6",
                              f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

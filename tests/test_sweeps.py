@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import REPO, make_cfg, tiny_overrides
 
-from outlier_hydra import cache
 from outlier_hydra.errors import OutlierHydraError
-from outlier_hydra.reanalyze import reanalyze
-from outlier_hydra.run import plain_config, run
+from outlier_hydra.pipeline import cache, run
+from outlier_hydra.pipeline.job import plain_config
+from outlier_hydra.tools.reanalyze import reanalyze
 
 THRESHOLDS = (4.0, 6.0, 8.0)
 
@@ -65,7 +65,7 @@ def test_sweep_summary_command_after_the_fact(tiny_models, tmp_path):
         (d / ".hydra").mkdir()
         (d / ".hydra" / "overrides.yaml").write_text(f"- analysis.magnitude_threshold={t}\n")
     (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a job that never finished
-    proc = subprocess.run([sys.executable, "-m", "outlier_hydra.sweep", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "outlier_hydra", "sweep-summary", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert [r["status"] for r in rows] == ["done", "done", "not finished"]

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import make_cfg, tiny_overrides
 
-from outlier_hydra.loggers.wandb_logger import FEATURE_COLUMNS
-from outlier_hydra.run import run
+from outlier_hydra.output.loggers.wandb_logger import FEATURE_COLUMNS
+from outlier_hydra.pipeline import run
 
 
 @pytest.fixture
@@ -44,12 +44,12 @@ def test_offline_run_logs_the_feature_table(tiny_models, tmp_path, wandb_env):
 
 
 def test_failed_job_still_finishes_its_run(tiny_models, tmp_path, wandb_env, monkeypatch):
-    import outlier_hydra.run as run_module
+    import outlier_hydra.pipeline.job as run_module
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash in the middle of the job")
 
-    monkeypatch.setattr(run_module.report, "write_results", boom)
+    monkeypatch.setattr(run_module.rundir, "write_documents", boom)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(make_cfg(*tiny_overrides(tiny_models["olmoe"]), "logger=wandb", "logger.mode=offline"), out)
@@ -63,7 +63,7 @@ def test_failed_job_still_finishes_its_run(tiny_models, tmp_path, wandb_env, mon
 def test_requeued_job_resumes_the_same_run_id(tmp_path):
     from omegaconf import OmegaConf
 
-    from outlier_hydra.loggers.wandb_logger import run_id
+    from outlier_hydra.output.loggers.wandb_logger import run_id
 
     cfg = OmegaConf.create({"id": None})
     assert run_id(cfg, tmp_path / "a") == run_id(cfg, tmp_path / "a") != run_id(cfg, tmp_path / "b")

@@ -23,7 +23,6 @@ from outlier_hydra.errors import OutlierHydraError
 class HookPoint:
     name: str  # layer_{i}_ln_attn / layer_{i}_ln_mlp
     layer: int
-    kind: str  # ln_attn | ln_mlp
     module_path: str  # dotted path inside the base model
 
 
@@ -39,8 +38,8 @@ class ModelAdapter:
         """Hook points in model (execution) order for the given layers."""
         points = []
         for i in sorted(layers):
-            points.append(HookPoint(f"layer_{i}_ln_attn", i, "ln_attn", self.attn_input(i)))
-            points.append(HookPoint(f"layer_{i}_ln_mlp", i, "ln_mlp", self.mlp_input(i)))
+            points.append(HookPoint(f"layer_{i}_ln_attn", i, self.attn_input(i)))
+            points.append(HookPoint(f"layer_{i}_ln_mlp", i, self.mlp_input(i)))
         return points
 
 

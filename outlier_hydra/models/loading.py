@@ -12,13 +12,10 @@ from pathlib import Path
 
 import torch
 
+from outlier_hydra.config import enum_value
 from outlier_hydra.errors import OutlierHydraError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _value(x):
-    return getattr(x, "value", x)  # Enum members from the structured config -> plain str
 
 
 def _check_name(key: str, name: str) -> None:
@@ -85,7 +82,7 @@ def load_model(model_cfg) -> torch.nn.Module:
     if device_map in ("auto", "balanced", "balanced_low_0", "sequential") and not torch.cuda.is_available():
         device_map = "cpu"  # accelerate would spread over nothing; keep the run on the CPU
     kwargs = dict(
-        dtype=DTYPES[_value(model_cfg.dtype)],
+        dtype=DTYPES[enum_value(model_cfg.dtype)],
         device_map=device_map,
         revision=model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,

@@ -1,83 +1,188 @@
-"""Optional stages that ride on the same forward passes as the outlier collection (or, for int8,
-re-run a batch once the systematic features are known). Each is a `_target_` in the analysis config
-with an `enabled` switch:
+"""Stages: optional analyses that ride on the outlier collection, one module each.
 
-  analysis.router    (on)   router/expert statistics of MoE layers, overall and at outlier positions
-  analysis.massive   (off)  massive activations in the residual stream (Sun et al. 2024)
-  analysis.int8      (off)  per-token absmax int8 error of each hooked input, all dims vs outliers kept
+A stage is a subclass of :class:`Stage` in a module of this package (found by scanning the package,
+so nothing else names it) plus its YAML file ``conf/analysis/stages/<name>.yaml``, listed in
+``conf/analysis/default.yaml``. Its ``name`` is its registered name, its config key
+(``analysis.stages.<name>``), the key of its section in the result files and of its statistics in
+the ``.npz`` files. Everything else that concerns it is a method of the class:
 
-A collection stage gives forward hooks for the layers of a pass (`hooks(layers)`), keeps its running
-state on the model's device, and turns it into a small mergeable object at the end of a batch
-(`finish_batch()`), which OutlierStats carries in `extras`. `report(...)` turns merged statistics
-into the JSON that lands under the stage's key in the result files.
+  Config          typed settings (a dataclass; ``enabled`` switches the stage)
+  Stats           its mergeable statistics (merge, to_arrays, from_arrays)
+  phase           "collect": hooks on the same forward passes as the outlier statistics
+                  "post": runs once the systematic features are known (one extra forward)
+  bind            whether it applies to this model (e.g. MoE only), and which layers it reads
+  hooks / stop_after / start_batch / finish_batch      the device side of a "collect" stage
+  measure         what a "post" stage computes (it gets the model on demand)
+  cache_key       what determines its statistics (statistics reuse across a sweep)
+  report          its JSON section, from merged statistics
+  plots / tables / summary      PNG files, W&B tables and summary lines from its section
+
+A stage from another package is named by ``_target_`` in its node (allowed through
+``allowed_targets``); it then registers itself by subclassing :class:`Stage`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
-Hook = Callable  # forward hook: (module, args, output) -> None
+Hook = Callable[..., Any]  # a forward hook: (module, args, output) -> None
 
 
-class CollectionStage(Protocol):
-    name: str
+@dataclass
+class StageConfig:
+    enabled: bool = True
 
-    def bind(self, adapter, layers: list[int], threshold: float) -> bool:
-        """Prepare for this model; False if the stage does not apply (e.g. no MoE router)."""
 
+@dataclass
+class ReportContext:
+    """What a stage's report may read besides its statistics."""
+
+    records: list[dict]  # the systematic features of the document being written
+    tokenizer: Any = None
+    token_ids: Any = None  # the run's token ids [sequences, length] (None: not available)
+    first_sequence: int = 0  # global index of token_ids[0]
+
+
+@dataclass
+class PostContext:
+    """What a "post" stage gets: the model on demand, the hook points and the run's batches."""
+
+    model: Callable[[], tuple[Any, Any]]  # () -> (model, input device); loads the weights if needed
+    points: list  # the hook points
+    batches: Callable[[Any, int], list]  # (device, n) -> the run's first n batches of token ids there
+    results: dict  # the final document so far
+
+
+class Stage:
+    name: ClassVar[str]
+    Config: ClassVar[type] = StageConfig
+    Stats: ClassVar[type | None] = None
+    phase: ClassVar[str] = "collect"
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # ---- every stage ---------------------------------------------------------------------------
+    def bind(self, adapter, layers: list[int]) -> bool:
+        """Prepare for this model; False if the stage does not apply to it."""
+        self.adapter, self.layers = adapter, sorted(layers)
+        return True
+
+    def cache_key(self) -> dict:
+        """Everything that changes what this stage collects (default: its settings)."""
+        return plain(self.config)
+
+    def report(self, stats: Any, ctx: ReportContext) -> dict:
+        raise NotImplementedError
+
+    def plots(self, section: dict, folder: Path) -> dict[str, Path]:
+        return {}
+
+    def tables(self, section: dict, wandb) -> dict:
+        return {}
+
+    def summary(self, section: dict) -> list[str]:
+        return []
+
+    # ---- "collect" stages ----------------------------------------------------------------------
     def hooks(self, layers: list[int]) -> list[tuple[str, Hook]]:
-        """(module path, forward hook) for the given layers of one forward pass."""
+        return []
 
-    def stop_after(self, layer: int) -> tuple[int, str]:
-        """(rank, module path): how far into the pass's last layer the forward must run
-        (0: its MLP input, 1: its router, 2: its output)."""
+    def stop_after(self, layer: int) -> tuple[int, str] | None:
+        """(rank, module path) the forward must reach in a pass's last layer (0: its MLP input,
+        1: its router, 2: the layer output), or None if the stage reads nothing past the MLP input."""
+        return None
 
-    def start_batch(self, first_sequence: int) -> None: ...
+    def start_batch(self, first_sequence: int) -> None:
+        pass
 
-    def finish_batch(self): ...
+    def finish_batch(self) -> Any:
+        raise NotImplementedError
 
-    def report(self, stats, records: list[dict], tokenizer=None) -> dict: ...
-
-
-def build_stages(analysis_cfg) -> list:
-    """The enabled collection stages (router, massive), instantiated from their `_target_` nodes."""
-    stages = []
-    for key in ("router", "massive"):
-        node = analysis_cfg.get(key)
-        if node is not None and node.enabled:
-            stages.append(instantiate_stage(node))
-    return stages
+    # ---- "post" stages -------------------------------------------------------------------------
+    def measure(self, ctx: PostContext) -> dict:
+        raise NotImplementedError
 
 
-def instantiate_stage(node):
-    """hydra.utils.instantiate of a stage node, without its `enabled` switch."""
-    from hydra.utils import instantiate
+def plain(config: Any) -> dict:
+    """A stage config (DictConfig or dataclass) as a plain dict without the `enabled` switch."""
+    from dataclasses import asdict, is_dataclass
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(config, DictConfig):
+        d = OmegaConf.to_container(config, resolve=True)
+    elif is_dataclass(config):
+        d = asdict(config)
+    else:
+        d = dict(config)
+    return {k: v for k, v in d.items() if k not in ("enabled", "_target_")}
+
+
+def builtin_stages() -> dict[str, type[Stage]]:
+    """name -> class of every stage defined in this package (each module imported once)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return {cls.name: cls for cls in _subclasses(Stage) if cls.__module__.startswith(__name__ + ".")}
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def stage_class(name: str, node: Any, allowed: list[str]) -> type[Stage]:
+    """The class of stage `name`: a built-in one, or the allowed `_target_` its node names."""
+    key = f"analysis.stages.{name}"
+    target = node.get("_target_") if node is not None else None
+    if target:
+        from outlier_hydra.config.targets import import_target
+
+        cls = import_target(str(target), f"{key}._target_", allowed)
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise _error(f"{key}._target_: {target} is not a Stage (outlier_hydra.stages.Stage)")
+        if cls.name != name:
+            raise _error(f"{key}: {target} is the stage {cls.name!r}; configure it as analysis.stages.{cls.name}")
+        return cls
+    known = builtin_stages()
+    if name not in known:
+        raise _error(f"{key}: no stage named {name!r} (stages: {', '.join(sorted(known))}; "
+                     "a stage of your own needs _target_)")
+    return known[name]
+
+
+def typed_settings(cls: type[Stage], node: Any, key: str):
+    """The node merged into the stage's Config: a wrong type or unknown key is one line naming it."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "enabled"}
-    return instantiate(kwargs)
-
-
-def stages_for_report(analysis: dict, stats) -> list:
-    """The stages whose statistics a finished run holds, rebuilt from its config.json (to report
-    them again: reanalysis, merging)."""
-    from omegaconf import OmegaConf
-
-    return [s for s in build_stages(OmegaConf.create(analysis)) if s.name in stats.extras]
-
-
-def report_context(run_dir, config: dict, results: dict) -> dict:
-    """tokenizer, token ids and first sequence of a finished run, for stage reports."""
-    from pathlib import Path
-
-    import numpy as np
-    from omegaconf import OmegaConf
-
-    from outlier_hydra.models.loading import load_tokenizer
-
+    values = {k: v for k, v in dict(node).items() if k != "_target_"}
     try:
-        tokenizer = load_tokenizer(OmegaConf.create(config["model"]))
-    except Exception:  # noqa: BLE001 - decoded tokens are a nicety; ids are still reported
-        tokenizer = None
-    return {"tokenizer": tokenizer, "token_ids": np.load(Path(run_dir) / "token_ids.npy"),
-            "first_sequence": results["dataset"]["skip_sequences"]}
+        return OmegaConf.merge(OmegaConf.structured(cls.Config), values)
+    except OmegaConfBaseException as exc:
+        where = f"{key}.{exc.full_key}" if getattr(exc, "full_key", None) else key
+        raise _error(f"{where}: {str(exc).splitlines()[0]}") from None
+
+
+def build_stages(stages_cfg: Any, allowed: list[str]) -> list[Stage]:
+    """The enabled stages, in configuration order (null or enabled=false: off)."""
+    out = []
+    for name, node in (stages_cfg or {}).items():
+        if node is None:
+            continue
+        cls = stage_class(str(name), node, allowed)
+        settings = typed_settings(cls, node, f"analysis.stages.{name}")
+        if settings.enabled:
+            out.append(cls(settings))
+    return out
+
+
+def _error(message: str):
+    from outlier_hydra.errors import OutlierHydraError
+
+    return OutlierHydraError(message)

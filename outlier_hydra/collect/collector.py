@@ -1,0 +1,238 @@
+"""The extraction stage: forward hooks that reduce each hooked tensor on the model's device.
+
+For every hooked module m and batch, with a = |x| (NaN/Inf counted, then treated as 0):
+  ge_counts[m, :, e] += #(a >= edges[e]) per dim       max_abs[m] = max(max_abs[m], amax(a))
+  pabs, pval          : per token position and dim, the largest |x| over the modules so far and
+                        its signed value (a [tokens, D] buffer per device; ties keep the earlier)
+When the batch is done: pos_ge_counts from pabs, the top-k positions of pabs give top_values, and
+everything is copied to the host once per device. Memory: O(tokens_per_batch x D) on the device,
+O(M x D x E) on the host; nothing grows with the number of tokens analysed. The reduction itself is
+one of three interchangeable implementations (reductions.py, ``backend``).
+
+With ``chunk_layers`` the hook points are split into groups of at most that many layers, one
+forward pass per group over the same batch (the position buffer persists across passes). Each pass
+stops right after the last module anything reads in its last layer: nothing downstream is needed.
+
+"collect" stages (stages/: router statistics, massive activations) hook the same passes and hand
+back their own mergeable statistics, which land in OutlierStats.extras under the stage's name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from outlier_hydra.collect.hooks import attached
+from outlier_hydra.collect.reductions import (
+    BACKENDS,
+    compile_errors,
+    compiled_reduce,
+    dense_reduce,
+    example_order_key,
+    position_counts,
+    sorted_top,
+    sparse_positions,
+    sparse_reduce,
+)
+from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.models.adapters import HookPoint
+from outlier_hydra.stats import DEFAULT_EDGES, OutlierStats, histogram_edges
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the last hook of a pass: the rest of the forward is not needed."""
+
+
+def layer_chunks(points: list[HookPoint], chunk_layers: int | None) -> list[list[HookPoint]]:
+    """Group hook points (model order) into passes of at most chunk_layers layers each."""
+    layers = sorted({p.layer for p in points})
+    if not chunk_layers or chunk_layers >= len(layers):
+        return [list(points)]
+    groups = [set(layers[i : i + chunk_layers]) for i in range(0, len(layers), chunk_layers)]
+    return [[p for p in points if p.layer in g] for g in groups]
+
+
+class _BatchState:
+    """Device-resident accumulators for one batch."""
+
+    def __init__(self, edges: np.ndarray, num_examples: int, num_modules: int, backend: str):
+        self.edges = tuple(float(e) for e in edges)
+        self.k = num_examples
+        self.backend = backend
+        self.ge: list[torch.Tensor | None] = [None] * num_modules
+        self.max_abs: list[torch.Tensor | None] = [None] * num_modules
+        self.nonfinite: list[torch.Tensor | None] = [None] * num_modules
+        self.pabs: dict[torch.device, torch.Tensor] = {}
+        self.pval: dict[torch.device, torch.Tensor] = {}
+        self.edges_t: dict[torch.device, torch.Tensor] = {}
+        self.num_tokens: int | None = None
+        self.num_features: int | None = None
+
+    def update(self, row: int, x: torch.Tensor) -> None:
+        d = x.shape[-1]
+        x = x.detach().reshape(-1, d)
+        dev = x.device
+        if self.num_tokens is None:
+            self.num_tokens, self.num_features = x.shape[0], d
+        if dev not in self.pabs:
+            self.pabs[dev] = torch.zeros_like(x)
+            self.pval[dev] = torch.zeros_like(x)
+            self.edges_t[dev] = torch.tensor(self.edges, dtype=torch.float32, device=dev)
+        if self.backend == "sparse":
+            out = sparse_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+        elif self.backend == "compiled":
+            out = compiled_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+        else:
+            out = dense_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+        ge, amax, bad, self.pabs[dev], self.pval[dev] = out
+        if self.ge[row] is None:
+            self.ge[row], self.max_abs[row], self.nonfinite[row] = ge, amax.float(), bad
+        else:  # a module hooked in two passes of one batch (never with the shipped adapters)
+            self.ge[row] = self.ge[row] + ge
+            self.max_abs[row] = torch.maximum(self.max_abs[row], amax.float())
+            self.nonfinite[row] = self.nonfinite[row] + bad
+
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combine the devices' position buffers (layers sit on devices in model order)."""
+        devs = list(self.pabs)
+        pabs, pval = self.pabs[devs[0]], self.pval[devs[0]]
+        for dev in devs[1:]:
+            other_abs, other_val = self.pabs[dev].to(pabs.device), self.pval[dev].to(pabs.device)
+            wins = other_abs > pabs
+            pabs, pval = torch.where(wins, other_abs, pabs), torch.where(wins, other_val, pval)
+        return pabs, pval
+
+    def to_host(self, module_names: list[str], threshold: float) -> OutlierStats:
+        m, d, e = len(module_names), self.num_features, len(self.edges)
+        ge = np.zeros((m, d, e), np.int64)
+        max_abs = np.zeros((m, d), np.float32)
+        nonfinite = np.zeros(m, np.int64)
+        rows_by_dev: dict[torch.device, list[int]] = defaultdict(list)
+        for row, t in enumerate(self.ge):
+            if t is None:
+                raise RuntimeError(f"hooked module {module_names[row]} never ran in the forward pass")
+            rows_by_dev[t.device].append(row)
+        for dev, rows in rows_by_dev.items():  # one host copy per device and kind
+            ge[rows] = torch.stack([self.ge[r] for r in rows]).cpu().numpy()
+            max_abs[rows] = torch.stack([self.max_abs[r] for r in rows]).cpu().numpy()
+            nonfinite[rows] = torch.stack([self.nonfinite[r] for r in rows]).cpu().numpy()
+        pabs, pval = self._positions()
+        low = self.edges[0]
+        edges_t = torch.tensor(self.edges, dtype=torch.float32, device=pabs.device)
+        if self.backend == "sparse":
+            pos_ge, top = sparse_positions(pabs, pval, edges_t, self.k)
+        else:
+            pos_ge = position_counts(pabs, edges_t).cpu().numpy()
+            k = min(self.k, pabs.shape[0])
+            top = pval.gather(0, example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
+            top = torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))).cpu().numpy()
+            if k < self.k:
+                top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
+        return OutlierStats(
+            module_names=list(module_names),
+            edges=np.asarray(self.edges, np.float64),
+            threshold=threshold,
+            num_tokens=int(self.num_tokens),
+            ge_counts=ge,
+            pos_ge_counts=pos_ge.astype(np.int64),
+            max_abs=max_abs,
+            top_values=sorted_top(top),
+            nonfinite=nonfinite,
+            num_batches=1,
+        )
+
+
+class OutlierCollector:
+    """Builds one OutlierStats per batch from forward hooks on the hook points."""
+
+    def __init__(
+        self,
+        magnitude_threshold: float,
+        num_examples: int = 5,
+        chunk_layers: int | None = None,
+        histogram_edges: list[float] | None = None,
+        backend: str = "auto",
+        early_stop: bool = True,
+    ):
+        if backend not in BACKENDS:
+            raise OutlierHydraError(f"analysis.collector.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        self.magnitude_threshold = float(magnitude_threshold)
+        self.num_examples = int(num_examples)
+        self.chunk_layers = chunk_layers
+        self.edges = histogram_edges_for(histogram_edges, self.magnitude_threshold)
+        self.backend = backend
+        self.early_stop = early_stop  # stop each pass after the last module anything reads
+
+    def passes(self, points: list[HookPoint]) -> list[list[HookPoint]]:
+        return layer_chunks(points, self.chunk_layers)
+
+    def backend_for(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "compiled" if device.type == "cuda" else "sparse"
+
+    @torch.inference_mode()
+    def collect_batch(self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor,
+                      stages=(), first_sequence: int = 0) -> OutlierStats:
+        """One batch: its OutlierStats (the stages' statistics in .extras, the reduction used in
+        .meta["backend"])."""
+        backend = self.backend_for(input_ids.device)
+        try:
+            stats = self._collect(model, points, input_ids, backend, stages, first_sequence)
+        except compile_errors() as exc:
+            if backend != "compiled":
+                raise
+            log.warning("torch.compile could not build the reduction (%s); using the dense reduction from now on",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.backend = backend = "dense"
+            stats = self._collect(model, points, input_ids, backend, stages, first_sequence)
+        stats.meta["backend"] = backend
+        return stats
+
+    def _collect(self, model, points, input_ids, backend, stages, first_sequence) -> OutlierStats:
+        row_of = {p.name: i for i, p in enumerate(points)}
+        state = _BatchState(self.edges, self.num_examples, len(points), backend)
+        for stage in stages:
+            stage.start_batch(first_sequence)
+        for group in self.passes(points):
+            layers = sorted({p.layer for p in group})
+            hooks = [(p.module_path, self._hook(state, row_of[p.name])) for p in group]
+            for stage in stages:
+                hooks += stage.hooks(layers)
+            # stop as early as everything hooked allows: after the last hooked input, or later in the
+            # last layer if a stage reads further (the router: its gate; massive: the layer output)
+            stops = [s.stop_after(layers[-1]) for s in stages]
+            _, stop_path = max([(0, group[-1].module_path)] + [s for s in stops if s is not None])
+            if self.early_stop:
+                hooks.append((stop_path, _stop))
+            try:
+                with attached(model, hooks):
+                    model(input_ids=input_ids)
+            except _StopForward:
+                pass
+        stats = state.to_host([p.name for p in points], self.magnitude_threshold)
+        stats.extras = {stage.name: stage.finish_batch() for stage in stages}
+        return stats
+
+    @staticmethod
+    def _hook(state: _BatchState, row: int):
+        def hook(module, args, output):
+            state.update(row, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+
+def _stop(module, args, output):
+    raise _StopForward
+
+
+def histogram_edges_for(edges: list[float] | None, threshold: float) -> np.ndarray:
+    try:
+        return histogram_edges(DEFAULT_EDGES if edges is None else edges, threshold)
+    except ValueError as exc:
+        raise OutlierHydraError(f"analysis.histogram_edges: {exc}") from None

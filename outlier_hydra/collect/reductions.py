@@ -1,0 +1,126 @@
+"""The per-tensor reductions, three interchangeable implementations with identical statistics.
+
+For a hooked tensor x [N, D] with a = |x| (NaN/Inf counted, then treated as 0):
+  ge[d, e] = #(a[:, d] >= edges[e])     amax[d] = max a[:, d]     nonfinite = #(NaN, Inf)
+and the per-position buffers pabs/pval [N, D] keep, over the modules so far, the largest |x| and
+its signed value (ties keep the earlier).
+  dense     plain PyTorch, no host sync inside a hook: the reference
+  compiled  torch.compile of the dense reduction, fused into one kernel per tensor (GPU default)
+  sparse    only the values >= the lowest edge (a few percent) are binned and scattered into the
+            position buffer; it asks the host how many there are, which is free on a CPU (CPU default)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BACKENDS = ("auto", "dense", "compiled", "sparse")
+
+
+def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
+    """x [N, D] -> (ge [D, E] int64, amax [D], nonfinite [], new pabs, new pval). No host sync.
+    edges_t is float32, so a bf16 |x| is compared exactly (promoted, not the edge rounded)."""
+    a = x.abs()
+    finite = a < float("inf")  # False for NaN and Inf
+    a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    ge = torch.stack([(a >= edges_t[i]).sum(0) for i in range(edges_t.shape[0])], 1)
+    amax = a.amax(0)
+    wins = a > pabs
+    return ge, amax, (~finite).sum(), torch.where(wins, a, pabs), torch.where(wins, x, pval)
+
+
+def sparse_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
+    """Same result as dense_reduce (pabs/pval updated in place), touching only values >= edges[0]."""
+    n, d = x.shape
+    e = edges_t.numel()
+    a = x.abs()
+    amax = a.amax(0)
+    nonfinite = torch.zeros((), dtype=torch.int64, device=x.device)
+    if not bool(torch.isfinite(amax).all()):  # host sync: this backend is for the CPU
+        finite = a < float("inf")
+        nonfinite = (~finite).sum()
+        a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        amax = a.amax(0)
+    rows, cols = (a >= edges_t[0]).nonzero().unbind(1)
+    v = a[rows, cols]
+    bins = torch.bucketize(v.float(), edges_t, right=True) - 1
+    hist = torch.bincount(cols * e + bins, minlength=d * e).view(d, e)
+    ge = hist.flip(1).cumsum(1).flip(1)
+    flat = rows * d + cols  # unique within one module
+    pabs_flat, pval_flat = pabs.view(-1), pval.view(-1)
+    wins = v > pabs_flat[flat]
+    flat = flat[wins]
+    pabs_flat[flat] = v[wins]
+    pval_flat[flat] = x[rows[wins], cols[wins]]
+    return ge, amax, nonfinite, pabs, pval
+
+
+_compiled_reduce = None
+
+
+def compiled_reduce(x, pabs, pval, edges_t):
+    global _compiled_reduce
+    if _compiled_reduce is None:
+        _compiled_reduce = torch.compile(dense_reduce, dynamic=False)
+    return _compiled_reduce(x, pabs, pval, edges_t)
+
+
+def position_counts(pabs: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
+    """pos_ge_counts on the device, no host sync (the dense and compiled paths)."""
+    return torch.stack([(pabs >= edges_t[i]).sum(0) for i in range(edges_t.shape[0])], 1)
+
+
+def sparse_positions(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor, k: int):
+    """pos_ge_counts and top_values from the few positions whose max |x| reaches the lowest edge:
+    one host copy of those entries, ordered there (|v| desc, then v desc, as the dense path)."""
+    d, e = pabs.shape[1], edges_t.shape[0]
+    rows, cols = (pabs >= edges_t[0]).nonzero().unbind(1)
+    mags = pabs[rows, cols].float()
+    bins = torch.bucketize(mags, edges_t, right=True) - 1
+    pos_ge = torch.bincount(cols * e + bins, minlength=d * e).view(d, e).flip(1).cumsum(1).flip(1).cpu().numpy()
+    cols_np, mags_np, vals_np = cols.cpu().numpy(), mags.cpu().numpy(), pval[rows, cols].float().cpu().numpy()
+    order = np.lexsort((-vals_np, -mags_np, cols_np))  # by dim, then |v| desc, then v desc
+    cols_sorted = cols_np[order]
+    starts = np.searchsorted(cols_sorted, np.arange(d))
+    rank = np.arange(len(order)) - starts[cols_sorted]
+    keep = rank < k
+    top = np.full((k, d), np.nan, np.float32)
+    top[rank[keep], cols_sorted[keep]] = vals_np[order][keep]
+    return pos_ge, top
+
+
+def example_order_key(pabs: torch.Tensor, pval: torch.Tensor, low: float) -> torch.Tensor:
+    """A total order for picking examples: |v| first, then positive before negative (one float64
+    ulp, far below the spacing of float32/bf16 values). Equal keys then mean equal signed values, so
+    which position topk picks among them cannot change the result; below the lowest edge: 0."""
+    key = pabs.double()
+    key = torch.where(pval > 0, torch.nextafter(key, torch.full_like(key, float("inf"))), key)
+    return torch.where(pabs >= low, key, torch.zeros_like(key))
+
+
+def sorted_top(top: np.ndarray) -> np.ndarray:
+    """Canonical order (|v| desc, then v desc, NaN last), as merge_top_values keeps it."""
+    from outlier_hydra.stats import merge_top_values
+
+    return merge_top_values(top, np.full_like(top, np.nan))
+
+
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean torch.compile could not build the kernel (not OOM, not a bug in a hook)."""
+    errors: list[type[BaseException]] = []
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errors.append(TorchDynamoException)
+    except ImportError:  # pragma: no cover - very old torch
+        pass
+    try:
+        from torch._inductor.exc import InductorError  # type: ignore[attr-defined]
+
+        errors.append(InductorError)
+    except ImportError:  # pragma: no cover - torch without it
+        pass
+    return tuple(errors)

@@ -1,0 +1,28 @@
+"""Where the config tree and the shipped corpus live, for the repo checkout and for an installed wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CORPUS_DIR = PACKAGE_DIR / "data" / "corpus"
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra config tree.
+
+    In a checkout (editable install) that is the top-level ``conf/``; a wheel carries the same
+    files as ``outlier_hydra/conf``. An absolute path lets tests and submitit children import the
+    entry point from anywhere (a relative ``config_path`` only works under ``python -m``).
+    """
+    checkout = PACKAGE_DIR.parent / "conf"
+    if (checkout / "config.yaml").is_file():
+        return str(checkout)
+    return str(PACKAGE_DIR / "conf")
+
+
+def corpus_path(name: str) -> str:
+    path = CORPUS_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped corpus named {name!r} in {CORPUS_DIR}")
+    return str(path)

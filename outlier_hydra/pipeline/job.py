@@ -1,0 +1,207 @@
+"""run(cfg): the whole job, as one plain function (the Hydra entry point and the tests call it).
+
+    prepare   every check that can fail on bad input (config ranges, `_target_`s, stage settings, the
+              model's config.json, layers, sequence length, the corpus): no weight is loaded and
+              nothing is written until they all pass
+    claim     the run directory (a rerun with the same config resumes, any other refuses)
+    gather    each batch's statistics: reused from a sweep's cache, already in stats/ (resume), or
+              collected (each saved atomically); the model loads only if some batch is left
+    analyse   the documents per batch and merged, then the "post" stages; written atomically,
+              final_analysis_results.json last: if it exists, it is complete
+    report    timing, provenance, plots, the logger, the summary table
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from outlier_hydra.analysis import build_documents, collector_section
+from outlier_hydra.config.runtime import hydra_output_dir
+from outlier_hydra.config.targets import instantiate_node
+from outlier_hydra.config.validate import check_config, check_sequence_length, resolve_layers
+from outlier_hydra.data import sequence_range, token_windows
+from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
+from outlier_hydra.models.loading import input_device
+from outlier_hydra.output import make_plots, open_logger, print_summary
+from outlier_hydra.pipeline import cache, rundir
+from outlier_hydra.pipeline.provenance import environment
+from outlier_hydra.stages import PostContext, Stage, build_stages
+from outlier_hydra.stats import OutlierStats
+
+log = logging.getLogger(__name__)
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+@dataclass
+class Plan:
+    """What a run does, decided before any weight loads."""
+
+    cfg: DictConfig
+    plain: dict
+    model_type: str
+    layers: list[int]
+    tokenizer: Any
+    token_ids: np.ndarray
+    first_sequence: int
+    collector: Any
+    analyzer: Any
+    points: list
+    stages: list[Stage]
+
+    def header(self, batches: list[OutlierStats]) -> dict:
+        return {
+            "model": {
+                "name": self.cfg.model.name,
+                "model_type": self.model_type,
+                "dtype": self.plain["model"]["dtype"],
+                "layers": self.layers,
+                "hidden_size": batches[0].num_features,
+            },
+            "dataset": {
+                "num_sequences": int(self.token_ids.shape[0]),
+                "sequence_length": int(self.token_ids.shape[1]),
+                "skip_sequences": self.first_sequence,
+            },
+            "collector": collector_section(batches),
+        }
+
+    def batch_ids(self, device, limit: int | None = None) -> list[torch.Tensor]:
+        bs = self.cfg.analysis.batch_size
+        starts = range(0, len(self.token_ids), bs)
+        return [torch.from_numpy(self.token_ids[s : s + bs]).to(device) for s in list(starts)[:limit]]
+
+
+def prepare(cfg: DictConfig) -> Plan:
+    check_config(cfg)
+    allowed = list(cfg.allowed_targets)
+    stages = build_stages(cfg.analysis.stages, allowed)
+    model_config = load_model_config(cfg.model)
+    adapter = adapter_for(model_config.model_type)
+    layers = resolve_layers(cfg, model_config)
+    check_sequence_length(cfg, model_config)
+    tokenizer = load_tokenizer(cfg.model)
+    token_ids = token_windows(cfg.dataset, tokenizer)
+    collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
+    analyzer = instantiate_node(cfg.analysis.analyzer, "analysis.analyzer", allowed)
+    return Plan(
+        cfg=cfg, plain=plain_config(cfg), model_type=model_config.model_type, layers=layers, tokenizer=tokenizer,
+        token_ids=token_ids, first_sequence=sequence_range(cfg.dataset)[0], collector=collector, analyzer=analyzer,
+        points=adapter.hook_points(layers), stages=[s for s in stages if s.bind(adapter, layers)],
+    )
+
+
+class LazyModel:
+    """Loads the weights the first time something needs them, and never otherwise."""
+
+    def __init__(self, cfg: DictConfig, model_type: str):
+        self.cfg, self.model_type = cfg, model_type
+        self.model: torch.nn.Module | None = None
+        self.device: torch.device | None = None
+
+    def get(self) -> tuple[torch.nn.Module, torch.device]:
+        if self.model is None:
+            log.info("loading %s (%s, device_map=%s)", self.cfg.model.name, self.model_type, self.cfg.model.device_map)
+            self.model = load_model(self.cfg.model)
+            self.device = input_device(self.model)
+        assert self.device is not None
+        return self.model, self.device
+
+
+def collect_batches(plan: Plan, stats_dir: Path, lazy: LazyModel) -> tuple[list[OutlierStats], dict]:
+    """Each batch's statistics: from stats/ when a file is there (resume), else collected and saved."""
+    bs = plan.cfg.analysis.batch_size
+    collecting = [s for s in plan.stages if s.phase == "collect"]
+    stage_stats = {s.name: s.Stats for s in collecting}
+    num_batches = -(-len(plan.token_ids) // bs)
+    batches, done_before, seconds, new_tokens = [], 0, 0.0, 0
+    bar = tqdm(total=plan.token_ids.size, unit="tok", desc="collecting", disable=not plan.cfg.progress)
+    for b in range(num_batches):
+        path = stats_dir / rundir.batch_stats_name(b)
+        first = plan.first_sequence + b * bs
+        if path.exists():
+            stats = OutlierStats.load(path, stage_stats)
+            done_before += 1
+        else:
+            model, device = lazy.get()
+            ids = torch.from_numpy(plan.token_ids[b * bs : (b + 1) * bs]).to(device)
+            t0 = time.perf_counter()
+            stats = plan.collector.collect_batch(model, plan.points, ids, stages=collecting, first_sequence=first)
+            seconds += time.perf_counter() - t0
+            new_tokens += stats.num_tokens
+            stats.meta.update({"batch_index": b, "sequences": [first, first + len(ids)]})
+            rundir.save_stats(path, stats)
+        batches.append(stats)
+        bar.update(stats.num_tokens)
+    bar.close()
+    timing = {
+        "batches": num_batches,
+        "batches_already_done": done_before,
+        "collect_seconds": seconds,
+        "tokens_collected": new_tokens,
+        "tokens_per_second": new_tokens / seconds if seconds else None,
+        "collector_backend": collector_section(batches)["backend"],
+    }
+    return batches, timing
+
+
+def gather(plan: Plan, out: Path, lazy: LazyModel) -> tuple[list[OutlierStats], dict]:
+    """The batches' statistics, reusing a sweep's cache when it holds them (no model then)."""
+    stats_dir = out / rundir.STATS_DIR
+    edges = getattr(plan.collector, "edges", None)
+    root = cache.cache_dir(plan.cfg) if edges is not None else None
+    key = ""
+    if root is not None:
+        collecting = [s for s in plan.stages if s.phase == "collect"]
+        key = cache.cache_key(plan.plain, edges, plan.cfg.analysis.collector._target_, collecting)
+    reused = not stats_dir.exists() and cache.fetch(root, key, plan.token_ids, stats_dir)
+    stats_dir.mkdir(exist_ok=True)
+    batches, timing = collect_batches(plan, stats_dir, lazy)
+    if reused:
+        timing["reused_statistics"] = str(root / key) if root else None
+    elif timing["batches_already_done"]:
+        log.info("resumed: %d of %d batches were already done in %s", timing["batches_already_done"], timing["batches"], out)
+    cache.store(root, key, plan.token_ids, stats_dir)
+    return batches, timing
+
+
+def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path) -> tuple[dict, OutlierStats]:
+    per_batch, results, total = build_documents(plan.header(batches), plan.analyzer, batches, plan.stages,
+                                                plan.tokenizer, plan.token_ids, plan.first_sequence)
+    for stage in plan.stages:
+        if stage.phase == "post":
+            ctx = PostContext(model=lazy.get, points=plan.points, batches=plan.batch_ids, results=results)
+            results[stage.name] = stage.measure(ctx)
+    rundir.write_documents(out, per_batch, results, total)
+    return results, total
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
+    """Run the configured job; returns the final results document (also written to output_dir)."""
+    out = Path(output_dir) if output_dir is not None else hydra_output_dir()
+    plan = prepare(cfg)
+    rundir.claim(out, plan.plain, plan.token_ids)
+    rundir.write_json(out / rundir.CONFIG_JSON, plan.plain)
+    lazy = LazyModel(cfg, plan.model_type)
+    with open_logger(cfg, out, plan.plain) as logger:
+        batches, timing = gather(plan, out, lazy)
+        results, total = analyse(plan, batches, lazy, out)
+        rundir.write_json(out / rundir.TIMING, timing)
+        rundir.write_json(out / rundir.ENVIRONMENT, environment())
+        plots = make_plots(out / rundir.PLOTS_DIR, results, total, plan.stages) if cfg.plots else {}
+        logger.log_results(results, total, plots, timing, plan.stages)
+    if cfg.progress:
+        print_summary(results, plan.stages)
+    log.info("%d systematic outlier features; results in %s", results["num_systematic_outliers"], out / rundir.FINAL_RESULTS)
+    return results

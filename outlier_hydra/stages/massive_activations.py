@@ -1,0 +1,192 @@
+"""Massive activations (Sun et al. 2024, "Massive Activations in Large Language Models").
+
+In the residual stream (each decoder layer's output), per layer:
+  - the top_k values of largest |x| with their (sequence, token position, dim) and token id;
+  - a histogram of log10|x| (fixed bins) from which the layer's median |x| is read;
+  - the massive ones: |x| > min_magnitude and |x| > min_ratio_to_median x the layer median.
+Top-k merges as the top-k of the union, histograms add, so shards and batches merge exactly.
+The median is read off the histogram: exact to the bin (10 bins per decade, so within ~12%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from outlier_hydra.stages import ReportContext, Stage
+
+LOG_MIN, LOG_MAX, BINS_PER_DECADE = -6.0, 6.0, 10
+NUM_BINS = int((LOG_MAX - LOG_MIN) * BINS_PER_DECADE)
+
+
+@dataclass
+class MassiveStats:
+    layers: np.ndarray  # [L]
+    log_hist: np.ndarray  # [L, NUM_BINS + 2] int64 (first: below 1e-6 incl. 0, last: above 1e6)
+    top: np.ndarray  # [L, k, 4] float64: value, sequence, position, dim (NaN rows = none)
+
+    def merge(self, other: "MassiveStats") -> "MassiveStats":
+        k = self.top.shape[1]
+        both = np.concatenate([self.top, other.top], 1)
+        out = np.empty_like(self.top)
+        for i in range(both.shape[0]):
+            rows = both[i]
+            mag = np.where(np.isnan(rows[:, 0]), -np.inf, np.abs(rows[:, 0]))
+            order = np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], -mag))
+            out[i] = rows[order[:k]]
+        return MassiveStats(self.layers, self.log_hist + other.log_hist, out)
+
+    def to_arrays(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "MassiveStats":
+        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
+
+    def median(self, row: int) -> float:
+        h = self.log_hist[row]
+        half = h.sum() / 2
+        b = int(np.searchsorted(np.cumsum(h), half))
+        if b == 0:
+            return 0.0
+        lo = LOG_MIN + (b - 1) / BINS_PER_DECADE
+        return float(10 ** (lo + 0.5 / BINS_PER_DECADE))  # the bin's geometric centre
+
+
+@dataclass
+class MassiveActivationsConfig:
+    """conf/analysis/stages/massive_activations.yaml"""
+
+    enabled: bool = MISSING
+    min_magnitude: float = MISSING
+    min_ratio_to_median: float = MISSING
+    top_k: int = MISSING
+
+
+class MassiveActivations(Stage):
+    name = "massive_activations"
+    Config = MassiveActivationsConfig
+    Stats = MassiveStats
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.min_magnitude = float(config.min_magnitude)
+        self.min_ratio = float(config.min_ratio_to_median)
+        self.k = int(config.top_k)
+
+    def bind(self, adapter, layers: list[int]) -> bool:
+        if adapter.layer is None:
+            return False
+        return super().bind(adapter, layers)
+
+    def start_batch(self, first_sequence: int) -> None:
+        self.first = first_sequence
+        self.state: dict[int, tuple] = {}
+
+    def stop_after(self, layer: int) -> tuple[int, str]:
+        """(rank, module) the forward must reach in the pass's last layer: the layer output (rank 2)."""
+        return 2, self.adapter.layer(layer)
+
+    def hooks(self, layers: list[int]):
+        return [(self.adapter.layer(i), self._hook(i)) for i in layers]
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            x = x.detach()
+            b, t, d = x.shape
+            a = x.abs().float()
+            a = torch.where(a < float("inf"), a, torch.zeros((), device=a.device))
+            k = min(self.k, a.numel())
+            vals, flat = a.reshape(-1).topk(k)
+            signed = x.reshape(-1)[flat].float()
+            rows = torch.stack([signed, (flat // (t * d)).float(), ((flat // d) % t).float(), (flat % d).float()], 1)
+            logs = torch.log10(a.clamp_min(1e-30)).reshape(-1)
+            hist = torch.histc(logs.clamp(LOG_MIN - 1, LOG_MAX + 1), bins=NUM_BINS + 2,
+                               min=LOG_MIN - 1 / BINS_PER_DECADE, max=LOG_MAX + 1 / BINS_PER_DECADE)
+            self.state[layer] = (rows.double(), hist.double())
+
+        return hook
+
+    def finish_batch(self) -> MassiveStats:
+        n = len(self.layers)
+        top = np.full((n, self.k, 4), np.nan)
+        hist = np.zeros((n, NUM_BINS + 2), np.int64)
+        for i, layer in enumerate(self.layers):
+            if layer not in self.state:
+                continue
+            rows, h = (v.cpu().numpy() for v in self.state[layer])
+            rows[:, 1] += self.first  # batch-local sequence -> global sequence index
+            top[i, : len(rows)] = rows
+            hist[i] = np.rint(h).astype(np.int64)
+        self.state = {}
+        empty = MassiveStats(np.asarray(self.layers), np.zeros_like(hist), np.full_like(top, np.nan))
+        return empty.merge(MassiveStats(np.asarray(self.layers), hist, top))  # canonical order
+
+    def report(self, stats: MassiveStats, ctx: ReportContext) -> dict:
+        m, tokenizer, token_ids, first_seq = stats, ctx.tokenizer, ctx.token_ids, ctx.first_sequence
+        out = []
+        for i, layer in enumerate(m.layers.tolist()):
+            median = m.median(i)
+            tops = []
+            for value, seq, pos, dim in m.top[i]:
+                if np.isnan(value):
+                    continue
+                entry = {"value": float(value), "sequence": int(seq), "position": int(pos), "dim": int(dim)}
+                if token_ids is not None and 0 <= int(seq) - first_seq < len(token_ids):
+                    tok = int(token_ids[int(seq) - first_seq, int(pos)])
+                    entry["token_id"] = tok
+                    if tokenizer is not None:
+                        entry["token"] = tokenizer.convert_ids_to_tokens(tok)
+                entry["massive"] = bool(abs(value) > self.min_magnitude and abs(value) > self.min_ratio * median)
+                tops.append(entry)
+            out.append({"layer": layer, "median_abs": median, "top": tops,
+                        "massive": [t for t in tops if t["massive"]]})
+        return {"criteria": {"min_magnitude": self.min_magnitude, "min_ratio_to_median": self.min_ratio},
+                "layers": out}
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def plots(self, section: dict, folder: Path) -> dict[str, Path]:
+        """massive_activations.png: largest and median |x| per layer against the criteria."""
+        from outlier_hydra.output.plots import pyplot, save_figure
+
+        plt = pyplot()
+        layers = [entry["layer"] for entry in section["layers"]]
+        top = [abs(entry["top"][0]["value"]) if entry["top"] else np.nan for entry in section["layers"]]
+        median = [entry["median_abs"] for entry in section["layers"]]
+        c = section["criteria"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(layers, top, marker="o", label="largest |x|")
+        ax.plot(layers, median, marker="s", label="median |x|")
+        ax.plot(layers, [c["min_ratio_to_median"] * m for m in median], linestyle=":",
+                label=f"{c['min_ratio_to_median']:g} x median")
+        ax.axhline(c["min_magnitude"], color="tab:red", linestyle="--", linewidth=1, label=f"{c['min_magnitude']:g}")
+        for entry in section["layers"]:
+            if entry["massive"]:
+                m = entry["massive"][0]
+                ax.annotate(f"d{m['dim']} {m.get('token', '')}", (entry["layer"], abs(m["value"])),
+                            textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+        ax.set_yscale("log")
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer (residual stream after it)")
+        ax.set_ylabel("|x|")
+        ax.legend(fontsize=7)
+        ax.set_title("Massive activations across depth (annotated: dim and token of the largest)", fontsize=9)
+        return {"massive_activations": save_figure(fig, folder / "massive_activations.png")}
+
+    def tables(self, section: dict, wandb) -> dict:
+        rows = [[entry["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]
+                for entry in section["layers"] for m in entry["massive"]]
+        return {"massive_activations": wandb.Table(columns=["layer", "value", "dim", "sequence", "position", "token"],
+                                                   data=rows)}
+
+    def summary(self, section: dict) -> list[str]:
+        found = [(entry["layer"], m) for entry in section["layers"] for m in entry["massive"]]
+        if not found:
+            return ["no massive activations"]
+        dims = sorted({m["dim"] for _, m in found})
+        return [f"{len(found)} massive activations in {len({layer for layer, _ in found})} layers, dims {dims}"]

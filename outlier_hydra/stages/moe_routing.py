@@ -1,0 +1,285 @@
+"""Router and expert statistics of MoE layers, from the router module's own output.
+
+transformers' MoE routers (OLMoE, Qwen3-MoE, Mixtral: `layers.{i}.mlp.gate`) return
+(logits [N, E], top-k weights [N, k], top-k indices [N, k]). Per MoE layer, on the device:
+  R = one-hot of the top-k choices [N, E]        H = (|x| >= t) at that layer's MLP input [N, D]
+  expert_counts += R.sum(0)                      tokens routed to each expert (top-k choices)
+  entropy_sum   += sum_p H(softmax(logits_p))    top1_share_sum += sum_p w_top1 / sum_k w_k
+  per feature d: counts[d, e] = (H^T R)[d, e]    expert choices at d's outlier positions, with the
+                 positions, entropy and top-1 share at those positions (H^T applied to each)
+H^T R is one small matmul per layer: exact counts, no host sync. Per-feature rows are kept only for
+dims that had an outlier at that layer (a handful), so the statistics stay small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from outlier_hydra.stages import ReportContext, Stage
+
+
+@dataclass
+class RouterStats:
+    layers: np.ndarray  # [L] analysed MoE layer indices
+    expert_counts: np.ndarray  # [L, E] int64
+    tokens: np.ndarray  # [L] int64
+    entropy_sum: np.ndarray  # [L] float64
+    top1_share_sum: np.ndarray  # [L] float64
+    feat_keys: np.ndarray  # [K, 2] int64 (layer row, dim), sorted
+    feat_counts: np.ndarray  # [K, E] int64
+    feat_positions: np.ndarray  # [K] int64
+    feat_entropy_sum: np.ndarray  # [K] float64
+    feat_share_sum: np.ndarray  # [K] float64
+
+    def merge(self, other: "RouterStats") -> "RouterStats":
+        if not np.array_equal(self.layers, other.layers):
+            raise ValueError("router statistics of different layers")
+        rows: dict[tuple[int, int], list] = {}
+        for s in (self, other):
+            for i, key in enumerate(map(tuple, s.feat_keys.tolist())):
+                cur = rows.setdefault(key, [0, 0, 0.0, 0.0])
+                cur[0] = cur[0] + s.feat_counts[i]
+                cur[1] += int(s.feat_positions[i])
+                cur[2] += float(s.feat_entropy_sum[i])
+                cur[3] += float(s.feat_share_sum[i])
+        keys = sorted(rows)
+        e = self.expert_counts.shape[1]
+        return RouterStats(
+            layers=self.layers,
+            expert_counts=self.expert_counts + other.expert_counts,
+            tokens=self.tokens + other.tokens,
+            entropy_sum=self.entropy_sum + other.entropy_sum,
+            top1_share_sum=self.top1_share_sum + other.top1_share_sum,
+            feat_keys=np.asarray(keys, np.int64).reshape(-1, 2),
+            feat_counts=np.asarray([rows[k][0] for k in keys], np.int64).reshape(-1, e),
+            feat_positions=np.asarray([rows[k][1] for k in keys], np.int64),
+            feat_entropy_sum=np.asarray([rows[k][2] for k in keys], np.float64),
+            feat_share_sum=np.asarray([rows[k][3] for k in keys], np.float64),
+        )
+
+    def to_arrays(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "RouterStats":
+        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
+
+
+@dataclass
+class MoeRoutingConfig:
+    """conf/analysis/stages/moe_routing.yaml"""
+
+    enabled: bool = MISSING
+    magnitude_threshold: float = MISSING  # outlier positions for the per-feature expert statistics
+    top_experts: int = MISSING
+
+
+class MoeRouting(Stage):
+    """Router/expert statistics of MoE layers. Its threshold is fixed, not the analysis threshold, so
+    that one collection still serves a whole threshold sweep."""
+
+    name = "moe_routing"
+    Config = MoeRoutingConfig
+    Stats = RouterStats
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.threshold = float(config.magnitude_threshold)
+        self.top_experts = int(config.top_experts)
+
+    def bind(self, adapter, layers: list[int]) -> bool:
+        if adapter.router is None:
+            return False
+        super().bind(adapter, layers)
+        self.row = {layer: r for r, layer in enumerate(self.layers)}
+        return True
+    # ---- device side ------------------------------------------------------------------------
+    def start_batch(self, first_sequence: int) -> None:
+        self.state: dict[int, dict] = {}
+        self.pending_h: dict[int, torch.Tensor] = {}
+
+    def stop_after(self, layer: int) -> tuple[int, str]:
+        """(rank, module) the forward must reach in the pass's last layer: its router (rank 1)."""
+        return 1, self.adapter.router(layer)
+
+    def hooks(self, layers: list[int]):
+        out = []
+        for layer in layers:
+            out.append((self.adapter.mlp_input(layer), self._mlp_input_hook(layer)))
+            out.append((self.adapter.router(layer), self._router_hook(layer)))
+        return out
+
+    def _mlp_input_hook(self, layer: int):
+        def hook(module, args, output):
+            x = output[0] if isinstance(output, tuple) else output
+            x = x.detach().reshape(-1, x.shape[-1])
+            self.pending_h[layer] = (x.abs() >= self.threshold).float()  # NaN, Inf: see the main stats
+
+        return hook
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            logits, weights, idx = output[0], output[1], output[2]
+            logits = logits.detach().reshape(-1, logits.shape[-1]).float()
+            weights = weights.detach().reshape(-1, weights.shape[-1]).float()
+            idx = idx.detach().reshape(-1, idx.shape[-1])
+            h = self.pending_h.pop(layer)
+            one_hot = torch.zeros_like(logits).scatter_(1, idx, 1.0)
+            probs = torch.softmax(logits, -1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+            share = weights.max(-1).values / weights.sum(-1).clamp_min(1e-30)
+            ht = h.t()
+            upd = {
+                "expert_counts": one_hot.sum(0).double(),
+                "tokens": torch.tensor(float(logits.shape[0]), dtype=torch.float64, device=logits.device),
+                "entropy_sum": entropy.double().sum(),
+                "top1_share_sum": share.double().sum(),
+                "feat_counts": (ht @ one_hot).double(),
+                "feat_positions": h.sum(0).double(),
+                "feat_entropy_sum": (ht @ entropy).double(),
+                "feat_share_sum": (ht @ share).double(),
+            }
+            st = self.state.get(layer)
+            self.state[layer] = upd if st is None else {k: st[k] + v for k, v in upd.items()}
+
+        return hook
+
+    def finish_batch(self) -> RouterStats:
+        """One host copy per layer; per-feature rows only for dims with outliers at that layer."""
+        rows = [self.row[layer] for layer in sorted(self.state)]
+        host = {layer: {k: v.cpu().numpy() for k, v in self.state[layer].items()} for layer in sorted(self.state)}
+        e = next(iter(host.values()))["expert_counts"].shape[0]
+        n = len(self.layers)
+        counts = np.zeros((n, e), np.int64)
+        tokens = np.zeros(n, np.int64)
+        ent = np.zeros(n)
+        share = np.zeros(n)
+        keys, fc, fp, fe, fs = [], [], [], [], []
+        for layer, r in zip(sorted(host), rows):
+            h = host[layer]
+            counts[r] = np.rint(h["expert_counts"]).astype(np.int64)
+            tokens[r] = int(h["tokens"])
+            ent[r], share[r] = h["entropy_sum"], h["top1_share_sum"]
+            for d in np.flatnonzero(h["feat_positions"] > 0):
+                keys.append((r, int(d)))
+                fc.append(np.rint(h["feat_counts"][d]).astype(np.int64))
+                fp.append(int(round(h["feat_positions"][d])))
+                fe.append(float(h["feat_entropy_sum"][d]))
+                fs.append(float(h["feat_share_sum"][d]))
+        self.state = {}
+        return RouterStats(
+            layers=np.asarray(self.layers, np.int64), expert_counts=counts, tokens=tokens, entropy_sum=ent,
+            top1_share_sum=share, feat_keys=np.asarray(keys, np.int64).reshape(-1, 2),
+            feat_counts=np.asarray(fc, np.int64).reshape(-1, e), feat_positions=np.asarray(fp, np.int64),
+            feat_entropy_sum=np.asarray(fe, np.float64), feat_share_sum=np.asarray(fs, np.float64),
+        )
+
+    # ---- report -----------------------------------------------------------------------------
+    def report(self, stats: RouterStats, ctx: ReportContext) -> dict:
+        r = stats
+        per_layer = []
+        for i, layer in enumerate(r.layers.tolist()):
+            n = max(int(r.tokens[i]), 1)
+            per_layer.append({
+                "layer": layer,
+                "magnitude_threshold": self.threshold,
+                "tokens": int(r.tokens[i]),
+                "tokens_per_expert": r.expert_counts[i].tolist(),
+                "entropy_mean": float(r.entropy_sum[i] / n),
+                "top1_share_mean": float(r.top1_share_sum[i] / n),
+            })
+        index = {tuple(k): j for j, k in enumerate(r.feat_keys.tolist())}
+        features = []
+        for rec in ctx.records:
+            d = rec["feature_dim"]
+            layers, total = [], np.zeros(r.expert_counts.shape[1], np.int64)
+            for i, layer in enumerate(r.layers.tolist()):
+                j = index.get((i, d))
+                if j is None:
+                    continue
+                counts = r.feat_counts[j]
+                total += counts
+                p = int(r.feat_positions[j])
+                layers.append({
+                    "layer": layer,
+                    "outlier_positions": p,
+                    "top_experts": _top(counts, self.top_experts, positions=p),
+                    "entropy_mean": float(r.feat_entropy_sum[j] / p),
+                    "top1_share_mean": float(r.feat_share_sum[j] / p),
+                })
+            features.append({"feature_dim": d, "top_experts_all_layers": _top(total, self.top_experts), "layers": layers})
+        return {"layers": per_layer, "features": features}
+
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def plots(self, section: dict, folder: Path) -> dict[str, Path]:
+        """moe_expert_load.png: per layer, the share of a feature's outlier positions routed to its
+        top expert against that expert's share of all tokens."""
+        feats = [f for f in section["features"] if f["layers"]][:3]
+        if not feats:
+            return {}
+        from outlier_hydra.output.plots import pyplot, save_figure
+
+        plt = pyplot()
+        fig, axes = plt.subplots(1, len(feats), figsize=(5 * len(feats), 3.8), squeeze=False)
+        overall = {layer["layer"]: np.asarray(layer["tokens_per_expert"], float) for layer in section["layers"]}
+        tokens = {layer["layer"]: layer["tokens"] for layer in section["layers"]}
+        for ax, f in zip(axes[0], feats):
+            layers = [entry["layer"] for entry in f["layers"]]
+            top_e = [entry["top_experts"][0]["expert"] for entry in f["layers"]]
+            at_outliers = [entry["top_experts"][0]["position_share"] for entry in f["layers"]]
+            base = [overall[layer][e] / tokens[layer] for layer, e in zip(layers, top_e)]
+            ax.plot(layers, at_outliers, marker="o", label="at the feature's outlier positions")
+            ax.plot(layers, base, marker="s", linestyle="--", label="over all tokens")
+            for layer, e, y in zip(layers, top_e, at_outliers):
+                ax.annotate(f"e{e}", (layer, y), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
+            ax.set_ylim(0, 1.05)
+            ax.set_xticks(layers)
+            ax.set_xlabel("MoE layer")
+            ax.set_ylabel("share of positions routed to the top expert")
+            ax.set_title(f"feature dim {f['feature_dim']}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("Expert load at outlier positions vs overall (annotated: the top expert)", fontsize=9)
+        return {"moe_expert_load": save_figure(fig, folder / "moe_expert_load.png")}
+
+    def tables(self, section: dict, wandb) -> dict:
+        rows = [[f["feature_dim"], entry["layer"], entry["outlier_positions"], t["expert"], t["position_share"], t["share"]]
+                for f in section["features"] for entry in f["layers"] for t in entry["top_experts"][:1]]
+        return {
+            "moe_routing/feature_top_expert": wandb.Table(
+                columns=["feature_dim", "layer", "outlier_positions", "top_expert", "position_share", "choice_share"],
+                data=rows),
+            "moe_routing/layers": wandb.Table(
+                columns=["layer", "entropy_mean", "top1_share_mean", "tokens_per_expert"],
+                data=[[entry["layer"], entry["entropy_mean"], entry["top1_share_mean"], str(entry["tokens_per_expert"])]
+                      for entry in section["layers"]]),
+        }
+
+    def summary(self, section: dict) -> list[str]:
+        lines = []
+        for f in section["features"]:
+            top = f["top_experts_all_layers"][:1]
+            if top:
+                lines.append(f"dim {f['feature_dim']}: outlier positions go most to expert {top[0]['expert']} "
+                             f"({100 * top[0]['share']:.0f}% of their top-k choices, over {len(f['layers'])} MoE layers)")
+        return lines
+
+
+def _top(counts: np.ndarray, k: int, positions: int | None = None) -> list[dict]:
+    """The k experts with most choices (ties: lower expert id): `share` of all top-k choices and, given
+    the number of positions, `position_share`: the fraction of those positions routed to it."""
+    total = int(counts.sum())
+    order = np.lexsort((np.arange(len(counts)), -counts))[:k]
+    out = []
+    for e in order:
+        if counts[e] > 0:
+            entry = {"expert": int(e), "choices": int(counts[e]), "share": float(counts[e] / total)}
+            if positions:
+                entry["position_share"] = float(counts[e] / positions)
+            out.append(entry)
+    return out

@@ -1,0 +1,1 @@
+"""Tools: the subcommands besides `run` (merge, reanalyze, sweep-summary, estimate-vram, benchmark)."""

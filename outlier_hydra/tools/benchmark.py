@@ -1,0 +1,221 @@
+"""What collecting the statistics costs over the forward pass the model needs anyway.
+
+    outlier-hydra benchmark benchmark=cpu_mid            (also scripts/benchmark.py)
+    outlier-hydra benchmark benchmark=olmoe_shape        (GPU: real shape, random weights)
+
+On one model and one batch of random tokens it times, as medians over `repeats` after `warmup`
+runs (the device synchronised around each):
+  (a) forward   the bare base-model forward
+  (b) collect   a full outlier_hydra collection: every stage on by default, the host copy included
+                (each pass ends after the last module anything reads, as in a run); timed again
+                with the whole forward run, which isolates what the reductions themselves cost
+  (c) baseline  the older tool: copy every hooked output to the host, torch.save, reload, analyse
+                on the CPU
+and prints one table with tokens/s and the ratios b/a and c/a, plus peak device memory and peak
+host RSS; everything goes to benchmark.json in the run directory. With `memory_tokens`, it also
+streams that many tokens through the collector (merging as a run does) and reports peak RSS and time
+per token for each count: memory stays flat and time grows linearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import statistics as st
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from outlier_hydra.collect import attached
+from outlier_hydra.config.targets import instantiate_node
+from outlier_hydra.models.adapters import adapter_for
+from outlier_hydra.models.loading import DTYPES
+from outlier_hydra.pipeline.rundir import write_json
+from outlier_hydra.stages import build_stages
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(b: DictConfig, device: torch.device) -> torch.nn.Module:
+    """Random weights of the preset's shape, created on the device directly (nothing downloaded)."""
+    from transformers import AutoConfig, AutoModel
+
+    shape = dict(b.shape)
+    config = AutoConfig.for_model(b.model_type, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModel.from_config(config, dtype=DTYPES[b.dtype])
+    return model.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def copy_to_host_baseline(model, points, ids, threshold: float, folder: Path) -> None:
+    """The older tool: every hooked activation to the host and to disk, reloaded, analysed in Python."""
+    saved: list[Path] = []
+
+    def hook(name):
+        def fn(module, args, output):
+            path = folder / f"{name}.pt"
+            torch.save(output.detach().to("cpu", torch.float32), path)
+            saved.append(path)
+
+        return fn
+
+    with attached(model, [(p.module_path, hook(p.name)) for p in points]), torch.inference_mode():
+        model(input_ids=ids)
+    any_hit = None
+    for path in saved:
+        x = torch.load(path)
+        a = np.abs(x.reshape(-1, x.shape[-1]).numpy())
+        hit = a >= threshold
+        hit.sum(0), a.max(0)
+        any_hit = hit if any_hit is None else any_hit | hit
+    any_hit.sum(0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_scaling(model, points, collector, b, device, stages=()) -> list[dict]:
+    """Stream N tokens through the collector, merging as a run does; peak RSS and time per token."""
+    rows = []
+    per_batch = b.batch_size * b.sequence_length
+    gen = torch.Generator().manual_seed(1)
+    for n in b.memory_tokens:
+        batches = max(1, n // per_batch)
+        total = None
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=gen).to(device)
+            s = collector.collect_batch(model, points, ids, stages=stages)
+            total = s if total is None else total.merge(s)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        rows.append({"tokens": batches * per_batch, "seconds": seconds, "seconds_per_mtok": seconds / (batches * per_batch) * 1e6,
+                     "peak_rss_mb": peak_rss_mb()})
+    return rows
+
+
+def run_benchmark(cfg: DictConfig, out: Path) -> dict:
+    b = cfg.benchmark
+    device = pick_device(b.device)
+    model = build_model(b, device)
+    adapter = adapter_for(b.model_type)
+    layers = list(range(b.shape.num_hidden_layers))
+    points = adapter.hook_points(layers)
+    allowed = list(cfg.allowed_targets)
+    collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
+    # every "collect" stage that is on by default (or switched on by the overrides), as a run uses them
+    stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(adapter, layers)]
+    ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = ids.numel()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def forward():
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    def collect():
+        collector.collect_batch(model, points, ids, stages=stages)
+
+    full = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed, early_stop=False)
+
+    def collect_full_forward():  # the same reductions with the whole forward run: their own cost
+        full.collect_batch(model, points, ids, stages=stages)
+
+    timed(forward, device, 0, b.warmup)
+    peak_forward = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    timed(collect, device, 0, b.warmup)
+    peak_collect = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    timed(collect_full_forward, device, 0, b.warmup)
+    fwd, col, colf = [], [], []
+    for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits all alike
+        fwd += timed(forward, device, 1, 0)
+        col += timed(collect, device, 1, 0)
+        colf += timed(collect_full_forward, device, 1, 0)
+    result = {
+        "preset": b.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": b.dtype,
+        "tokens": tokens,
+        "hooked_modules": len(points),
+        "collector_backend": collector.backend_for(device),
+        "stages": [s.name for s in stages],
+        "forward_s": st.median(fwd),
+        "collect_s": st.median(col),
+        "forward_tokens_per_s": tokens / st.median(fwd),
+        "collect_tokens_per_s": tokens / st.median(col),
+        "ratio_collect_over_forward": st.median(col) / st.median(fwd),
+        "collect_full_forward_s": st.median(colf),
+        "ratio_collect_full_forward_over_forward": st.median(colf) / st.median(fwd),
+        "forward_all_s": fwd,
+        "collect_all_s": col,
+        "peak_device_mem_forward_gb": peak_forward / 2**30 if peak_forward else None,
+        "peak_device_mem_collect_gb": peak_collect / 2**30 if peak_collect else None,
+    }
+    if b.baseline:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            base = timed(lambda: copy_to_host_baseline(model, points, ids, collector.magnitude_threshold, Path(tmp)),
+                         device, b.baseline_repeats, 1)
+        result.update({"baseline_s": st.median(base), "ratio_baseline_over_forward": st.median(base) / st.median(fwd)})
+    if b.memory_tokens:
+        result["memory_scaling"] = memory_scaling(model, points, collector, b, device, stages)
+    result["peak_host_rss_mb"] = peak_rss_mb()
+    write_json(out / "benchmark.json", result)
+    print(table(result))
+    return result
+
+
+def table(r: dict) -> str:
+    lines = [
+        f"benchmark {r['preset']} on {r['device']}, {r['dtype']}, {r['tokens']} tokens, "
+        f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}, "
+        f"stages: {', '.join(r['stages']) or 'none'}",
+        f"  {'':<22}{'seconds':>10}{'tokens/s':>12}{'x forward':>11}",
+        f"  {'(a) forward':<22}{r['forward_s']:>10.4f}{r['forward_tokens_per_s']:>12.0f}{1:>11.3f}",
+        f"  {'(b) outlier_hydra':<22}{r['collect_s']:>10.4f}{r['collect_tokens_per_s']:>12.0f}{r['ratio_collect_over_forward']:>11.3f}",
+        f"  {'    same, full forward':<22}{r['collect_full_forward_s']:>10.4f}{r['tokens'] / r['collect_full_forward_s']:>12.0f}"
+        f"{r['ratio_collect_full_forward_over_forward']:>11.3f}   (no early stop: the reductions' own cost)",
+    ]
+    if "baseline_s" in r:
+        lines.append(f"  {'(c) copy-to-host tool':<22}{r['baseline_s']:>10.4f}{r['tokens'] / r['baseline_s']:>12.0f}"
+                     f"{r['ratio_baseline_over_forward']:>11.2f}")
+    if r.get("peak_device_mem_forward_gb"):
+        lines.append(f"  peak device memory: forward {r['peak_device_mem_forward_gb']:.2f} GB, "
+                     f"with collection {r['peak_device_mem_collect_gb']:.2f} GB")
+    for m in r.get("memory_scaling", []):
+        lines.append(f"  {m['tokens']:>9} tokens streamed: {m['seconds']:.2f} s ({m['seconds_per_mtok']:.2f} s per M tokens), "
+                     f"peak RSS {m['peak_rss_mb']:.0f} MB")
+    lines.append(f"  peak host RSS {r['peak_host_rss_mb']:.0f} MB")
+    return "\n".join(lines)
