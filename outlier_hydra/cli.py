@@ -80,8 +80,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             return compose(config_name="config", overrides=list(overrides))
     except HydraException as exc:
-        cause = exc.__cause__ or exc
-        raise OutlierHydraError(" ".join(str(cause).split("\n")[:1])) from None
+        raise OutlierHydraError(str(exc).strip().splitlines()[0]) from None
 
 
 def settings(overrides: list[str]) -> dict[str, Any]:

@@ -125,3 +125,32 @@ def test_compiled_backend_matches_the_reference(tiny_models):
     reference = OutlierCollector(6.0, 5, None, backend="dense").collect_batch(model, points, ids)
     _assert_identical(compiled.collect_batch(model, points, ids), reference)
     assert compiled.backend == "compiled", "it compiled, rather than falling back"
+
+
+def test_compiled_backend_falls_back_on_compilation_errors_only(monkeypatch):
+    """A failure to compile switches to the dense reduction (recorded in the batch's meta); any other
+    error inside a hook (an OOM, a bug) is raised, never swallowed by the fallback."""
+    import outlier_hydra.collect.collector as collector_module
+    from torch._dynamo.exc import Unsupported
+
+    x = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(2)) * 4
+    reference = _collect([[x, x]], backend="dense")
+
+    def cannot_compile(*args):
+        raise Unsupported("simulated: dynamo cannot trace this")
+
+    monkeypatch.setattr(collector_module, "compiled_reduce", cannot_compile)
+    model = ReplayModel([[x, x]])
+    points = PRE_NORM_DECODER.hook_points([0])
+    collector = OutlierCollector(6.0, 5, None, backend="compiled")
+    stats = collector.collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
+    _assert_identical(stats, reference)
+    assert stats.meta["backend"] == "dense" and collector.backend == "dense"
+    assert reference.meta["backend"] == "dense"
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    monkeypatch.setattr(collector_module, "compiled_reduce", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        OutlierCollector(6.0, 5, None, backend="compiled").collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))

@@ -110,3 +110,19 @@ def test_launcher_waits_while_slurm_still_holds_the_job(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "slurm_state", lambda job_id: "CANCELLED")
     monkeypatch.setattr(launcher, "GRACE_S", 0.05)
     launcher.wait_until_settled(gone, poll_s=0.01)  # returns: results() then reports the failure
+
+
+def test_auto_gpu_count_is_resolved_by_the_launcher_not_at_compose(tmp_path, capsys):
+    """Composing gpus_per_node=auto reads no model; the launcher resolves it when it submits, and a
+    request no allowed count can hold ends the sweep with one line (exit code 2)."""
+    cfg = _compose("deployment=slurm_multi_gpu", "model=mixtral_8x7b", "deployment.min_vram_gb=24",
+                   "deployment.allowed_gpu_counts=[1,2]")
+    assert OmegaConf.to_container(cfg.hydra.launcher, resolve=True)["gpus_per_node"] == "auto"
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    with pytest.raises(SystemExit) as info:
+        resolved_params(params, cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("outlier_hydra: error: deployment.gpus_per_node=auto: ")
+    local = _compose("deployment=submitit_local", "deployment.gpus_per_node=auto", "model=olmoe_1b_7b")
+    assert resolved_params(OmegaConf.to_container(local.hydra.launcher, resolve=True), local)["gpus_per_node"] == 1

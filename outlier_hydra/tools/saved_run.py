@@ -42,7 +42,8 @@ def typed_config(plain: dict, allowed: list[str], where: Path) -> DictConfig:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), {**plain, "allowed_targets": list(allowed)})
     except OmegaConfBaseException as exc:
-        raise OutlierHydraError(f"{where}: {getattr(exc, 'full_key', '')}: {str(exc).splitlines()[0]}") from None
+        key = getattr(exc, "full_key", "")
+        raise OutlierHydraError(f"{where}: {key + ': ' if key else ''}{str(exc).splitlines()[0]}") from None
     assert isinstance(cfg, DictConfig)
     return cfg
 
