@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test install benchmark clean slurm
+.PHONY: run test lint install benchmark clean slurm
 
 install: $(STAMP)
 
@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m outlier_hydra $(ARGS)
 
-test: $(STAMP) slurm
+test: lint slurm
 	$(PY) -m pytest $(ARGS)
+
+# ruff (lint and format) and mypy over the package, tests and scripts: seconds, before any test runs
+lint: $(STAMP)
+	$(PY) -m ruff check outlier_hydra tests scripts
+	$(PY) -m ruff format --check outlier_hydra tests scripts
+	$(PY) -m mypy
 
 # The Slurm tests run against a real single-node cluster (scripts/local_slurm.sh: Debian's
 # slurmctld/slurmd/slurmdbd + MariaDB + munge, no systemd). Starting it needs root; elsewhere those
@@ -37,7 +43,7 @@ slurm:
 	else echo "make: not root, the Slurm tests will skip (start the cluster with: sudo scripts/local_slurm.sh up)"; fi
 
 benchmark: $(STAMP)
-	$(PY) scripts/benchmark.py $(ARGS)
+	$(PY) -m outlier_hydra benchmark $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

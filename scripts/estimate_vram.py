@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """GPU memory estimate for a configured run: `outlier-hydra estimate-vram`, same overrides as a run.
 
-    scripts/estimate_vram.py model=qwen3_30b dataset.sequence_length=4096
+scripts/estimate_vram.py model=qwen3_30b dataset.sequence_length=4096
 """
+
 import sys
 
 from outlier_hydra.cli import main

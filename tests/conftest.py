@@ -36,9 +36,14 @@ def make_cfg(*overrides: str):
 
 def tiny_overrides(model_dir, *extra: str) -> list[str]:
     return [
-        "model=local", f"model.name={model_dir}",
-        "dataset=local", f"dataset.data_files={CORPUS}",
-        "dataset.num_sequences=8", "dataset.sequence_length=32", "analysis.batch_size=4", *extra,
+        "model=local",
+        f"model.name={model_dir}",
+        "dataset=local",
+        f"dataset.data_files={CORPUS}",
+        "dataset.num_sequences=8",
+        "dataset.sequence_length=32",
+        "analysis.batch_size=4",
+        *extra,
     ]
 
 

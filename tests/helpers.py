@@ -17,14 +17,29 @@ def tiny_config(family: str):
     from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
     common = dict(
-        hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=30522, max_position_embeddings=256, bos_token_id=101, eos_token_id=102, pad_token_id=0,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=256,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
     )
     if family == "olmoe":
         return OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, **common)
     if family == "qwen3_moe":
-        return Qwen3MoeConfig(moe_intermediate_size=32, intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                              head_dim=16, decoder_sparse_step=1, mlp_only_layers=[], **common)
+        return Qwen3MoeConfig(
+            moe_intermediate_size=32,
+            intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **common,
+        )
     if family == "mixtral":
         return MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **common)
     raise ValueError(family)
@@ -62,8 +77,10 @@ def decoder_module_paths(layers) -> list[str]:
 def bert_module_paths(layers) -> list[str]:
     out = []
     for i in layers:
-        out += ["embeddings.LayerNorm" if i == 0 else f"encoder.layer.{i - 1}.output.LayerNorm",
-                f"encoder.layer.{i}.attention.output.LayerNorm"]
+        out += [
+            "embeddings.LayerNorm" if i == 0 else f"encoder.layer.{i - 1}.output.LayerNorm",
+            f"encoder.layer.{i}.attention.output.LayerNorm",
+        ]
     return out
 
 
@@ -74,11 +91,15 @@ def full_activations(model_dir, module_paths, token_ids: np.ndarray, batch_size:
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     modules = dict(model.named_modules())
     acts = {p: [] for p in module_paths}
-    handles = [modules[p].register_forward_hook(lambda m, a, o, p=p: acts[p].append(o.detach().reshape(-1, o.shape[-1]).double().numpy()))
-               for p in module_paths]
+    handles = [
+        modules[p].register_forward_hook(
+            lambda m, a, o, p=p: acts[p].append(o.detach().reshape(-1, o.shape[-1]).double().numpy())
+        )
+        for p in module_paths
+    ]
     with torch.no_grad():
         for s in range(0, len(token_ids), batch_size):
-            model(input_ids=torch.from_numpy(token_ids[s:s + batch_size]))
+            model(input_ids=torch.from_numpy(token_ids[s : s + batch_size]))
     for h in handles:
         h.remove()
     return np.stack([np.concatenate(acts[p]) for p in module_paths])
@@ -133,11 +154,12 @@ def routing_recompute(model_dir, token_ids: np.ndarray, layer: int, dim: int, ba
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     seen = {"x": [], "idx": []}
     h1 = model.layers[layer].post_attention_layernorm.register_forward_hook(
-        lambda m, a, o: seen["x"].append(o.reshape(-1, o.shape[-1]).numpy().copy()))
+        lambda m, a, o: seen["x"].append(o.reshape(-1, o.shape[-1]).numpy().copy())
+    )
     h2 = model.layers[layer].mlp.gate.register_forward_hook(lambda m, a, o: seen["idx"].append(o[2].numpy().copy()))
     with torch.no_grad():
         for s in range(0, len(token_ids), batch_size):
-            model(input_ids=torch.from_numpy(token_ids[s:s + batch_size]))
+            model(input_ids=torch.from_numpy(token_ids[s : s + batch_size]))
     h1.remove(), h2.remove()
     x, idx = np.concatenate(seen["x"]), np.concatenate(seen["idx"])
     n_experts = model.layers[layer].mlp.gate.weight.shape[0]
@@ -148,6 +170,7 @@ def routing_recompute(model_dir, token_ids: np.ndarray, layer: int, dim: int, ba
 
 def int8_recompute(acts: np.ndarray, keep: list[int]) -> tuple[float, float]:
     """Relative error of per-token absmax int8 over all modules: all dims, and `keep` in float16."""
+
     def q(x):
         scale = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-12) / 127
         return np.clip(np.round(x / scale), -127, 127) * scale
@@ -159,5 +182,5 @@ def int8_recompute(acts: np.ndarray, keep: list[int]) -> tuple[float, float]:
     err_kept = ((rest - q(rest.astype(np.float32)).astype(np.float64)) ** 2).sum()
     kept = x[..., keep]
     err_kept += ((kept - kept.astype(np.float16).astype(np.float64)) ** 2).sum()
-    norm = (x ** 2).sum()
+    norm = (x**2).sum()
     return float(np.sqrt(err_all / norm)), float(np.sqrt(err_kept / norm))

@@ -26,14 +26,14 @@ class OutlierPositionsStats:
     tokens: np.ndarray  # [L] int64
     hits: np.ndarray  # [L] int64
 
-    def merge(self, other: "OutlierPositionsStats") -> "OutlierPositionsStats":
+    def merge(self, other: OutlierPositionsStats) -> OutlierPositionsStats:
         return OutlierPositionsStats(self.layers, self.tokens + other.tokens, self.hits + other.hits)
 
     def to_arrays(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "OutlierPositionsStats":
+    def from_arrays(cls, arrays: dict) -> OutlierPositionsStats:
         return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
 
@@ -62,8 +62,12 @@ class OutlierPositions(Stage):
         return OutlierPositionsStats(np.asarray(self.layers, np.int64), tokens, hits)
 
     def report(self, stats: OutlierPositionsStats, ctx: ReportContext) -> dict:
-        return {"layers": [{"layer": int(layer), "tokens": int(t), "outlier_positions": int(h)}
-                           for layer, t, h in zip(stats.layers, stats.tokens, stats.hits)]}
+        return {
+            "layers": [
+                {"layer": int(layer), "tokens": int(t), "outlier_positions": int(h)}
+                for layer, t, h in zip(stats.layers, stats.tokens, stats.hits)
+            ]
+        }
 
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
         from outlier_hydra.output.plots import pyplot, save_figure

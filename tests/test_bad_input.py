@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CORPUS, REPO, make_cfg, tiny_overrides
+from conftest import REPO, make_cfg, tiny_overrides
 
 import outlier_hydra.pipeline.job as run_module
 from outlier_hydra.errors import OutlierHydraError
@@ -14,8 +14,10 @@ from outlier_hydra.errors import OutlierHydraError
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if the run gets as far as loading weights."""
+
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the bad input was reported")
+
     monkeypatch.setattr(run_module, "load_model", refuse)
 
 
@@ -40,19 +42,40 @@ CASES = {
     "chunk_layers_zero": (["analysis.chunk_layers=0"], r"analysis\.chunk_layers"),
     "batch_size_zero": (["analysis.batch_size=0"], r"analysis\.batch_size"),
     "num_sequences_zero": (["dataset.num_sequences=0"], r"dataset\.num_sequences"),
-    "target_not_allowed": (["analysis.collector._target_=os.system"],
-                           r"analysis\.collector\._target_: os\.system is outside outlier_hydra; allow it explicitly with allowed_targets=\[os\.\]"),
-    "bad_collector_target": (["analysis.collector._target_=no_such_module.Collector", "allowed_targets=[no_such_module.]"],
-                             r"analysis\.collector\._target_: cannot import"),
-    "unknown_stage": (["+analysis.stages.no_such_stage={enabled: true}"], r"analysis\.stages\.no_such_stage: no stage named 'no_such_stage'"),
-    "stage_setting_type": (["analysis.stages.moe_routing=null", "+analysis.stages.moe_routing={enabled: true, top_experts: many}"],
-                           r"analysis\.stages\.moe_routing\.top_experts: "),
-    "target_signature": (["analysis.analyzer._target_=outlier_hydra.collect.OutlierCollector"], r"analysis\.analyzer: .* does not take"),
+    "target_not_allowed": (
+        ["analysis.collector._target_=os.system"],
+        r"analysis\.collector\._target_: os\.system is outside outlier_hydra; allow it explicitly with allowed_targets=\[os\.\]",
+    ),
+    "bad_collector_target": (
+        ["analysis.collector._target_=no_such_module.Collector", "allowed_targets=[no_such_module.]"],
+        r"analysis\.collector\._target_: cannot import",
+    ),
+    "unknown_stage": (
+        ["+analysis.stages.no_such_stage={enabled: true}"],
+        r"analysis\.stages\.no_such_stage: no stage named 'no_such_stage'",
+    ),
+    "stage_setting_type": (
+        ["analysis.stages.moe_routing=null", "+analysis.stages.moe_routing={enabled: true, top_experts: many}"],
+        r"analysis\.stages\.moe_routing\.top_experts: ",
+    ),
+    "target_signature": (
+        ["analysis.analyzer._target_=outlier_hydra.collect.OutlierCollector"],
+        r"analysis\.analyzer: .* does not take",
+    ),
     "layer_out_of_range": (["analysis.layers=[1,4]"], r"analysis\.layers: layer 4 is out of range; .* has 4 layers"),
     "layers_empty": (["analysis.layers=[]"], r"analysis\.layers: empty"),
-    "sequence_too_long": (["dataset.sequence_length=300"], r"dataset\.sequence_length: 300 is longer than the model allows \(max_position_embeddings=256\)"),
-    "corpus_too_short": (["dataset.num_sequences=1000", "dataset.sequence_length=256"], r"dataset: .* gave \d+ tokens, but .* = 256000 are needed"),
-    "no_such_data_file": (["dataset.data_files=/nonexistent/*.txt"], r"dataset\.data_files: no file matches /nonexistent/\*\.txt"),
+    "sequence_too_long": (
+        ["dataset.sequence_length=300"],
+        r"dataset\.sequence_length: 300 is longer than the model allows \(max_position_embeddings=256\)",
+    ),
+    "corpus_too_short": (
+        ["dataset.num_sequences=1000", "dataset.sequence_length=256"],
+        r"dataset: .* gave \d+ tokens, but .* = 256000 are needed",
+    ),
+    "no_such_data_file": (
+        ["dataset.data_files=/nonexistent/*.txt"],
+        r"dataset\.data_files: no file matches /nonexistent/\*\.txt",
+    ),
     "cuda_without_gpu": (["model.device_map=cuda"], r"model\.device_map=cuda but no CUDA device"),
 }
 
@@ -61,6 +84,7 @@ CASES = {
 def test_bad_value(case, olmoe, no_weights, tmp_path):
     if case == "cuda_without_gpu":
         import torch
+
         if torch.cuda.is_available():
             pytest.skip("a GPU is visible")
     extra, match = CASES[case]
@@ -77,8 +101,11 @@ def test_directory_without_config(no_weights, tmp_path):
 
 
 def test_hub_id_while_offline(no_weights, tmp_path):
-    _fails(tiny_overrides("no-such-org/no-such-model"),
-           r"model\.name: cannot load 'no-such-org/no-such-model': not a local directory, and HF_HUB_OFFLINE=1", tmp_path)
+    _fails(
+        tiny_overrides("no-such-org/no-such-model"),
+        r"model\.name: cannot load 'no-such-org/no-such-model': not a local directory, and HF_HUB_OFFLINE=1",
+        tmp_path,
+    )
 
 
 def test_empty_corpus(olmoe, no_weights, tmp_path):
@@ -90,14 +117,20 @@ def test_empty_corpus(olmoe, no_weights, tmp_path):
 def test_jsonl_without_the_text_field(olmoe, no_weights, tmp_path):
     f = tmp_path / "docs.jsonl"
     f.write_text('{"body": "some words here"}\n')
-    _fails(tiny_overrides(olmoe, f"dataset.data_files={f}"), r"dataset\.text_field: .* has no field 'text' \(fields: body\)", tmp_path)
+    _fails(
+        tiny_overrides(olmoe, f"dataset.data_files={f}"),
+        r"dataset\.text_field: .* has no field 'text' \(fields: body\)",
+        tmp_path,
+    )
 
 
 def test_cli_prints_one_line_and_exits_nonzero(olmoe, tmp_path):
     out = tmp_path / "cli_run"
     proc = subprocess.run(
         [sys.executable, "-m", "outlier_hydra", *tiny_overrides(olmoe, "analysis.layers=[7]"), f"hydra.run.dir={out}"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.startswith("outlier_hydra: error:")]
@@ -110,7 +143,9 @@ def test_cli_prints_one_line_and_exits_nonzero(olmoe, tmp_path):
 def test_cli_schema_errors_name_the_key(override, key, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "outlier_hydra", override, f"hydra.run.dir={tmp_path}/x"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode != 0
     assert key in proc.stderr
@@ -118,14 +153,26 @@ def test_cli_schema_errors_name_the_key(override, key, tmp_path):
 
 
 def test_hub_dataset_while_offline(olmoe, no_weights, tmp_path):
-    _fails(tiny_overrides(olmoe, "dataset=hub", "dataset.sequence_length=32", "dataset.name=no-such-org/no-such-data"),
-           r"dataset\.name: cannot open no-such-org/no-such-data: .*Offline", tmp_path)
+    _fails(
+        tiny_overrides(olmoe, "dataset=hub", "dataset.sequence_length=32", "dataset.name=no-such-org/no-such-data"),
+        r"dataset\.name: cannot open no-such-org/no-such-data: .*Offline",
+        tmp_path,
+    )
 
 
 def test_debug_flag_shows_the_traceback(olmoe, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "outlier_hydra", *tiny_overrides(olmoe, "analysis.layers=[7]"), "debug=true",
-         f"hydra.run.dir={tmp_path}/x"], capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "outlier_hydra",
+            *tiny_overrides(olmoe, "analysis.layers=[7]"),
+            "debug=true",
+            f"hydra.run.dir={tmp_path}/x",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "OutlierHydraError" in proc.stderr

@@ -15,13 +15,30 @@ from outlier_hydra.models.adapters import PRE_NORM_MOE
 
 
 def test_benchmark_cpu_tiny_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "benchmark=cpu_tiny", "benchmark.memory_tokens=[512,2048]",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "benchmark=cpu_tiny",
+            "benchmark.memory_tokens=[512,2048]",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "benchmark.json").read_text())
-    for key in ("forward_s", "collect_s", "baseline_s", "ratio_collect_over_forward", "ratio_baseline_over_forward",
-                "forward_tokens_per_s", "peak_host_rss_mb"):
+    for key in (
+        "forward_s",
+        "collect_s",
+        "baseline_s",
+        "ratio_collect_over_forward",
+        "ratio_baseline_over_forward",
+        "forward_tokens_per_s",
+        "peak_host_rss_mb",
+    ):
         assert result[key] > 0, key
     assert result["tokens"] == 2 * 64 and result["hooked_modules"] == 8 and result["collector_backend"] == "sparse"
     assert [m["tokens"] for m in result["memory_scaling"]] == [512, 2048]

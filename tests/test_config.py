@@ -1,8 +1,6 @@
 """The config tree: every option of every group composes into the typed schema, every experiment
 preset holds what it promises, every `_target_` instantiates, and type/key errors name the key."""
 
-from pathlib import Path
-
 import pytest
 from conftest import REPO, make_cfg
 from hydra.errors import ConfigCompositionException
@@ -62,12 +60,15 @@ def test_issue_command_line_composes():
     assert cfg.model.architecture.num_hidden_layers == 48
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.dtype=float8", "model.dtype"),
-    ("analysis.magnitude_threshold=big", "analysis.magnitude_threshold"),
-    ("dataset.num_sequences=1.5", "dataset.num_sequences"),
-    ("analysis.chunk_layers=some", "analysis.chunk_layers"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.dtype=float8", "model.dtype"),
+        ("analysis.magnitude_threshold=big", "analysis.magnitude_threshold"),
+        ("dataset.num_sequences=1.5", "dataset.num_sequences"),
+        ("analysis.chunk_layers=some", "analysis.chunk_layers"),
+    ],
+)
 def test_wrong_type_fails_at_compose_naming_the_key(override, key):
     with pytest.raises((ConfigCompositionException, ValidationError)) as info:
         make_cfg(override)

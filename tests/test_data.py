@@ -42,6 +42,7 @@ def test_other_file_types(kind, tokenizer, tmp_path):
     if kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
         overrides = [f"dataset.data_files={tmp_path}/*.parquet", "dataset.text_field=body"]
     else:
@@ -81,10 +82,16 @@ def test_hub_code_path_with_a_local_dataset_directory(tokenizer, tmp_path):
     data = tmp_path / "my_dataset" / "data"
     data.mkdir(parents=True)
     (data / "train-00000.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
-    hub = make_cfg("dataset=hub", f"dataset.name={tmp_path / 'my_dataset'}", "dataset.config_name=null",
-                   "dataset.num_sequences=3", "dataset.sequence_length=24")
-    local = make_cfg("dataset=local", f"dataset.data_files={data}/*.jsonl", "dataset.num_sequences=3",
-                     "dataset.sequence_length=24")
+    hub = make_cfg(
+        "dataset=hub",
+        f"dataset.name={tmp_path / 'my_dataset'}",
+        "dataset.config_name=null",
+        "dataset.num_sequences=3",
+        "dataset.sequence_length=24",
+    )
+    local = make_cfg(
+        "dataset=local", f"dataset.data_files={data}/*.jsonl", "dataset.num_sequences=3", "dataset.sequence_length=24"
+    )
     got = token_windows(hub.dataset, tokenizer)
     assert got.ravel().tolist() == _stream(tokenizer, docs)[:72]
     assert np.array_equal(got, token_windows(local.dataset, tokenizer))

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.config import config_dir, register
+from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.launch.launcher import executor_parameters, resolved_params
 from outlier_hydra.launch.vram import estimate, gpus_per_node
 
@@ -33,23 +33,41 @@ def sbatch_script(cfg, tmp_path) -> str:
 
 
 def test_multi_gpu_sbatch_directives(tmp_path):
-    cfg = _compose("deployment=slurm_multi_gpu", "model=mixtral_8x7b", "deployment.partition=gpu",
-                   "deployment.account=lab", "deployment.setup=[module load cuda/12.4]",
-                   "+deployment.additional_parameters.reservation=mine")
+    cfg = _compose(
+        "deployment=slurm_multi_gpu",
+        "model=mixtral_8x7b",
+        "deployment.partition=gpu",
+        "deployment.account=lab",
+        "deployment.setup=[module load cuda/12.4]",
+        "+deployment.additional_parameters.reservation=mine",
+    )
     assert cfg.model.device_map == "balanced"
     expected_gpus = estimate(cfg).gpus_needed(80)
     assert expected_gpus == 2  # Mixtral-8x7B in bf16: 87 GB of weights
     text = sbatch_script(cfg, tmp_path)
-    for line in (f"#SBATCH --gpus-per-node={expected_gpus}", "#SBATCH --cpus-per-task=16", "#SBATCH --mem=256GB",
-                 "#SBATCH --time=240", "#SBATCH --partition=gpu", "#SBATCH --account=lab",
-                 "#SBATCH --reservation=mine", "#SBATCH --job-name=outlier_hydra", "module load cuda/12.4"):
+    for line in (
+        f"#SBATCH --gpus-per-node={expected_gpus}",
+        "#SBATCH --cpus-per-task=16",
+        "#SBATCH --mem=256GB",
+        "#SBATCH --time=240",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --reservation=mine",
+        "#SBATCH --job-name=outlier_hydra",
+        "module load cuda/12.4",
+    ):
         assert line in text, line
 
 
 def test_single_gpu_sbatch_directives(tmp_path):
     text = sbatch_script(_compose("deployment=slurm", "deployment.partition=a100", "deployment.qos=high"), tmp_path)
-    for line in ("#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB",
-                 "#SBATCH --partition=a100", "#SBATCH --qos=high"):
+    for line in (
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --partition=a100",
+        "#SBATCH --qos=high",
+    ):
         assert line in text, line
 
 
@@ -70,9 +88,15 @@ def test_parameter_counts_of_the_real_models(model, total, active):
 def test_auto_gpu_count_and_its_failure():
     cfg = _compose("deployment=slurm_multi_gpu", "model=qwen3_30b", "deployment.min_vram_gb=24")
     assert gpus_per_node(cfg) == 4
-    cfg = _compose("deployment=slurm_multi_gpu", "model=mixtral_8x7b", "deployment.min_vram_gb=24",
-                   "deployment.allowed_gpu_counts=[1,2]")
-    with pytest.raises(OutlierHydraError, match=r"deployment\.gpus_per_node=auto: .* no allowed count \(1, 2\) of 24 GB cards fits"):
+    cfg = _compose(
+        "deployment=slurm_multi_gpu",
+        "model=mixtral_8x7b",
+        "deployment.min_vram_gb=24",
+        "deployment.allowed_gpu_counts=[1,2]",
+    )
+    with pytest.raises(
+        OutlierHydraError, match=r"deployment\.gpus_per_node=auto: .* no allowed count \(1, 2\) of 24 GB cards fits"
+    ):
         gpus_per_node(cfg)
 
 
@@ -115,8 +139,12 @@ def test_launcher_waits_while_slurm_still_holds_the_job(tmp_path, monkeypatch):
 def test_auto_gpu_count_is_resolved_by_the_launcher_not_at_compose(tmp_path, capsys):
     """Composing gpus_per_node=auto reads no model; the launcher resolves it when it submits, and a
     request no allowed count can hold ends the sweep with one line (exit code 2)."""
-    cfg = _compose("deployment=slurm_multi_gpu", "model=mixtral_8x7b", "deployment.min_vram_gb=24",
-                   "deployment.allowed_gpu_counts=[1,2]")
+    cfg = _compose(
+        "deployment=slurm_multi_gpu",
+        "model=mixtral_8x7b",
+        "deployment.min_vram_gb=24",
+        "deployment.allowed_gpu_counts=[1,2]",
+    )
     assert OmegaConf.to_container(cfg.hydra.launcher, resolve=True)["gpus_per_node"] == "auto"
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     with pytest.raises(SystemExit) as info:

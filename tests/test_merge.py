@@ -43,12 +43,24 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
     shards = []
     for i in range(2):
         d = tmp_path / f"shard{i}"
-        run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.batch_size=2", "dataset.num_sequences=4",
-                                     f"dataset.skip_sequences={4 * i}")), d)
+        run(
+            make_cfg(
+                *tiny_overrides(
+                    tiny_models["olmoe"],
+                    "analysis.batch_size=2",
+                    "dataset.num_sequences=4",
+                    f"dataset.skip_sequences={4 * i}",
+                )
+            ),
+            d,
+        )
         shards.append(d)
     # through the command line, as a user would
-    subprocess.run([sys.executable, "-m", "outlier_hydra", "merge", *map(str, shards), "--out", str(tmp_path / "merged")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", "merge", *map(str, shards), "--out", str(tmp_path / "merged")],
+        check=True,
+        capture_output=True,
+    )
     for name in ["final_analysis_results.json"] + [f"batch_{b:03d}_results.json" for b in range(1, 5)]:
         merged = json.loads((tmp_path / "merged" / name).read_text())
         assert merged == json.loads((tmp_path / "all" / name).read_text()), name  # identical, batches_systematic too

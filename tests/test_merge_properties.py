@@ -24,9 +24,14 @@ def batch_stats(draw):
     top = np.array(draw(st.lists(st.lists(vals, min_size=D, max_size=D), min_size=K, max_size=K)), np.float32)
     top = top[np.argsort(-np.abs(top), axis=0, kind="stable"), np.arange(D)]
     return OutlierStats(
-        module_names=list(NAMES), edges=EDGES, threshold=6.0, num_tokens=n, ge_counts=ge,
+        module_names=list(NAMES),
+        edges=EDGES,
+        threshold=6.0,
+        num_tokens=n,
+        ge_counts=ge,
         max_abs=np.abs(np.array(draw(st.lists(st.lists(vals, min_size=D, max_size=D), min_size=3, max_size=3)), np.float32)),
-        top_values=top, pos_ge_counts=ge.max(0),
+        top_values=top,
+        pos_ge_counts=ge.max(0),
         nonfinite=np.array(draw(st.lists(st.integers(0, 3), min_size=3, max_size=3)), np.int64),
     )
 

@@ -74,8 +74,9 @@ def test_router_stats_merge_exactly_across_batches(routed_models, tmp_path):
     fb = {f["feature_dim"]: f for f in two["moe_routing"]["features"]}
     assert fa.keys() == fb.keys()
     for d in fa:
-        assert [(l["layer"], l["outlier_positions"], l["top_experts"]) for l in fa[d]["layers"]] == \
-               [(l["layer"], l["outlier_positions"], l["top_experts"]) for l in fb[d]["layers"]]
+        assert [(l["layer"], l["outlier_positions"], l["top_experts"]) for l in fa[d]["layers"]] == [
+            (l["layer"], l["outlier_positions"], l["top_experts"]) for l in fb[d]["layers"]
+        ]
 
 
 def test_router_stage_is_not_applied_to_dense_models(tmp_path):
@@ -99,8 +100,7 @@ def test_planted_massive_activation_is_found_at_its_position_and_dim(tiny_models
         assert layer["median_abs"] < 10
         massive = layer["massive"]
         assert massive, f"layer {layer['layer']}"
-        assert all(m["dim"] == 13 and (m["sequence"], m["position"]) in where and m["token_id"] == target
-                   for m in massive)
+        assert all(m["dim"] == 13 and (m["sequence"], m["position"]) in where and m["token_id"] == target for m in massive)
         assert abs(massive[0]["value"]) > 1000
         assert massive[0]["token"]  # decoded
     # in the batch files too
@@ -121,4 +121,6 @@ def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_
     assert section["relative_error_outliers_kept"] < section["relative_error_all_int8"]
     m0 = section["modules"]["layer_0_ln_attn"]
     a0, k0 = int8_recompute(acts[:1], keep)
-    assert m0["relative_error_all_int8"] == pytest.approx(a0, rel=1e-4) and m0["relative_error_outliers_kept"] == pytest.approx(k0, rel=1e-4)
+    assert m0["relative_error_all_int8"] == pytest.approx(a0, rel=1e-4) and m0[
+        "relative_error_outliers_kept"
+    ] == pytest.approx(k0, rel=1e-4)

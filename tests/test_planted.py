@@ -54,7 +54,7 @@ def test_batch_files_apply_the_criteria_to_each_batch(tiny_models, tmp_path):
     acts = full_activations(tiny_models["olmoe"], decoder_module_paths(range(LAYERS)), token_ids, batch_size=4)
     for b in range(2):
         batch = json.loads((tmp_path / f"batch_{b + 1:03d}_results.json").read_text())
-        expected = recompute(acts[:, b * 128:(b + 1) * 128])
+        expected = recompute(acts[:, b * 128 : (b + 1) * 128])
         assert {r["feature_dim"]: r["seq_percentage"] for r in batch["systematic_outliers"]} == {
             d: e["seq_percentage"] for d, e in expected.items()
         }
@@ -65,8 +65,10 @@ def test_batch_files_apply_the_criteria_to_each_batch(tiny_models, tmp_path):
 def test_layer_subset_and_chunked_passes(tiny_models, tmp_path):
     """analysis.layers restricts the hooks; chunk_layers=1 (one pass per layer) changes nothing."""
     full = run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"], "analysis.layers=[1,2]")), tmp_path / "a")
-    chunked = run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"], "analysis.layers=[1,2]", "analysis.chunk_layers=1")),
-                  tmp_path / "b")
+    chunked = run(
+        make_cfg(*tiny_overrides(tiny_models["qwen3_moe"], "analysis.layers=[1,2]", "analysis.chunk_layers=1")),
+        tmp_path / "b",
+    )
     assert full["hooked_modules"] == ["layer_1_ln_attn", "layer_1_ln_mlp", "layer_2_ln_attn", "layer_2_ln_mlp"]
     assert full["systematic_outliers"] == chunked["systematic_outliers"]
     found = {r["feature_dim"]: r["layer_percentage"] for r in full["systematic_outliers"]}
@@ -74,7 +76,12 @@ def test_layer_subset_and_chunked_passes(tiny_models, tmp_path):
 
 
 def test_analysis_stage_swaps_from_the_command_line(tiny_models, tmp_path):
-    results = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.analyzer._target_=doubles.TopFeatureOnly",
-                                                  "allowed_targets=[doubles.]")),
-                  tmp_path)
+    results = run(
+        make_cfg(
+            *tiny_overrides(
+                tiny_models["olmoe"], "analysis.analyzer._target_=doubles.TopFeatureOnly", "allowed_targets=[doubles.]"
+            )
+        ),
+        tmp_path,
+    )
     assert results["num_systematic_outliers"] == 1

@@ -16,16 +16,24 @@ from outlier_hydra.pipeline import run
 
 
 def _args(model, out):
-    return [*tiny_overrides(model, "analysis.batch_size=1", "analysis.collector._target_=doubles.SlowCollector"),
-            "allowed_targets=[doubles.]",
-            f"hydra.run.dir={out}", "progress=false"]
+    return [
+        *tiny_overrides(model, "analysis.batch_size=1", "analysis.collector._target_=doubles.SlowCollector"),
+        "allowed_targets=[doubles.]",
+        f"hydra.run.dir={out}",
+        "progress=false",
+    ]
 
 
 def test_killed_run_resumes_to_identical_results(tiny_models, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    proc = subprocess.Popen([sys.executable, "-m", "outlier_hydra", *_args(tiny_models["olmoe"], out)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "outlier_hydra", *_args(tiny_models["olmoe"], out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (out / "stats" / "batch_002.npz").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
@@ -38,8 +46,13 @@ def test_killed_run_resumes_to_identical_results(tiny_models, tmp_path):
     for p in out.glob("batch_*_results.json"):
         json.loads(p.read_text())  # never half-written
 
-    rerun = subprocess.run([sys.executable, "-m", "outlier_hydra", *_args(tiny_models["olmoe"], out)], cwd=REPO, env=env,
-                           capture_output=True, text=True)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", *_args(tiny_models["olmoe"], out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed: {len(done)} of 8 batches" in (out / "outlier_hydra.log").read_text()
     assert not list(out.rglob(".*.tmp-*")), "stale temporary files are cleaned up"

@@ -26,8 +26,14 @@ if not _slurm_up():
     pytest.skip("no Slurm cluster here: run scripts/local_slurm.sh up (as root)", allow_module_level=True)
 
 pytestmark = pytest.mark.slurm
-SMALL = ["deployment=slurm", "deployment.cpus_per_task=1", "deployment.mem_gb=2", "deployment.gpus_per_node=0",
-         "deployment.timeout_min=10", "progress=false"]
+SMALL = [
+    "deployment=slurm",
+    "deployment.cpus_per_task=1",
+    "deployment.mem_gb=2",
+    "deployment.gpus_per_node=0",
+    "deployment.timeout_min=10",
+    "progress=false",
+]
 
 
 def _sweep(sweep: Path, *args, check=True, **kw):
@@ -40,7 +46,9 @@ def _sweep(sweep: Path, *args, check=True, **kw):
 
 
 def _sacct(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State"], capture_output=True, text=True
+    ).stdout
     return dict(line.split("|", 1) for line in out.strip().splitlines())
 
 
@@ -52,21 +60,32 @@ def test_threshold_sweep_is_one_job_array_with_correct_results(tiny_models, tmp_
     assert env0["slurm_array_job_id"] == env1["slurm_array_job_id"] is not None
     assert {env0["slurm_array_task_id"], env1["slurm_array_task_id"]} == {"0", "1"}
     # accounting lags the controller by a moment: poll it
-    _wait_for(lambda: set(_sacct(env0["slurm_array_job_id"]).values()) == {"COMPLETED"}, 30, "accounting to record the array")
+    _wait_for(
+        lambda: set(_sacct(env0["slurm_array_job_id"]).values()) == {"COMPLETED"}, 30, "accounting to record the array"
+    )
     assert len(_sacct(env0["slurm_array_job_id"])) == 2
     for job, t in enumerate((4, 6)):
-        local = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], f"analysis.magnitude_threshold={t}")), tmp_path / f"local{t}")
+        local = run(
+            make_cfg(*tiny_overrides(tiny_models["olmoe"], f"analysis.magnitude_threshold={t}")), tmp_path / f"local{t}"
+        )
         assert json.loads((sweep / str(job) / "final_analysis_results.json").read_text()) == json.loads(json.dumps(local))
     assert len(json.loads((sweep / "sweep_summary.json").read_text())) == 2
 
 
 def test_two_shards_on_slurm_merge_to_the_single_run(tiny_models, tmp_path):
     sweep = tmp_path / "sweep"
-    _sweep(sweep, *tiny_overrides(tiny_models["qwen3_moe"], "analysis.batch_size=2"), *SMALL,
-           "dataset.num_shards=2", "dataset.shard_index=0,1")
+    _sweep(
+        sweep,
+        *tiny_overrides(tiny_models["qwen3_moe"], "analysis.batch_size=2"),
+        *SMALL,
+        "dataset.num_shards=2",
+        "dataset.shard_index=0,1",
+    )
     run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"], "analysis.batch_size=2")), tmp_path / "single")
     for name in ["final_analysis_results.json"] + [f"batch_{b:03d}_results.json" for b in range(1, 5)]:
-        assert json.loads((sweep / "merged" / name).read_text()) == json.loads((tmp_path / "single" / name).read_text()), name
+        assert json.loads((sweep / "merged" / name).read_text()) == json.loads((tmp_path / "single" / name).read_text()), (
+            name
+        )
 
 
 def test_gpu_job_sees_cuda_visible_devices(tiny_models, tmp_path):
@@ -95,12 +114,30 @@ def _start_slow_sweep(model, sweep: Path) -> subprocess.Popen:
     """A one-job sweep of 40 batches x 0.4 s in the background: still running when a signal comes
     (SIGKILL follows scancel / requeue after KillWait=2 on the local cluster)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
-    slow = tiny_overrides(model, "analysis.batch_size=1", "dataset.num_sequences=40",
-                          "analysis.collector._target_=doubles.SlowCollector",
-                          "allowed_targets=[doubles.]")
-    return subprocess.Popen([sys.executable, "-m", "outlier_hydra", "-m", *slow, *SMALL, "analysis.magnitude_threshold=6",
-                             f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    slow = tiny_overrides(
+        model,
+        "analysis.batch_size=1",
+        "dataset.num_sequences=40",
+        "analysis.collector._target_=doubles.SlowCollector",
+        "allowed_targets=[doubles.]",
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "outlier_hydra",
+            "-m",
+            *slow,
+            *SMALL,
+            "analysis.magnitude_threshold=6",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_cancelled_job_is_reported_as_failed_not_waited_on(tiny_models, tmp_path):
@@ -124,14 +161,20 @@ def test_requeued_job_resumes_from_its_last_batch(tiny_models, tmp_path):
     job = _running_job(sweep / ".submitit")
     subprocess.run(["scontrol", "requeue", job], check=True)
     # Slurm holds a requeued job for ~2 minutes before it is eligible again; release it now
-    _wait_for(lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-              .stdout.strip() == "PENDING", 60, "the requeued job to be pending")
+    _wait_for(
+        lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        == "PENDING",
+        60,
+        "the requeued job to be pending",
+    )
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     log = (sweep / "0" / "outlier_hydra.log").read_text()
     assert "resumed: " in log and " of 40 batches were already done" in log
     assert json.loads((sweep / "0" / "environment.json").read_text())["slurm_restart_count"] == "1"
-    fresh = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.batch_size=1", "dataset.num_sequences=40")),
-                tmp_path / "fresh")
+    fresh = run(
+        make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.batch_size=1", "dataset.num_sequences=40")),
+        tmp_path / "fresh",
+    )
     assert json.loads((sweep / "0" / "final_analysis_results.json").read_text()) == json.loads(json.dumps(fresh))

@@ -27,9 +27,20 @@ def _strip(results):
 def test_threshold_sweep_loads_the_model_once_and_equals_separate_runs(tiny_models, tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "outlier_hydra", "-m", *tiny_overrides(tiny_models["olmoe"]),
-         "analysis.magnitude_threshold=4,6,8", f"hydra.sweep.dir={sweep}", "progress=false"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "outlier_hydra",
+            "-m",
+            *tiny_overrides(tiny_models["olmoe"]),
+            "analysis.magnitude_threshold=4,6,8",
+            f"hydra.sweep.dir={sweep}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [(sweep / str(j) / "outlier_hydra.log").read_text() for j in range(3)]
@@ -38,11 +49,15 @@ def test_threshold_sweep_loads_the_model_once_and_equals_separate_runs(tiny_mode
 
     for job, t in enumerate(THRESHOLDS):
         swept = json.loads((sweep / str(job) / "final_analysis_results.json").read_text())
-        separate = run(make_cfg(*tiny_overrides(tiny_models["olmoe"], f"analysis.magnitude_threshold={t}")), tmp_path / f"sep{job}")
+        separate = run(
+            make_cfg(*tiny_overrides(tiny_models["olmoe"], f"analysis.magnitude_threshold={t}")), tmp_path / f"sep{job}"
+        )
         assert swept == _strip(separate)
         for b in (1, 2):
             name = f"batch_{b:03d}_results.json"
-            assert json.loads((sweep / str(job) / name).read_text()) == json.loads((tmp_path / f"sep{job}" / name).read_text())
+            assert json.loads((sweep / str(job) / name).read_text()) == json.loads(
+                (tmp_path / f"sep{job}" / name).read_text()
+            )
 
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert [r["magnitude_threshold"] for r in summary] == list(THRESHOLDS)
@@ -52,7 +67,9 @@ def test_threshold_sweep_loads_the_model_once_and_equals_separate_runs(tiny_mode
         assert row["top_dims"] == [f["feature_dim"] for f in r["systematic_outliers"]][:5]
         assert row["top_seq_percentages"] == [f["seq_percentage"] for f in r["systematic_outliers"]][:5]
     with open(sweep / "sweep_summary.csv") as f:
-        assert [int(r["num_systematic_outliers"]) for r in csv.DictReader(f)] == [r["num_systematic_outliers"] for r in summary]
+        assert [int(r["num_systematic_outliers"]) for r in csv.DictReader(f)] == [
+            r["num_systematic_outliers"] for r in summary
+        ]
     assert (sweep / "sweep_systematic_vs_threshold.png").stat().st_size > 10_000
     counts = [r["num_systematic_outliers"] for r in summary]
     assert counts == sorted(counts, reverse=True) and counts[1] == 2
@@ -65,18 +82,23 @@ def test_sweep_summary_command_after_the_fact(tiny_models, tmp_path):
         (d / ".hydra").mkdir()
         (d / ".hydra" / "overrides.yaml").write_text(f"- analysis.magnitude_threshold={t}\n")
     (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a job that never finished
-    proc = subprocess.run([sys.executable, "-m", "outlier_hydra", "sweep-summary", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", "sweep-summary", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "sweep_summary.json").read_text())
     assert [r["status"] for r in rows] == ["done", "done", "not finished"]
     assert [r.get("magnitude_threshold") for r in rows] == [5.0, 7.0, None]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["analysis.magnitude_threshold=4", "analysis.min_seq_percentage=0.1"],
-    ["analysis.min_layer_percentage=0.5"],
-    ["analysis.magnitude_threshold=12", "analysis.num_examples=3"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["analysis.magnitude_threshold=4", "analysis.min_seq_percentage=0.1"],
+        ["analysis.min_layer_percentage=0.5"],
+        ["analysis.magnitude_threshold=12", "analysis.num_examples=3"],
+    ],
+)
 def test_reanalysis_equals_a_fresh_run(overrides, tiny_models, tmp_path):
     run(make_cfg(*tiny_overrides(tiny_models["mixtral"])), tmp_path / "base")
     results, out = reanalyze(tmp_path / "base", overrides)
@@ -113,9 +135,15 @@ def test_cache_key_separates_whatever_changes_the_activations(tiny_models):
 
     same = key()
     assert key("analysis.magnitude_threshold=8", "analysis.min_seq_percentage=0.2") == same
-    for extra in (["model.dtype=bfloat16"], ["model.name=/elsewhere"], ["dataset.sequence_length=16"],
-                  ["dataset.skip_sequences=1"], ["dataset.seed=3", "dataset.shuffle=true"], ["analysis.layers=[0,1]"],
-                  ["analysis.batch_size=2"]):
+    for extra in (
+        ["model.dtype=bfloat16"],
+        ["model.name=/elsewhere"],
+        ["dataset.sequence_length=16"],
+        ["dataset.skip_sequences=1"],
+        ["dataset.seed=3", "dataset.shuffle=true"],
+        ["analysis.layers=[0,1]"],
+        ["analysis.batch_size=2"],
+    ):
         assert key(*extra) != same, extra
     assert key(edges=np.array([2.0, 6.0, 7.0])) != same
 
@@ -128,3 +156,29 @@ def test_cache_refuses_an_entry_with_other_tokens(tmp_path):
     assert not cache.fetch(tmp_path / "cache", "k", np.ones((2, 4), np.int64), tmp_path / "s2")
     assert cache.fetch(tmp_path / "cache", "k", np.zeros((2, 4), np.int64), tmp_path / "s3")
     assert (tmp_path / "s3" / "batch_001.npz").read_bytes() == b"x"
+
+
+def test_submitit_local_deployment_runs_each_job_in_its_own_process(tiny_models, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outlier_hydra",
+            "-m",
+            "deployment=submitit_local",
+            *tiny_overrides(tiny_models["olmoe"]),
+            "dataset.num_sequences=4",
+            "analysis.magnitude_threshold=4,6",
+            f"hydra.sweep.dir={sweep}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["status"] for r in json.loads((sweep / "sweep_summary.json").read_text())] == ["done", "done"]
+    assert len({json.loads((sweep / j / "environment.json").read_text())["hostname"] for j in "01"}) == 1
+    assert list((sweep / ".submitit").iterdir()), "submitit ran the jobs"

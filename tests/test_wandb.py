@@ -38,9 +38,15 @@ def test_offline_run_logs_the_feature_table(tiny_models, tmp_path, wandb_env):
     modules = json.loads(next((files / "media" / "table").glob("per_module_outliers_*.table.json")).read_text())
     assert [m[0] for m in modules["data"]] == results["hooked_modules"]
     logged_plots = {p.name.rsplit("_", 2)[0] for p in (files / "media" / "images" / "plots").glob("*.png")}
-    assert logged_plots == {p.stem for p in (out / "plots").glob("*.png")} >= {"outlier_heatmap", "criteria", "moe_expert_load"}
-    routing = json.loads(next((files / "media" / "table" / "moe_routing").glob("feature_top_expert_*.table.json")).read_text())
-    assert {row[0] for row in routing["data"]} == {7, 21} & {f["feature_dim"] for f in results["moe_routing"]["features"] if f["layers"]}
+    assert (
+        logged_plots == {p.stem for p in (out / "plots").glob("*.png")} >= {"outlier_heatmap", "criteria", "moe_expert_load"}
+    )
+    routing = json.loads(
+        next((files / "media" / "table" / "moe_routing").glob("feature_top_expert_*.table.json")).read_text()
+    )
+    assert {row[0] for row in routing["data"]} == {7, 21} & {
+        f["feature_dim"] for f in results["moe_routing"]["features"] if f["layers"]
+    }
 
 
 def test_failed_job_still_finishes_its_run(tiny_models, tmp_path, wandb_env, monkeypatch):

@@ -101,9 +101,7 @@ class SystematicOutlierAnalysis:
             "hooked_modules": list(total.module_names),
             "num_tokens": total.num_tokens,
             "num_batches": total.num_batches,
-            "nonfinite_values": {
-                total.module_names[m]: int(n) for m, n in enumerate(total.nonfinite) if n
-            },
+            "nonfinite_values": {total.module_names[m]: int(n) for m, n in enumerate(total.nonfinite) if n},
             "num_systematic_outliers": len(records),
             "systematic_outliers": records,
         }

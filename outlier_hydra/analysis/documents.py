@@ -21,8 +21,9 @@ def collector_section(batches: Sequence[OutlierStats]) -> dict:
     return {"backend": used[0] if len(used) == 1 else used}
 
 
-def document(header: dict, analyzer, stats: OutlierStats, batches: Sequence[OutlierStats], stages: Sequence[Stage],
-             context: dict) -> dict:
+def document(
+    header: dict, analyzer, stats: OutlierStats, batches: Sequence[OutlierStats], stages: Sequence[Stage], context: dict
+) -> dict:
     """One document: for a batch (batches = [it]) or for the merge of all batches."""
     doc = {**header, **analyzer.analyze(stats, list(batches))}
     for stage in stages:
@@ -32,9 +33,15 @@ def document(header: dict, analyzer, stats: OutlierStats, batches: Sequence[Outl
     return doc
 
 
-def build_documents(header: dict, analyzer, batches: Sequence[OutlierStats], stages: Sequence[Stage],
-                    tokenizer: Any = None, token_ids: Any = None, first_sequence: int = 0,
-                    ) -> tuple[list[dict], dict, OutlierStats]:
+def build_documents(
+    header: dict,
+    analyzer,
+    batches: Sequence[OutlierStats],
+    stages: Sequence[Stage],
+    tokenizer: Any = None,
+    token_ids: Any = None,
+    first_sequence: int = 0,
+) -> tuple[list[dict], dict, OutlierStats]:
     """(per-batch documents, final document, merged statistics at the analyzer's threshold).
     "post" stages are not run here: they need the model (pipeline/job.py adds their sections)."""
     context = {"tokenizer": tokenizer, "token_ids": token_ids, "first_sequence": first_sequence}

@@ -90,12 +90,15 @@ class _BatchState:
         else:
             out = dense_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
         ge, amax, bad, self.pabs[dev], self.pval[dev] = out
-        if self.ge[row] is None:
+        old_ge, old_max, old_bad = self.ge[row], self.max_abs[row], self.nonfinite[row]
+        if old_ge is None or old_max is None or old_bad is None:
             self.ge[row], self.max_abs[row], self.nonfinite[row] = ge, amax.float(), bad
         else:  # a module hooked in two passes of one batch (never with the shipped adapters)
-            self.ge[row] = self.ge[row] + ge
-            self.max_abs[row] = torch.maximum(self.max_abs[row], amax.float())
-            self.nonfinite[row] = self.nonfinite[row] + bad
+            self.ge[row], self.max_abs[row], self.nonfinite[row] = (
+                old_ge + ge,
+                torch.maximum(old_max, amax.float()),
+                old_bad + bad,
+            )
 
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Combine the devices' position buffers (layers sit on devices in model order)."""
@@ -108,6 +111,8 @@ class _BatchState:
         return pabs, pval
 
     def to_host(self, module_names: list[str], threshold: float) -> OutlierStats:
+        if self.num_features is None or self.num_tokens is None:
+            raise RuntimeError("no hooked module ran in the forward pass")
         m, d, e = len(module_names), self.num_features, len(self.edges)
         ge = np.zeros((m, d, e), np.int64)
         max_abs = np.zeros((m, d), np.float32)
@@ -117,10 +122,9 @@ class _BatchState:
             if t is None:
                 raise RuntimeError(f"hooked module {module_names[row]} never ran in the forward pass")
             rows_by_dev[t.device].append(row)
-        for dev, rows in rows_by_dev.items():  # one host copy per device and kind
-            ge[rows] = torch.stack([self.ge[r] for r in rows]).cpu().numpy()
-            max_abs[rows] = torch.stack([self.max_abs[r] for r in rows]).cpu().numpy()
-            nonfinite[rows] = torch.stack([self.nonfinite[r] for r in rows]).cpu().numpy()
+        for rows in rows_by_dev.values():  # one host copy per device and kind
+            for host, kept in ((ge, self.ge), (max_abs, self.max_abs), (nonfinite, self.nonfinite)):
+                host[rows] = torch.stack([t for t in (kept[r] for r in rows) if t is not None]).cpu().numpy()
         pabs, pval = self._positions()
         low = self.edges[0]
         edges_t = torch.tensor(self.edges, dtype=torch.float32, device=pabs.device)
@@ -177,8 +181,9 @@ class OutlierCollector:
         return "compiled" if device.type == "cuda" else "sparse"
 
     @torch.inference_mode()
-    def collect_batch(self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor,
-                      stages=(), first_sequence: int = 0) -> OutlierStats:
+    def collect_batch(
+        self, model: torch.nn.Module, points: list[HookPoint], input_ids: torch.Tensor, stages=(), first_sequence: int = 0
+    ) -> OutlierStats:
         """One batch: its OutlierStats (the stages' statistics in .extras, the reduction used in
         .meta["backend"])."""
         backend = self.backend_for(input_ids.device)
@@ -187,8 +192,10 @@ class OutlierCollector:
         except compile_errors() as exc:
             if backend != "compiled":
                 raise
-            log.warning("torch.compile could not build the reduction (%s); using the dense reduction from now on",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning(
+                "torch.compile could not build the reduction (%s); using the dense reduction from now on",
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
             self.backend = backend = "dense"
             stats = self._collect(model, points, input_ids, backend, stages, first_sequence)
         stats.meta["backend"] = backend

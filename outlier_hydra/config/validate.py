@@ -27,7 +27,9 @@ def check_config(cfg: DictConfig) -> None:
         _require(0 < v <= 1, f"analysis.{key}: must be in (0, 1] (a fraction, 0.25 = 25%), got {v}")
     _require(a.batch_size >= 1, f"analysis.batch_size: must be >= 1, got {a.batch_size}")
     _require(a.num_examples >= 1, f"analysis.num_examples: must be >= 1, got {a.num_examples}")
-    _require(a.chunk_layers is None or a.chunk_layers >= 1, f"analysis.chunk_layers: must be null or >= 1, got {a.chunk_layers}")
+    _require(
+        a.chunk_layers is None or a.chunk_layers >= 1, f"analysis.chunk_layers: must be null or >= 1, got {a.chunk_layers}"
+    )
     if a.layers is not None:
         layers = list(a.layers)
         _require(len(layers) > 0, "analysis.layers: empty list (use null for every layer)")
@@ -37,13 +39,19 @@ def check_config(cfg: DictConfig) -> None:
     _require(d.sequence_length >= 1, f"dataset.sequence_length: must be >= 1, got {d.sequence_length}")
     _require(d.skip_sequences >= 0, f"dataset.skip_sequences: must be >= 0, got {d.skip_sequences}")
     _require(d.shuffle_buffer >= 1, f"dataset.shuffle_buffer: must be >= 1, got {d.shuffle_buffer}")
-    _require(1 <= d.num_shards <= d.num_sequences,
-             f"dataset.num_shards: must be between 1 and dataset.num_sequences ({d.num_sequences}), got {d.num_shards}")
-    _require(0 <= d.shard_index < d.num_shards,
-             f"dataset.shard_index: must be in [0, {d.num_shards}) for dataset.num_shards={d.num_shards}, got {d.shard_index}")
+    _require(
+        1 <= d.num_shards <= d.num_sequences,
+        f"dataset.num_shards: must be between 1 and dataset.num_sequences ({d.num_sequences}), got {d.num_shards}",
+    )
+    _require(
+        0 <= d.shard_index < d.num_shards,
+        f"dataset.shard_index: must be in [0, {d.num_shards}) for dataset.num_shards={d.num_shards}, got {d.shard_index}",
+    )
     gpus = cfg.deployment.gpus_per_node
-    _require(str(gpus) == "auto" or (isinstance(gpus, int) and gpus >= 0),
-             f"deployment.gpus_per_node: a count >= 0 or auto, got {gpus!r}")
+    _require(
+        str(gpus) == "auto" or (isinstance(gpus, int) and gpus >= 0),
+        f"deployment.gpus_per_node: a count >= 0 or auto, got {gpus!r}",
+    )
     if enum_value(d.source) == "local":
         _require(bool(d.data_files), "dataset.data_files: not set (a path or glob) for dataset.source=local")
     else:
@@ -64,7 +72,9 @@ def resolve_layers(cfg: DictConfig, model_config) -> list[int]:
     layers = sorted(int(i) for i in cfg.analysis.layers)
     bad = [i for i in layers if i >= n]
     if bad:
-        raise OutlierHydraError(f"analysis.layers: layer {bad[0]} is out of range; {cfg.model.name} has {n} layers (0..{n - 1})")
+        raise OutlierHydraError(
+            f"analysis.layers: layer {bad[0]} is out of range; {cfg.model.name} has {n} layers (0..{n - 1})"
+        )
     return layers
 
 

@@ -31,10 +31,10 @@ def resolve_data_files(pattern: str | None) -> tuple[str, list[str]]:
     files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise OutlierHydraError(f"dataset.data_files: no file matches {pattern}")
-    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds:
-        bad = next(f for f in files if Path(f).suffix.lower() not in BUILDERS)
-        raise OutlierHydraError(f"dataset.data_files: {bad}: unsupported file type (use {', '.join(sorted(BUILDERS))})")
+    bad = [f for f in files if Path(f).suffix.lower() not in BUILDERS]
+    if bad:
+        raise OutlierHydraError(f"dataset.data_files: {bad[0]}: unsupported file type (use {', '.join(sorted(BUILDERS))})")
+    kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
     if len(kinds) > 1:
         raise OutlierHydraError(f"dataset.data_files: {pattern} mixes file types {sorted(kinds)}")
     return kinds.pop(), files
@@ -64,12 +64,16 @@ def open_dataset(ds_cfg):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OutlierHydraError(f"{key}: cannot open {what}: {reason}") from exc
     if ds_cfg.shuffle:
-        ds = ds.shuffle(seed=ds_cfg.seed, buffer_size=ds_cfg.shuffle_buffer) if ds_cfg.streaming else ds.shuffle(seed=ds_cfg.seed)
+        ds = (
+            ds.shuffle(seed=ds_cfg.seed, buffer_size=ds_cfg.shuffle_buffer)
+            if ds_cfg.streaming
+            else ds.shuffle(seed=ds_cfg.seed)
+        )
     return ds, where
 
 
 def iter_texts(ds, text_field: str, where: str) -> Iterator[str]:
-    for i, record in enumerate(ds):
+    for record in ds:
         if text_field not in record:
             raise OutlierHydraError(
                 f"dataset.text_field: {where} has no field {text_field!r} (fields: {', '.join(map(str, record))})"

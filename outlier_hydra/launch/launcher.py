@@ -33,8 +33,21 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
-ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-          "RESIZING", "SUSPENDED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+ACTIVE = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "PREEMPTED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+}
 GRACE_S = 10  # after the job left the queue, how long its result file may take to appear
 
 
@@ -80,15 +93,18 @@ def resolved_params(params: dict, config) -> dict:
 def executor_parameters(params: dict, executor_name: str) -> dict:
     """hydra-submitit-launcher's mapping of launcher keys to submitit's update_parameters()."""
     base = set(OmegaConf.structured(BaseQueueConf).keys())
-    return {k if k in base else f"{executor_name}_{k}": v for k, v in params.items()
-            if k not in ("max_num_timeout", "submitit_folder")}
+    return {
+        k if k in base else f"{executor_name}_{k}": v
+        for k, v in params.items()
+        if k not in ("max_num_timeout", "submitit_folder")
+    }
 
 
 class AutoGpuLocalLauncher(LocalLauncher):
     """submitit's local executor (deployment=submitit_local), with gpus_per_node=auto resolved."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        self.params = resolved_params(self.params, self.config)
+        self.params = resolved_params(self.params, self.config)  # type: ignore[has-type]
         return super().launch(job_overrides, initial_job_idx)
 
 

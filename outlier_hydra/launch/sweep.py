@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ def _overrides(job_dir: Path) -> list[str]:
 
 def summarize(sweep_dir: Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
-    jobs = sorted((d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()),
-                  key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    jobs = sorted(
+        (d for d in sweep_dir.iterdir() if (d / ".hydra").is_dir()),
+        key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name),
+    )
     rows = []
     for d in jobs:
         row: dict[str, Any] = {"job": d.name, "overrides": " ".join(_overrides(d))}
@@ -49,18 +52,20 @@ def summarize(sweep_dir: Path) -> list[dict]:
             continue
         r = rundir.read_json(final)
         top = r["systematic_outliers"][:TOP]
-        rows.append({
-            **row,
-            "status": "done",
-            "magnitude_threshold": r["criteria"]["magnitude_threshold"],
-            "min_layer_percentage": r["criteria"]["min_layer_percentage"],
-            "min_seq_percentage": r["criteria"]["min_seq_percentage"],
-            "num_systematic_outliers": r["num_systematic_outliers"],
-            "num_tokens": r["num_tokens"],
-            "top_dims": [t["feature_dim"] for t in top],
-            "top_layer_percentages": [t["layer_percentage"] for t in top],
-            "top_seq_percentages": [t["seq_percentage"] for t in top],
-        })
+        rows.append(
+            {
+                **row,
+                "status": "done",
+                "magnitude_threshold": r["criteria"]["magnitude_threshold"],
+                "min_layer_percentage": r["criteria"]["min_layer_percentage"],
+                "min_seq_percentage": r["criteria"]["min_seq_percentage"],
+                "num_systematic_outliers": r["num_systematic_outliers"],
+                "num_tokens": r["num_tokens"],
+                "top_dims": [t["feature_dim"] for t in top],
+                "top_layer_percentages": [t["layer_percentage"] for t in top],
+                "top_seq_percentages": [t["seq_percentage"] for t in top],
+            }
+        )
     return rows
 
 
@@ -68,14 +73,29 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     rows = summarize(sweep_dir)
     rundir.write_json(sweep_dir / "sweep_summary.json", rows)
-    columns = ["job", "overrides", "status", "magnitude_threshold", "min_layer_percentage", "min_seq_percentage",
-               "num_systematic_outliers", "num_tokens", "top_dims", "top_layer_percentages", "top_seq_percentages"]
+    columns = [
+        "job",
+        "overrides",
+        "status",
+        "magnitude_threshold",
+        "min_layer_percentage",
+        "min_seq_percentage",
+        "num_systematic_outliers",
+        "num_tokens",
+        "top_dims",
+        "top_layer_percentages",
+        "top_seq_percentages",
+    ]
     with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for row in rows:
-            w.writerow({k: (" ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list) else v)
-                        for k, v in row.items()})
+            w.writerow(
+                {
+                    k: (" ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list) else v)
+                    for k, v in row.items()
+                }
+            )
     _plot(sweep_dir, rows)
     return rows
 
@@ -106,7 +126,7 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def merge_shard_groups(sweep_dir: Path, allowed_targets: list[str] = ()) -> list[Path]:
+def merge_shard_groups(sweep_dir: Path, allowed_targets: Sequence[str] = ()) -> list[Path]:
     """Merge every complete group of shard jobs; returns the merged directories."""
     import json
 

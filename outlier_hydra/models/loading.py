@@ -34,7 +34,11 @@ def _offline() -> bool:
 
 
 def _hub_error(key: str, name: str, exc: Exception) -> OutlierHydraError:
-    where = "HF_HUB_OFFLINE=1 and it is not in the local cache" if _offline() else f"the hub did not give it ({type(exc).__name__})"
+    where = (
+        "HF_HUB_OFFLINE=1 and it is not in the local cache"
+        if _offline()
+        else f"the hub did not give it ({type(exc).__name__})"
+    )
     return OutlierHydraError(f"{key}: cannot load {name!r}: not a local directory, and {where}")
 
 
@@ -100,4 +104,4 @@ def load_model(model_cfg) -> torch.nn.Module:
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return model.get_input_embeddings().weight.device  # type: ignore[operator]

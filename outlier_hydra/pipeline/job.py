@@ -1,14 +1,14 @@
 """run(cfg): the whole job, as one plain function (the Hydra entry point and the tests call it).
 
-    prepare   every check that can fail on bad input (config ranges, `_target_`s, stage settings, the
-              model's config.json, layers, sequence length, the corpus): no weight is loaded and
-              nothing is written until they all pass
-    claim     the run directory (a rerun with the same config resumes, any other refuses)
-    gather    each batch's statistics: reused from a sweep's cache, already in stats/ (resume), or
-              collected (each saved atomically); the model loads only if some batch is left
-    analyse   the documents per batch and merged, then the "post" stages; written atomically,
-              final_analysis_results.json last: if it exists, it is complete
-    report    timing, provenance, plots, the logger, the summary table
+prepare   every check that can fail on bad input (config ranges, `_target_`s, stage settings, the
+          model's config.json, layers, sequence length, the corpus): no weight is loaded and
+          nothing is written until they all pass
+claim     the run directory (a rerun with the same config resumes, any other refuses)
+gather    each batch's statistics: reused from a sweep's cache, already in stats/ (resume), or
+          collected (each saved atomically); the model loads only if some batch is left
+analyse   the documents per batch and merged, then the "post" stages; written atomically,
+          final_analysis_results.json last: if it exists, it is complete
+report    timing, provenance, plots, the logger, the summary table
 """
 
 from __future__ import annotations
@@ -96,9 +96,17 @@ def prepare(cfg: DictConfig) -> Plan:
     collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
     analyzer = instantiate_node(cfg.analysis.analyzer, "analysis.analyzer", allowed)
     return Plan(
-        cfg=cfg, plain=plain_config(cfg), model_type=model_config.model_type, layers=layers, tokenizer=tokenizer,
-        token_ids=token_ids, first_sequence=sequence_range(cfg.dataset)[0], collector=collector, analyzer=analyzer,
-        points=adapter.hook_points(layers), stages=[s for s in stages if s.bind(adapter, layers)],
+        cfg=cfg,
+        plain=plain_config(cfg),
+        model_type=model_config.model_type,
+        layers=layers,
+        tokenizer=tokenizer,
+        token_ids=token_ids,
+        first_sequence=sequence_range(cfg.dataset)[0],
+        collector=collector,
+        analyzer=analyzer,
+        points=adapter.hook_points(layers),
+        stages=[s for s in stages if s.bind(adapter, layers)],
     )
 
 
@@ -123,7 +131,7 @@ def collect_batches(plan: Plan, stats_dir: Path, lazy: LazyModel) -> tuple[list[
     """Each batch's statistics: from stats/ when a file is there (resume), else collected and saved."""
     bs = plan.cfg.analysis.batch_size
     collecting = [s for s in plan.stages if s.phase == "collect"]
-    stage_stats = {s.name: s.Stats for s in collecting}
+    stage_stats = {s.name: s.Stats for s in collecting if s.Stats is not None}
     num_batches = -(-len(plan.token_ids) // bs)
     batches, done_before, seconds, new_tokens = [], 0, 0.0, 0
     bar = tqdm(total=plan.token_ids.size, unit="tok", desc="collecting", disable=not plan.cfg.progress)
@@ -162,7 +170,7 @@ def gather(plan: Plan, out: Path, lazy: LazyModel) -> tuple[list[OutlierStats], 
     edges = getattr(plan.collector, "edges", None)
     root = cache.cache_dir(plan.cfg) if edges is not None else None
     key = ""
-    if root is not None:
+    if root is not None and edges is not None:
         collecting = [s for s in plan.stages if s.phase == "collect"]
         key = cache.cache_key(plan.plain, edges, plan.cfg.analysis.collector._target_, collecting)
     reused = not stats_dir.exists() and cache.fetch(root, key, plan.token_ids, stats_dir)
@@ -177,8 +185,9 @@ def gather(plan: Plan, out: Path, lazy: LazyModel) -> tuple[list[OutlierStats], 
 
 
 def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path) -> tuple[dict, OutlierStats]:
-    per_batch, results, total = build_documents(plan.header(batches), plan.analyzer, batches, plan.stages,
-                                                plan.tokenizer, plan.token_ids, plan.first_sequence)
+    per_batch, results, total = build_documents(
+        plan.header(batches), plan.analyzer, batches, plan.stages, plan.tokenizer, plan.token_ids, plan.first_sequence
+    )
     for stage in plan.stages:
         if stage.phase == "post":
             ctx = PostContext(model=lazy.get, points=plan.points, batches=plan.batch_ids, results=results)

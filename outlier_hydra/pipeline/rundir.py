@@ -103,7 +103,9 @@ def claim(out: Path, plain: dict, token_ids: np.ndarray) -> None:
                 "use a new hydra.run.dir"
             )
         if not np.array_equal(np.load(out / TOKEN_IDS), token_ids):
-            raise OutlierHydraError(f"{out}: holds a run over different tokens (the dataset changed); use a new hydra.run.dir")
+            raise OutlierHydraError(
+                f"{out}: holds a run over different tokens (the dataset changed); use a new hydra.run.dir"
+            )
         return
     out.mkdir(parents=True, exist_ok=True)
     save_token_ids(out / TOKEN_IDS, token_ids)
@@ -114,7 +116,7 @@ def batch_stats_files(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / STATS_DIR).glob("batch_*.npz"))
 
 
-def load_batches(run_dir: Path, stage_stats: Mapping[str, type]) -> list[OutlierStats]:
+def load_batches(run_dir: Path, stage_stats: Mapping[str, Any]) -> list[OutlierStats]:
     return [OutlierStats.load(p, stage_stats) for p in batch_stats_files(run_dir)]
 
 

@@ -114,9 +114,10 @@ def plain(config: Any) -> dict:
 
     from omegaconf import DictConfig, OmegaConf
 
+    d: Any
     if isinstance(config, DictConfig):
         d = OmegaConf.to_container(config, resolve=True)
-    elif is_dataclass(config):
+    elif is_dataclass(config) and not isinstance(config, type):
         d = asdict(config)
     else:
         d = dict(config)
@@ -151,8 +152,9 @@ def stage_class(name: str, node: Any, allowed: list[str]) -> type[Stage]:
         return cls
     known = builtin_stages()
     if name not in known:
-        raise _error(f"{key}: no stage named {name!r} (stages: {', '.join(sorted(known))}; "
-                     "a stage of your own needs _target_)")
+        raise _error(
+            f"{key}: no stage named {name!r} (stages: {', '.join(sorted(known))}; a stage of your own needs _target_)"
+        )
     return known[name]
 
 

@@ -94,9 +94,13 @@ class Int8Error(Stage):
         }
 
     def tables(self, section: dict, wandb) -> dict:
-        return {"int8/relative_error_all_int8": section["relative_error_all_int8"],
-                "int8/relative_error_outliers_kept": section["relative_error_outliers_kept"]}
+        return {
+            "int8/relative_error_all_int8": section["relative_error_all_int8"],
+            "int8/relative_error_outliers_kept": section["relative_error_outliers_kept"],
+        }
 
     def summary(self, section: dict) -> list[str]:
-        return [f"int8 relative error {section['relative_error_all_int8']:.4f}, with the {len(section['kept_dims'])} "
-                f"systematic dims kept in fp16 {section['relative_error_outliers_kept']:.4f}"]
+        return [
+            f"int8 relative error {section['relative_error_all_int8']:.4f}, with the {len(section['kept_dims'])} "
+            f"systematic dims kept in fp16 {section['relative_error_outliers_kept']:.4f}"
+        ]

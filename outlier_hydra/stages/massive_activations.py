@@ -29,7 +29,7 @@ class MassiveStats:
     log_hist: np.ndarray  # [L, NUM_BINS + 2] int64 (first: below 1e-6 incl. 0, last: above 1e6)
     top: np.ndarray  # [L, k, 4] float64: value, sequence, position, dim (NaN rows = none)
 
-    def merge(self, other: "MassiveStats") -> "MassiveStats":
+    def merge(self, other: MassiveStats) -> MassiveStats:
         k = self.top.shape[1]
         both = np.concatenate([self.top, other.top], 1)
         out = np.empty_like(self.top)
@@ -44,7 +44,7 @@ class MassiveStats:
         return dict(self.__dict__)
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "MassiveStats":
+    def from_arrays(cls, arrays: dict) -> MassiveStats:
         return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
     def median(self, row: int) -> float:
@@ -106,8 +106,12 @@ class MassiveActivations(Stage):
             signed = x.reshape(-1)[flat].float()
             rows = torch.stack([signed, (flat // (t * d)).float(), ((flat // d) % t).float(), (flat % d).float()], 1)
             logs = torch.log10(a.clamp_min(1e-30)).reshape(-1)
-            hist = torch.histc(logs.clamp(LOG_MIN - 1, LOG_MAX + 1), bins=NUM_BINS + 2,
-                               min=LOG_MIN - 1 / BINS_PER_DECADE, max=LOG_MAX + 1 / BINS_PER_DECADE)
+            hist = torch.histc(
+                logs.clamp(LOG_MIN - 1, LOG_MAX + 1),
+                bins=NUM_BINS + 2,
+                min=LOG_MIN - 1 / BINS_PER_DECADE,
+                max=LOG_MAX + 1 / BINS_PER_DECADE,
+            )
             self.state[layer] = (rows.double(), hist.double())
 
         return hook
@@ -144,10 +148,8 @@ class MassiveActivations(Stage):
                         entry["token"] = tokenizer.convert_ids_to_tokens(tok)
                 entry["massive"] = bool(abs(value) > self.min_magnitude and abs(value) > self.min_ratio * median)
                 tops.append(entry)
-            out.append({"layer": layer, "median_abs": median, "top": tops,
-                        "massive": [t for t in tops if t["massive"]]})
-        return {"criteria": {"min_magnitude": self.min_magnitude, "min_ratio_to_median": self.min_ratio},
-                "layers": out}
+            out.append({"layer": layer, "median_abs": median, "top": tops, "massive": [t for t in tops if t["massive"]]})
+        return {"criteria": {"min_magnitude": self.min_magnitude, "min_ratio_to_median": self.min_ratio}, "layers": out}
 
     # ---- outputs ----------------------------------------------------------------------------
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
@@ -162,14 +164,24 @@ class MassiveActivations(Stage):
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(layers, top, marker="o", label="largest |x|")
         ax.plot(layers, median, marker="s", label="median |x|")
-        ax.plot(layers, [c["min_ratio_to_median"] * m for m in median], linestyle=":",
-                label=f"{c['min_ratio_to_median']:g} x median")
+        ax.plot(
+            layers,
+            [c["min_ratio_to_median"] * m for m in median],
+            linestyle=":",
+            label=f"{c['min_ratio_to_median']:g} x median",
+        )
         ax.axhline(c["min_magnitude"], color="tab:red", linestyle="--", linewidth=1, label=f"{c['min_magnitude']:g}")
         for entry in section["layers"]:
             if entry["massive"]:
                 m = entry["massive"][0]
-                ax.annotate(f"d{m['dim']} {m.get('token', '')}", (entry["layer"], abs(m["value"])),
-                            textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+                ax.annotate(
+                    f"d{m['dim']} {m.get('token', '')}",
+                    (entry["layer"], abs(m["value"])),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    fontsize=7,
+                    ha="center",
+                )
         ax.set_yscale("log")
         ax.set_xticks(layers)
         ax.set_xlabel("layer (residual stream after it)")
@@ -179,10 +191,14 @@ class MassiveActivations(Stage):
         return {"massive_activations": save_figure(fig, folder / "massive_activations.png")}
 
     def tables(self, section: dict, wandb) -> dict:
-        rows = [[entry["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]
-                for entry in section["layers"] for m in entry["massive"]]
-        return {"massive_activations": wandb.Table(columns=["layer", "value", "dim", "sequence", "position", "token"],
-                                                   data=rows)}
+        rows = [
+            [entry["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]
+            for entry in section["layers"]
+            for m in entry["massive"]
+        ]
+        return {
+            "massive_activations": wandb.Table(columns=["layer", "value", "dim", "sequence", "position", "token"], data=rows)
+        }
 
     def summary(self, section: dict) -> list[str]:
         found = [(entry["layer"], m) for entry in section["layers"] for m in entry["massive"]]

@@ -36,7 +36,7 @@ class RouterStats:
     feat_entropy_sum: np.ndarray  # [K] float64
     feat_share_sum: np.ndarray  # [K] float64
 
-    def merge(self, other: "RouterStats") -> "RouterStats":
+    def merge(self, other: RouterStats) -> RouterStats:
         if not np.array_equal(self.layers, other.layers):
             raise ValueError("router statistics of different layers")
         rows: dict[tuple[int, int], list] = {}
@@ -66,7 +66,7 @@ class RouterStats:
         return dict(self.__dict__)
 
     @classmethod
-    def from_arrays(cls, arrays: dict) -> "RouterStats":
+    def from_arrays(cls, arrays: dict) -> RouterStats:
         return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
 
@@ -98,6 +98,7 @@ class MoeRouting(Stage):
         super().bind(adapter, layers)
         self.row = {layer: r for r, layer in enumerate(self.layers)}
         return True
+
     # ---- device side ------------------------------------------------------------------------
     def start_batch(self, first_sequence: int) -> None:
         self.state: dict[int, dict] = {}
@@ -173,10 +174,16 @@ class MoeRouting(Stage):
                 fs.append(float(h["feat_share_sum"][d]))
         self.state = {}
         return RouterStats(
-            layers=np.asarray(self.layers, np.int64), expert_counts=counts, tokens=tokens, entropy_sum=ent,
-            top1_share_sum=share, feat_keys=np.asarray(keys, np.int64).reshape(-1, 2),
-            feat_counts=np.asarray(fc, np.int64).reshape(-1, e), feat_positions=np.asarray(fp, np.int64),
-            feat_entropy_sum=np.asarray(fe, np.float64), feat_share_sum=np.asarray(fs, np.float64),
+            layers=np.asarray(self.layers, np.int64),
+            expert_counts=counts,
+            tokens=tokens,
+            entropy_sum=ent,
+            top1_share_sum=share,
+            feat_keys=np.asarray(keys, np.int64).reshape(-1, 2),
+            feat_counts=np.asarray(fc, np.int64).reshape(-1, e),
+            feat_positions=np.asarray(fp, np.int64),
+            feat_entropy_sum=np.asarray(fe, np.float64),
+            feat_share_sum=np.asarray(fs, np.float64),
         )
 
     # ---- report -----------------------------------------------------------------------------
@@ -185,14 +192,16 @@ class MoeRouting(Stage):
         per_layer = []
         for i, layer in enumerate(r.layers.tolist()):
             n = max(int(r.tokens[i]), 1)
-            per_layer.append({
-                "layer": layer,
-                "magnitude_threshold": self.threshold,
-                "tokens": int(r.tokens[i]),
-                "tokens_per_expert": r.expert_counts[i].tolist(),
-                "entropy_mean": float(r.entropy_sum[i] / n),
-                "top1_share_mean": float(r.top1_share_sum[i] / n),
-            })
+            per_layer.append(
+                {
+                    "layer": layer,
+                    "magnitude_threshold": self.threshold,
+                    "tokens": int(r.tokens[i]),
+                    "tokens_per_expert": r.expert_counts[i].tolist(),
+                    "entropy_mean": float(r.entropy_sum[i] / n),
+                    "top1_share_mean": float(r.top1_share_sum[i] / n),
+                }
+            )
         index = {tuple(k): j for j, k in enumerate(r.feat_keys.tolist())}
         features = []
         for rec in ctx.records:
@@ -205,16 +214,17 @@ class MoeRouting(Stage):
                 counts = r.feat_counts[j]
                 total += counts
                 p = int(r.feat_positions[j])
-                layers.append({
-                    "layer": layer,
-                    "outlier_positions": p,
-                    "top_experts": _top(counts, self.top_experts, positions=p),
-                    "entropy_mean": float(r.feat_entropy_sum[j] / p),
-                    "top1_share_mean": float(r.feat_share_sum[j] / p),
-                })
+                layers.append(
+                    {
+                        "layer": layer,
+                        "outlier_positions": p,
+                        "top_experts": _top(counts, self.top_experts, positions=p),
+                        "entropy_mean": float(r.feat_entropy_sum[j] / p),
+                        "top1_share_mean": float(r.feat_share_sum[j] / p),
+                    }
+                )
             features.append({"feature_dim": d, "top_experts_all_layers": _top(total, self.top_experts), "layers": layers})
         return {"layers": per_layer, "features": features}
-
 
     # ---- outputs ----------------------------------------------------------------------------
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
@@ -248,16 +258,24 @@ class MoeRouting(Stage):
         return {"moe_expert_load": save_figure(fig, folder / "moe_expert_load.png")}
 
     def tables(self, section: dict, wandb) -> dict:
-        rows = [[f["feature_dim"], entry["layer"], entry["outlier_positions"], t["expert"], t["position_share"], t["share"]]
-                for f in section["features"] for entry in f["layers"] for t in entry["top_experts"][:1]]
+        rows = [
+            [f["feature_dim"], entry["layer"], entry["outlier_positions"], t["expert"], t["position_share"], t["share"]]
+            for f in section["features"]
+            for entry in f["layers"]
+            for t in entry["top_experts"][:1]
+        ]
         return {
             "moe_routing/feature_top_expert": wandb.Table(
                 columns=["feature_dim", "layer", "outlier_positions", "top_expert", "position_share", "choice_share"],
-                data=rows),
+                data=rows,
+            ),
             "moe_routing/layers": wandb.Table(
                 columns=["layer", "entropy_mean", "top1_share_mean", "tokens_per_expert"],
-                data=[[entry["layer"], entry["entropy_mean"], entry["top1_share_mean"], str(entry["tokens_per_expert"])]
-                      for entry in section["layers"]]),
+                data=[
+                    [entry["layer"], entry["entropy_mean"], entry["top1_share_mean"], str(entry["tokens_per_expert"])]
+                    for entry in section["layers"]
+                ],
+            ),
         }
 
     def summary(self, section: dict) -> list[str]:
@@ -265,8 +283,10 @@ class MoeRouting(Stage):
         for f in section["features"]:
             top = f["top_experts_all_layers"][:1]
             if top:
-                lines.append(f"dim {f['feature_dim']}: outlier positions go most to expert {top[0]['expert']} "
-                             f"({100 * top[0]['share']:.0f}% of their top-k choices, over {len(f['layers'])} MoE layers)")
+                lines.append(
+                    f"dim {f['feature_dim']}: outlier positions go most to expert {top[0]['expert']} "
+                    f"({100 * top[0]['share']:.0f}% of their top-k choices, over {len(f['layers'])} MoE layers)"
+                )
         return lines
 
 

@@ -10,5 +10,12 @@ from outlier_hydra.stats.outlier_stats import (
     merge_top_values,
 )
 
-__all__ = ["DEFAULT_EDGES", "FORMAT_VERSION", "OutlierStats", "ThresholdNotAnEdge", "histogram_edges", "merge_all",
-           "merge_top_values"]
+__all__ = [
+    "DEFAULT_EDGES",
+    "FORMAT_VERSION",
+    "OutlierStats",
+    "ThresholdNotAnEdge",
+    "histogram_edges",
+    "merge_all",
+    "merge_top_values",
+]

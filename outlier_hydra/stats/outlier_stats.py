@@ -25,6 +25,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import reduce
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,7 @@ class OutlierStats:
         return self.pos_ge_counts[:, e]
 
     @classmethod
-    def empty(cls, module_names: list[str], num_features: int, edges, threshold: float, num_examples: int) -> "OutlierStats":
+    def empty(cls, module_names: list[str], num_features: int, edges, threshold: float, num_examples: int) -> OutlierStats:
         m, d, e = len(module_names), num_features, len(edges)
         return cls(
             module_names=list(module_names),
@@ -113,7 +114,7 @@ class OutlierStats:
         )
 
     # ---- merge -------------------------------------------------------------------------------
-    def merge(self, other: "OutlierStats") -> "OutlierStats":
+    def merge(self, other: OutlierStats) -> OutlierStats:
         if self.module_names != other.module_names:
             raise ValueError("cannot merge statistics of different hooked modules")
         if not np.array_equal(self.edges, other.edges):
@@ -164,22 +165,26 @@ class OutlierStats:
         return buf.getvalue()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, stage_stats: Mapping[str, type] | None = None) -> "OutlierStats":
+    def load(cls, path: str | os.PathLike, stage_stats: Mapping[str, Any] | None = None) -> OutlierStats:
         """Read a file written from to_bytes(). stage_stats: stage name -> its statistics class; a
         file holding a stage not in it is refused (a file never decides what code runs)."""
         stage_stats = stage_stats or {}
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             if meta.get("format_version") != FORMAT_VERSION:
-                raise OutlierHydraError(f"{path}: statistics format {meta.get('format_version')} is not {FORMAT_VERSION}; "
-                                        "collect again with this version")
+                raise OutlierHydraError(
+                    f"{path}: statistics format {meta.get('format_version')} is not {FORMAT_VERSION}; "
+                    "collect again with this version"
+                )
             extras = {}
             for name in meta.get("extras", []):
                 if name not in stage_stats:
-                    raise OutlierHydraError(f"{path}: holds statistics of the stage {name!r}, which is not configured "
-                                            f"(configured: {', '.join(sorted(stage_stats)) or 'none'})")
+                    raise OutlierHydraError(
+                        f"{path}: holds statistics of the stage {name!r}, which is not configured "
+                        f"(configured: {', '.join(sorted(stage_stats)) or 'none'})"
+                    )
                 prefix = f"extra.{name}."
-                arrays = {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+                arrays = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
                 extras[name] = stage_stats[name].from_arrays(arrays)
             return cls(
                 extras=extras,

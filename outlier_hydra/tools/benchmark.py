@@ -98,7 +98,8 @@ def copy_to_host_baseline(model, points, ids, threshold: float, folder: Path) ->
         hit = a >= threshold
         hit.sum(0), a.max(0)
         any_hit = hit if any_hit is None else any_hit | hit
-    any_hit.sum(0)
+    if any_hit is not None:
+        any_hit.sum(0)
 
 
 def peak_rss_mb() -> float:
@@ -120,8 +121,14 @@ def memory_scaling(model, points, collector, b, device, stages=()) -> list[dict]
             total = s if total is None else total.merge(s)
         sync(device)
         seconds = time.perf_counter() - t0
-        rows.append({"tokens": batches * per_batch, "seconds": seconds, "seconds_per_mtok": seconds / (batches * per_batch) * 1e6,
-                     "peak_rss_mb": peak_rss_mb()})
+        rows.append(
+            {
+                "tokens": batches * per_batch,
+                "seconds": seconds,
+                "seconds_per_mtok": seconds / (batches * per_batch) * 1e6,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
     return rows
 
 
@@ -136,8 +143,9 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
     # every "collect" stage that is on by default (or switched on by the overrides), as a run uses them
     stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(adapter, layers)]
-    ids = torch.randint(100, b.shape.vocab_size, (b.batch_size, b.sequence_length),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     tokens = ids.numel()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -166,7 +174,9 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         colf += timed(collect_full_forward, device, 1, 0)
     result = {
         "preset": b.name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": b.dtype,
         "tokens": tokens,
         "hooked_modules": len(points),
@@ -186,8 +196,12 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     }
     if b.baseline:
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            base = timed(lambda: copy_to_host_baseline(model, points, ids, collector.magnitude_threshold, Path(tmp)),
-                         device, b.baseline_repeats, 1)
+            base = timed(
+                lambda: copy_to_host_baseline(model, points, ids, collector.magnitude_threshold, Path(tmp)),
+                device,
+                b.baseline_repeats,
+                1,
+            )
         result.update({"baseline_s": st.median(base), "ratio_baseline_over_forward": st.median(base) / st.median(fwd)})
     if b.memory_tokens:
         result["memory_scaling"] = memory_scaling(model, points, collector, b, device, stages)
@@ -209,13 +223,19 @@ def table(r: dict) -> str:
         f"{r['ratio_collect_full_forward_over_forward']:>11.3f}   (no early stop: the reductions' own cost)",
     ]
     if "baseline_s" in r:
-        lines.append(f"  {'(c) copy-to-host tool':<22}{r['baseline_s']:>10.4f}{r['tokens'] / r['baseline_s']:>12.0f}"
-                     f"{r['ratio_baseline_over_forward']:>11.2f}")
+        lines.append(
+            f"  {'(c) copy-to-host tool':<22}{r['baseline_s']:>10.4f}{r['tokens'] / r['baseline_s']:>12.0f}"
+            f"{r['ratio_baseline_over_forward']:>11.2f}"
+        )
     if r.get("peak_device_mem_forward_gb"):
-        lines.append(f"  peak device memory: forward {r['peak_device_mem_forward_gb']:.2f} GB, "
-                     f"with collection {r['peak_device_mem_collect_gb']:.2f} GB")
+        lines.append(
+            f"  peak device memory: forward {r['peak_device_mem_forward_gb']:.2f} GB, "
+            f"with collection {r['peak_device_mem_collect_gb']:.2f} GB"
+        )
     for m in r.get("memory_scaling", []):
-        lines.append(f"  {m['tokens']:>9} tokens streamed: {m['seconds']:.2f} s ({m['seconds_per_mtok']:.2f} s per M tokens), "
-                     f"peak RSS {m['peak_rss_mb']:.0f} MB")
+        lines.append(
+            f"  {m['tokens']:>9} tokens streamed: {m['seconds']:.2f} s ({m['seconds_per_mtok']:.2f} s per M tokens), "
+            f"peak RSS {m['peak_rss_mb']:.0f} MB"
+        )
     lines.append(f"  peak host RSS {r['peak_host_rss_mb']:.0f} MB")
     return "\n".join(lines)

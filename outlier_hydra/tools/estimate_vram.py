@@ -25,7 +25,11 @@ def table(est: VramEstimate) -> str:
     ]
     for card in CARDS_GB:
         n = est.gpus_needed(card)
-        lines.append(f"  {card:>3} GB  {n if n else '-':>4}   {est.per_gpu_gb(n):.1f}" if n else f"  {card:>3} GB     -   does not fit on 8")
+        lines.append(
+            f"  {card:>3} GB  {n if n else '-':>4}   {est.per_gpu_gb(n):.1f}"
+            if n
+            else f"  {card:>3} GB     -   does not fit on 8"
+        )
     best = next(((c, est.gpus_needed(c)) for c in CARDS_GB if est.gpus_needed(c) == 1), None)
     if best:
         lines.append(f"  smallest single card that fits: {best[0]} GB")

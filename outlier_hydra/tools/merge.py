@@ -10,6 +10,7 @@ all those sequences would write (same batches -> identical, including batches_sy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ def identity(config: dict) -> dict:
     return {k: v for k, v in flat.items() if k not in SHARD_KEYS}
 
 
-def merge_runs(run_dirs: list[Path], out: Path, allowed: list[str] = ()) -> dict:
+def merge_runs(run_dirs: list[Path], out: Path, allowed: Sequence[str] = ()) -> dict:
     run_dirs = [Path(d) for d in run_dirs]
     runs = [load_run(d, list(allowed)) for d in run_dirs]
     first = identity(runs[0].config)
@@ -38,11 +39,15 @@ def merge_runs(run_dirs: list[Path], out: Path, allowed: list[str] = ()) -> dict
         other = identity(run.config)
         diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if diff:
-            raise OutlierHydraError(f"{run.path}: differs from {run_dirs[0]} in {', '.join(diff[:5])}; not shards of one run")
+            raise OutlierHydraError(
+                f"{run.path}: differs from {run_dirs[0]} in {', '.join(diff[:5])}; not shards of one run"
+            )
     batches = sorted((b for run in runs for b in run.batches), key=lambda b: b.meta["sequences"][0])
     for prev, nxt in zip(batches, batches[1:]):
         if nxt.meta["sequences"][0] < prev.meta["sequences"][1]:
-            raise OutlierHydraError(f"overlapping sequences {prev.meta['sequences']} and {nxt.meta['sequences']}: not disjoint shards")
+            raise OutlierHydraError(
+                f"overlapping sequences {prev.meta['sequences']} and {nxt.meta['sequences']}: not disjoint shards"
+            )
     runs.sort(key=lambda r: r.results["dataset"]["skip_sequences"])
     base = runs[0]
     header = {

@@ -33,8 +33,9 @@ class SavedRun:
     batches: list[OutlierStats]
 
     def analyzer(self, node: DictConfig | None = None):
-        return instantiate_node(node if node is not None else self.cfg.analysis.analyzer, "analysis.analyzer",
-                                list(self.cfg.allowed_targets))
+        return instantiate_node(
+            node if node is not None else self.cfg.analysis.analyzer, "analysis.analyzer", list(self.cfg.allowed_targets)
+        )
 
 
 def typed_config(plain: dict, allowed: list[str], where: Path) -> DictConfig:
@@ -56,7 +57,7 @@ def load_run(run_dir: Path, allowed: list[str]) -> SavedRun:
     config = rundir.read_json(run_dir / rundir.CONFIG_JSON)
     cfg = typed_config(config, allowed, run_dir / rundir.CONFIG_JSON)
     stages = build_stages(cfg.analysis.stages, list(allowed))
-    stage_stats = {s.name: s.Stats for s in stages if s.phase == "collect"}
+    stage_stats = {s.name: s.Stats for s in stages if s.phase == "collect" and s.Stats is not None}
     results = rundir.read_json(final)
     batches = rundir.load_batches(run_dir, stage_stats)
     if len(batches) != results["num_batches"]:
@@ -74,5 +75,8 @@ def report_context(run: SavedRun) -> dict:
         tokenizer = load_tokenizer(run.cfg.model)
     except Exception:  # noqa: BLE001 - decoded tokens are a nicety; ids are still reported
         tokenizer = None
-    return {"tokenizer": tokenizer, "token_ids": np.load(run.path / rundir.TOKEN_IDS),
-            "first_sequence": run.results["dataset"]["skip_sequences"]}
+    return {
+        "tokenizer": tokenizer,
+        "token_ids": np.load(run.path / rundir.TOKEN_IDS),
+        "first_sequence": run.results["dataset"]["skip_sequences"],
+    }

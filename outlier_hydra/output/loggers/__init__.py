@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 class NullLogger:
@@ -22,6 +23,7 @@ class NullLogger:
 @contextmanager
 def open_logger(cfg, out: Path, plain_config: dict):
     backend = cfg.logger.backend
+    logger: Any
     if backend == "none":
         logger = NullLogger()
     elif backend == "wandb":

@@ -17,8 +17,14 @@ import numpy as np
 from outlier_hydra.config.runtime import multirun_sweep_dir
 
 FEATURE_COLUMNS = [
-    "feature_dim", "max_magnitude", "layer_percentage", "seq_percentage", "total_occurrences",
-    "layers_affected", "example_values", "batches_systematic",
+    "feature_dim",
+    "max_magnitude",
+    "layer_percentage",
+    "seq_percentage",
+    "total_occurrences",
+    "layers_affected",
+    "example_values",
+    "batches_systematic",
 ]
 
 
@@ -57,17 +63,24 @@ class WandbLogger:
     def log_results(self, results: dict, total, plots: dict, timing: dict, stages=()) -> None:
         wandb = self.wandb
         t = results["criteria"]["magnitude_threshold"]
-        rows = [[r[c] if not isinstance(r[c], list) else ", ".join(map(str, r[c])) for c in FEATURE_COLUMNS]
-                for r in results["systematic_outliers"]]
+        rows = [
+            [r[c] if not isinstance(r[c], list) else ", ".join(map(str, r[c])) for c in FEATURE_COLUMNS]
+            for r in results["systematic_outliers"]
+        ]
         occ = total.occurrences(t)
-        per_module = [[name, int(occ[m].sum()), int((occ[m] > 0).sum()), int(total.nonfinite[m]),
-                       float(total.max_abs[m].max())] for m, name in enumerate(total.module_names)]
+        per_module = [
+            [name, int(occ[m].sum()), int((occ[m] > 0).sum()), int(total.nonfinite[m]), float(total.max_abs[m].max())]
+            for m, name in enumerate(total.module_names)
+        ]
         payload = {
             "systematic_outliers": wandb.Table(columns=FEATURE_COLUMNS, data=rows),
             "per_module_outliers": wandb.Table(
-                columns=["module", "outliers", "dims_with_outliers", "nonfinite", "max_abs"], data=per_module),
+                columns=["module", "outliers", "dims_with_outliers", "nonfinite", "max_abs"], data=per_module
+            ),
             "histograms/abs_x": _histogram(wandb, total.ge_counts.sum((0, 1)), total.edges, float(total.max_abs.max())),
-            "histograms/position_max_abs_x": _histogram(wandb, total.pos_ge_counts.sum(0), total.edges, float(total.max_abs.max())),
+            "histograms/position_max_abs_x": _histogram(
+                wandb, total.pos_ge_counts.sum(0), total.edges, float(total.max_abs.max())
+            ),
         }
         for name, path in plots.items():
             payload[f"plots/{name}"] = wandb.Image(str(path))
@@ -75,14 +88,16 @@ class WandbLogger:
             if stage.name in results:
                 payload.update(stage.tables(results[stage.name], wandb))
         self.run.log(payload)
-        self.run.summary.update({
-            "num_systematic_outliers": results["num_systematic_outliers"],
-            "max_magnitude": max((r["max_magnitude"] for r in results["systematic_outliers"]), default=0.0),
-            "num_tokens": results["num_tokens"],
-            "num_hooked_modules": results["num_hooked_modules"],
-            "tokens_per_second": timing.get("tokens_per_second"),
-            "systematic_dims": [r["feature_dim"] for r in results["systematic_outliers"]],
-        })
+        self.run.summary.update(
+            {
+                "num_systematic_outliers": results["num_systematic_outliers"],
+                "max_magnitude": max((r["max_magnitude"] for r in results["systematic_outliers"]), default=0.0),
+                "num_tokens": results["num_tokens"],
+                "num_hooked_modules": results["num_hooked_modules"],
+                "tokens_per_second": timing.get("tokens_per_second"),
+                "systematic_dims": [r["feature_dim"] for r in results["systematic_outliers"]],
+            }
+        )
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
