@@ -24,24 +24,20 @@ def _strip(results):
     return json.loads(json.dumps(results))
 
 
-def test_threshold_sweep_loads_the_model_once_and_equals_separate_runs(tiny_models, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outlier_hydra",
-            "-m",
-            *tiny_overrides(tiny_models["olmoe"]),
-            "analysis.magnitude_threshold=4,6,8",
-            f"hydra.sweep.dir={sweep}",
-            "progress=false",
-        ],
+def _multirun(sweep, *overrides):
+    """A real `-m` sweep through the command line, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", "-m", *overrides, f"hydra.sweep.dir={sweep}", "progress=false"],
         capture_output=True,
         text=True,
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def test_threshold_sweep_loads_the_model_once_and_equals_separate_runs(tiny_models, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _multirun(sweep, *tiny_overrides(tiny_models["olmoe"]), "analysis.magnitude_threshold=4,6,8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [(sweep / str(j) / "outlier_hydra.log").read_text() for j in range(3)]
     assert sum("loading " in log for log in logs) == 1, "the model is loaded by the first job only"
@@ -160,23 +156,12 @@ def test_cache_refuses_an_entry_with_other_tokens(tmp_path):
 
 def test_submitit_local_deployment_runs_each_job_in_its_own_process(tiny_models, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outlier_hydra",
-            "-m",
-            "deployment=submitit_local",
-            *tiny_overrides(tiny_models["olmoe"]),
-            "dataset.num_sequences=4",
-            "analysis.magnitude_threshold=4,6",
-            f"hydra.sweep.dir={sweep}",
-            "progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    proc = _multirun(
+        sweep,
+        "deployment=submitit_local",
+        *tiny_overrides(tiny_models["olmoe"]),
+        "dataset.num_sequences=4",
+        "analysis.magnitude_threshold=4,6",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["status"] for r in json.loads((sweep / "sweep_summary.json").read_text())] == ["done", "done"]
