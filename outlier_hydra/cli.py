@@ -15,6 +15,7 @@ Bad input ends with one line on stderr and exit code 2 (a traceback only with de
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def run_or_exit(cfg: DictConfig) -> int:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def run_app(cfg: DictConfig) -> int:
     register()  # a submitit job starts here, in a fresh interpreter
+    # a log file on a full disk must not print tracebacks over the one-line error (logging's own advice)
+    logging.raiseExceptions = False
     return run_or_exit(cfg)
 
 

@@ -45,3 +45,26 @@ class ReplayModel(torch.nn.Module):
         for layer, (attn, mlp) in zip(self.layers, self.acts):
             layer.input_layernorm(attn)
             layer.post_attention_layernorm(mlp)
+
+
+class OomInForward(OutlierCollector):
+    """Raises torch's out-of-memory error from inside the forward pass (a pre-hook on layer 1) on
+    the N-th batch this process collects, N from $OH_TEST_OOM_AT_BATCH; otherwise the real collector."""
+
+    calls = 0
+
+    def collect_batch(self, model, *args, **kwargs):
+        import os
+
+        type(self).calls += 1
+        if str(type(self).calls) != os.environ.get("OH_TEST_OOM_AT_BATCH"):
+            return super().collect_batch(model, *args, **kwargs)
+
+        def allocate(module, args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test)")
+
+        handle = model.layers[1].register_forward_pre_hook(allocate)
+        try:
+            return super().collect_batch(model, *args, **kwargs)
+        finally:
+            handle.remove()

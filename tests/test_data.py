@@ -1,6 +1,7 @@
 """Token windows: exact non-overlapping cuts of the tokenized stream, from every supported file type."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -95,3 +96,51 @@ def test_hub_code_path_with_a_local_dataset_directory(tokenizer, tmp_path):
     got = token_windows(hub.dataset, tokenizer)
     assert got.ravel().tolist() == _stream(tokenizer, docs)[:72]
     assert np.array_equal(got, token_windows(local.dataset, tokenizer))
+
+
+GPL3 = "/usr/share/common-licenses/GPL-3"
+
+
+def test_a_text_file_without_a_suffix_reads_as_text(tokenizer, tmp_path):
+    """Debian's GPL-3 licence (a file named just GPL-3) and a `corpus.dat`: text by content."""
+    source = GPL3 if os.path.exists(GPL3) else None
+    text = open(source).read() if source else "\n\n".join(f"paragraph {i} of a licence." for i in range(400))
+    dat = tmp_path / "corpus.dat"
+    dat.write_text(text)
+    reference = tmp_path / "corpus.txt"
+    reference.write_text(text)
+    for path in filter(None, (source, str(dat))):
+        cfg = make_cfg(
+            "dataset=local", f"dataset.data_files={path}", "dataset.num_sequences=4", "dataset.sequence_length=64"
+        )
+        got = token_windows(cfg.dataset, tokenizer)
+        ref = make_cfg(
+            "dataset=local", f"dataset.data_files={reference}", "dataset.num_sequences=4", "dataset.sequence_length=64"
+        )
+        assert np.array_equal(got, token_windows(ref.dataset, tokenizer)), path
+
+
+def test_dataset_format_names_the_format_of_files_without_a_suffix(tokenizer, tmp_path):
+    docs = [f"record {i} of a json-lines file without its suffix." for i in range(80)]
+    (tmp_path / "records.data").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = make_cfg(
+        "dataset=local",
+        f"dataset.data_files={tmp_path}/records.data",
+        "dataset.format=jsonl",
+        "dataset.num_sequences=3",
+        "dataset.sequence_length=20",
+    )
+    assert token_windows(cfg.dataset, tokenizer).ravel().tolist() == _stream(tokenizer, docs)[:60]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 50, "caf\u00e9".encode("latin-1") * 100])
+def test_binary_or_undecodable_files_are_refused_naming_the_file_and_the_key(content, tokenizer, tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(content)
+    cfg = make_cfg("dataset=local", f"dataset.data_files={f}")
+    with pytest.raises(
+        OutlierHydraError,
+        match=rf"^dataset\.data_files: {f}: not UTF-8 text; if it is another format, "
+        r"say which with dataset\.format \(text, jsonl, json, csv, parquet\)$",
+    ):
+        token_windows(cfg.dataset, tokenizer)

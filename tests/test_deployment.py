@@ -114,26 +114,62 @@ def test_launcher_waits_while_slurm_still_holds_the_job(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     import outlier_hydra.launch.launcher as launcher
+    from outlier_hydra.launch import slurm
 
     result = tmp_path / "0_result.pkl"
     job = SimpleNamespace(job_id="7", paths=SimpleNamespace(result_pickle=result))
     states = iter(["RUNNING", "REQUEUED", "PENDING", "RUNNING"])
 
-    def state(job_id):
+    def status(job_ids):
         s = next(states, None)
         if s is None:  # the requeued run finished and wrote its result
             result.write_bytes(b"done")
-            return "COMPLETED"
-        return s
+            return {}
+        return {"7": (s, "None")}
 
-    monkeypatch.setattr(launcher, "slurm_state", state)
+    monkeypatch.setattr(slurm, "queue_status", status)
     launcher.wait_until_settled(job, poll_s=0)
     assert result.exists()
 
     gone = SimpleNamespace(job_id="8", paths=SimpleNamespace(result_pickle=tmp_path / "never.pkl"))
-    monkeypatch.setattr(launcher, "slurm_state", lambda job_id: "CANCELLED")
+    monkeypatch.setattr(slurm, "queue_status", lambda job_ids: {})
     monkeypatch.setattr(launcher, "GRACE_S", 0.05)
     launcher.wait_until_settled(gone, poll_s=0.01)  # returns: results() then reports the failure
+
+    stuck = SimpleNamespace(job_id="9_0", paths=SimpleNamespace(result_pickle=tmp_path / "no.pkl"))
+    monkeypatch.setattr(slurm, "queue_status", lambda job_ids: {"9_0": ("PENDING", "QOSMaxCpuPerJobLimit")})
+    with pytest.raises(launcher.JobCannotStart, match="pending for QOSMaxCpuPerJobLimit"):
+        launcher.wait_until_settled(stuck, poll_s=0)
+
+
+@pytest.mark.parametrize(
+    "reason,never",
+    [
+        ("PartitionConfig", True),
+        ("PartitionTimeLimit", True),
+        ("InvalidQOS", True),
+        ("BadConstraints", True),
+        ("QOSMaxWallDurationPerJobLimit", True),
+        ("AssocMaxGRESPerJob", True),
+        ("Resources", False),
+        ("Priority", False),
+        ("QOSMaxCpuPerUserLimit", False),
+        ("AssocGrpCpuLimit", False),
+        ("Dependency", False),
+    ],
+)
+def test_which_pending_reasons_never_clear(reason, never):
+    from outlier_hydra.launch import slurm
+
+    assert (slurm.never_clears(reason, None) is not None) == never
+
+
+def test_slurm_time_and_gres_formats():
+    from outlier_hydra.launch import slurm
+
+    assert slurm._minutes("infinite") is None and slurm._minutes("1-02:03:00") == 26 * 60 + 3
+    assert slurm._minutes("30") == 30 and slurm._minutes("01:30:00") == 90 and slurm._minutes("05:30") == 5.5
+    assert slurm._gpus("gpu:2") == 2 and slurm._gpus("gpu:a100:4(S:0-1)") == 4 and slurm._gpus("(null)") == 0
 
 
 def test_auto_gpu_count_is_resolved_by_the_launcher_not_at_compose(tmp_path, capsys):

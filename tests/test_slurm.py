@@ -178,3 +178,38 @@ def test_requeued_job_resumes_from_its_last_batch(tiny_models, tmp_path):
         tmp_path / "fresh",
     )
     assert json.loads((sweep / "0" / "final_analysis_results.json").read_text()) == json.loads(json.dumps(fresh))
+
+
+def test_a_request_the_partition_can_never_run_is_refused_before_submitting(tiny_models, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _sweep(sweep, *tiny_overrides(tiny_models["olmoe"]), *SMALL, "deployment.cpus_per_task=8", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "outlier_hydra: error: deployment.cpus_per_task=8 can never run: partition debug offers at most 2 CPUs, "
+    ), proc.stderr
+    assert "lower deployment.cpus_per_task" in lines[0]
+    assert not (sweep / ".submitit").exists(), "nothing was submitted"
+
+
+def test_a_job_that_can_never_start_is_cancelled_within_a_minute(tiny_models, tmp_path):
+    """With the up-front check off, the job is submitted, pends for PartitionConfig, and the launcher
+    stops the sweep, cancels the job, and names the keys and what the partition offers."""
+    sweep = tmp_path / "sweep"
+    t0 = time.time()
+    proc = _sweep(
+        sweep,
+        *tiny_overrides(tiny_models["olmoe"]),
+        *SMALL,
+        "deployment.check_resources=false",
+        "deployment.cpus_per_task=8",
+        check=False,
+    )
+    assert time.time() - t0 < 60
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.strip().splitlines() if "error" in line]
+    assert len(errors) == 1, proc.stderr
+    assert "Slurm cannot start job" in errors[0] and "pending for PartitionConfig" in errors[0]
+    assert "change deployment.partition, deployment.cpus_per_task" in errors[0] and "offers at most 2 CPUs" in errors[0]
+    job = _running_job(sweep / ".submitit")
+    _wait_for(lambda: _sacct(job).get(job, "").startswith("CANCELLED"), 30, "accounting to record the cancellation")

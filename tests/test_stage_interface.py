@@ -148,9 +148,12 @@ def test_a_crafted_statistics_file_cannot_name_a_stage(finished_run, canary, tmp
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads(bytes(arrays["meta"]).decode())
+    from outlier_hydra.stats.outlier_stats import _checksum  # a crafted file can carry a valid checksum
+
     meta["extras"] = ["canary"]
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     arrays["extra.canary.x"] = np.zeros(1)
+    meta["sha256"] = _checksum({k: v for k, v in arrays.items() if k != "meta"})
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     np.savez(path, **arrays)
     with pytest.raises(
         OutlierHydraError, match=r"batch_001\.npz: holds statistics of the stage 'canary', which is not configured"

@@ -74,7 +74,8 @@ class DatasetConfig:
     name: str | None = None  # hub dataset id (source=hub)
     config_name: str | None = None  # hub dataset configuration, e.g. "sample-10BT"
     split: str = "train"
-    data_files: str | None = None  # path or glob of .txt / .jsonl / .json / .parquet / .csv (source=local)
+    data_files: str | None = None  # path or glob of text / .jsonl / .json / .parquet / .csv files (source=local)
+    format: str = "auto"  # auto (by suffix, else by content: UTF-8 text is text) | text | jsonl | json | csv | parquet
     text_field: str = "text"
     streaming: bool = True
     num_sequences: int = MISSING
@@ -153,6 +154,8 @@ class DeploymentConfig:
     timeout_min: int = 60
     array_parallelism: int = 256
     max_num_timeout: int = 3  # requeues after a timeout or pre-emption (the run resumes its batches)
+    # refuse, before submitting, a request the partition's nodes can never run (sinfo); false: submit anyway
+    check_resources: bool = True
     # set by the slurm deployments (their YAML: the launcher's list/dict keys need a value there)
     setup: List[str] | None = None  # shell lines run before the job (module load ...)
     additional_parameters: Dict[str, Any] | None = None  # any other sbatch option

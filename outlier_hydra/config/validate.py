@@ -52,6 +52,10 @@ def check_config(cfg: DictConfig) -> None:
         str(gpus) == "auto" or (isinstance(gpus, int) and gpus >= 0),
         f"deployment.gpus_per_node: a count >= 0 or auto, got {gpus!r}",
     )
+    from outlier_hydra.data.windows import FORMATS
+
+    formats = ("auto", *FORMATS)
+    _require(d.format in formats, f"dataset.format: {d.format!r} is not one of {', '.join(formats)}")
     if enum_value(d.source) == "local":
         _require(bool(d.data_files), "dataset.data_files: not set (a path or glob) for dataset.source=local")
     else:

@@ -20,23 +20,48 @@ from outlier_hydra.config import enum_value
 from outlier_hydra.errors import OutlierHydraError
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# dataset.format -> the `datasets` builder; auto: by suffix, else by content (valid UTF-8 text is text)
+FORMATS = {"text": "text", "jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+SNIFF_BYTES = 1 << 16
 TOKENIZE_BATCH = 64
 
 
-def resolve_data_files(pattern: str | None) -> tuple[str, list[str]]:
+def is_text(path: str) -> bool:
+    """No NUL byte and valid UTF-8 in the first 64 KiB (a character cut at the sample's end counts)."""
+    with open(path, "rb") as f:
+        data = f.read(SNIFF_BYTES)
+    if b"\0" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return len(data) == SNIFF_BYTES and exc.start >= len(data) - 3
+    return True
+
+
+def builder_for(path: str, fmt: str) -> str:
+    """The `datasets` builder that reads this file under dataset.format, or a one-line error."""
+    builder = FORMATS.get(fmt) if fmt != "auto" else BUILDERS.get(Path(path).suffix.lower(), "text")
+    if builder == "text" and not is_text(path):
+        raise OutlierHydraError(
+            f"dataset.data_files: {path}: not UTF-8 text; if it is another format, say which with dataset.format "
+            f"({', '.join(FORMATS)})"
+        )
+    assert builder is not None
+    return builder
+
+
+def resolve_data_files(pattern: str | None, fmt: str = "auto") -> tuple[str, list[str]]:
     """(datasets builder, sorted file list) for dataset.data_files, or a one-line error."""
     if not pattern:
-        raise OutlierHydraError("dataset.data_files: not set (a path or glob of .txt/.jsonl/.parquet files)")
+        raise OutlierHydraError("dataset.data_files: not set (a path or glob of text/.jsonl/.parquet files)")
     files = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     files = [f for f in files if os.path.isfile(f)]
     if not files:
         raise OutlierHydraError(f"dataset.data_files: no file matches {pattern}")
-    bad = [f for f in files if Path(f).suffix.lower() not in BUILDERS]
-    if bad:
-        raise OutlierHydraError(f"dataset.data_files: {bad[0]}: unsupported file type (use {', '.join(sorted(BUILDERS))})")
-    kinds = {BUILDERS[Path(f).suffix.lower()] for f in files}
+    kinds = {builder_for(f, fmt) for f in files}
     if len(kinds) > 1:
-        raise OutlierHydraError(f"dataset.data_files: {pattern} mixes file types {sorted(kinds)}")
+        raise OutlierHydraError(f"dataset.data_files: {pattern} mixes file types {sorted(kinds)} (dataset.format=auto)")
     return kinds.pop(), files
 
 
@@ -47,7 +72,7 @@ def open_dataset(ds_cfg):
     source = enum_value(ds_cfg.source)
     try:
         if source == "local":
-            builder, files = resolve_data_files(ds_cfg.data_files)
+            builder, files = resolve_data_files(ds_cfg.data_files, ds_cfg.format)
             extra = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = load_dataset(builder, data_files=files, split="train", streaming=ds_cfg.streaming, **extra)
             where = ds_cfg.data_files

@@ -19,7 +19,6 @@ config or reaches the hub. A request no allowed GPU count can hold ends the swee
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
+
+from outlier_hydra.launch import slurm
 
 log = logging.getLogger(__name__)
 ACTIVE = {
@@ -51,28 +52,46 @@ ACTIVE = {
 GRACE_S = 10  # after the job left the queue, how long its result file may take to appear
 
 
-def slurm_state(job_id: str) -> str | None:
-    """The controller's state of a job (None once it has been purged or squeue is unavailable)."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    states = out.stdout.split()
-    return states[0] if out.returncode == 0 and states else None
+class JobCannotStart(Exception):
+    pass
+
+
+def watch(jobs, poll_s: float = 1.0, partition: str | None = None) -> None:
+    """Return once every job wrote its result or left Slurm's queue (squeue, no accounting lag).
+    Shows progress when it changes (pending with their reasons, running, done); raises
+    JobCannotStart as soon as a job waits for a reason that never clears on its own."""
+    left_at: dict[str, float] = {}  # when a job was last seen out of the queue without a result
+    settled: set[str] = set()
+    shown = None
+    while True:
+        waiting = [j for j in jobs if j.job_id not in settled and not j.paths.result_pickle.exists()]
+        if not waiting:
+            return
+        status = slurm.queue_status([j.job_id for j in waiting]) or {}
+        for job in waiting:
+            state, reason = status.get(job.job_id, ("", ""))
+            meaning = slurm.never_clears(reason, partition) if state == "PENDING" else None
+            if meaning:
+                raise JobCannotStart(f"Slurm cannot start job {job.job_id}: pending for {reason} ({meaning})")
+            if state in ACTIVE:
+                left_at.pop(job.job_id, None)
+            elif time.monotonic() - left_at.setdefault(job.job_id, time.monotonic()) > GRACE_S:
+                settled.add(job.job_id)  # gone without a result: results() reports the failure
+        counts: dict[str, int] = {}
+        for state, reason in status.values():
+            label = f"{state.lower()} ({reason})" if state == "PENDING" and reason not in ("", "None") else state.lower()
+            counts[label] = counts.get(label, 0) + 1
+        done = len(jobs) - len(waiting)
+        line = ", ".join(f"{n} {label}" for label, n in sorted(counts.items())) + f", {done} done"
+        if line != shown:
+            log.info("slurm: %s", line)
+            shown = line
+        time.sleep(poll_s)
 
 
 def wait_until_settled(job, poll_s: float = 1.0) -> None:
-    """Return once the job wrote its result or Slurm no longer holds it as queued or running."""
-    left_at = None
-    while not job.paths.result_pickle.exists():
-        state = slurm_state(job.job_id)
-        if state in ACTIVE:
-            left_at = None
-        else:
-            left_at = left_at or time.monotonic()
-            if time.monotonic() - left_at > GRACE_S:
-                return
-        time.sleep(poll_s)
+    """One job: return once it wrote its result or Slurm no longer holds it (see watch)."""
+    watch([job], poll_s)
 
 
 def resolved_params(params: dict, config) -> dict:
@@ -114,6 +133,12 @@ class RequeueAwareSlurmLauncher(SlurmLauncher):
 
         assert self.config is not None
         params = resolved_params(self.params, self.config)
+        partition = params.get("partition")
+        if self.config.get("deployment", {}).get("check_resources", True):
+            problem = slurm.request_problem(params)
+            if problem:
+                print(f"outlier_hydra: error: {problem}", file=sys.stderr)
+                sys.exit(2)
         executor = submitit.AutoExecutor(
             cluster=self._EXECUTOR, folder=params["submitit_folder"], slurm_max_num_timeout=params["max_num_timeout"]
         )
@@ -126,8 +151,14 @@ class RequeueAwareSlurmLauncher(SlurmLauncher):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
         jobs = executor.map_array(self, *zip(*job_params))
-        for job in jobs:
-            wait_until_settled(job)
+        try:
+            watch(jobs, partition=partition)
+        except JobCannotStart as exc:
+            slurm.cancel([job.job_id for job in jobs])
+            limits = slurm.partition_limits(partition)
+            offer = f"; {limits.describe()}" if limits else ""
+            print(f"outlier_hydra: error: {exc}; its jobs are cancelled: change {slurm.KEYS}{offer}", file=sys.stderr)
+            sys.exit(2)
         return [job.results()[0] for job in jobs]
 
 

@@ -29,9 +29,18 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
+    """Render to memory, then write atomically (a full disk leaves no half-written PNG)."""
+    import io
+
+    from outlier_hydra.pipeline.rundir import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, dpi=110, format="png")
+    finally:
+        pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

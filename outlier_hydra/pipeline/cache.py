@@ -30,7 +30,7 @@ from outlier_hydra.pipeline.rundir import TOKEN_IDS
 log = logging.getLogger(__name__)
 
 
-def cache_key(plain_cfg: dict, edges: np.ndarray, collector_target: str, stages: Sequence = ()) -> str:
+def cache_key(plain_cfg: dict, edges: Sequence[float] | np.ndarray, collector_target: str, stages: Sequence = ()) -> str:
     """stages: the "collect" stages that apply; each adds its own cache_key() (what it collects)."""
     a = plain_cfg["analysis"]
     material = {
@@ -74,17 +74,21 @@ def fetch(root: Path | None, key: str, token_ids: np.ndarray, stats_dir: Path) -
 
 
 def store(root: Path | None, key: str, token_ids: np.ndarray, stats_dir: Path) -> None:
-    """Publish a finished run's batch statistics (atomically: a rename of a complete folder)."""
+    """Publish a finished run's batch statistics: a complete folder renamed into place, so readers
+    see all of it or nothing, and of several jobs publishing the same entry the first one wins.
+    A failure to publish (a full disk) leaves nothing behind and does not fail the run."""
     if root is None or (root / key / "complete").exists():
         return
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.{uuid.uuid4().hex}"
-    tmp.mkdir()
-    for f in sorted(stats_dir.glob("batch_*.npz")):
-        shutil.copy2(f, tmp / f.name)
-    np.save(tmp / TOKEN_IDS, token_ids)
-    (tmp / "complete").write_text("")
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        for f in sorted(stats_dir.glob("batch_*.npz")):
+            shutil.copy2(f, tmp / f.name)
+        np.save(tmp / TOKEN_IDS, token_ids)
+        (tmp / "complete").write_text("")
         tmp.rename(root / key)
-    except OSError:  # another job of the sweep published the same entry first
+    except OSError as exc:  # another job published the same entry first, or no space
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / key / "complete").exists():
+            log.warning("statistics cache %s: not published (%s)", root / key, exc)

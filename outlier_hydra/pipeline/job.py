@@ -29,13 +29,16 @@ from outlier_hydra.config.runtime import hydra_output_dir
 from outlier_hydra.config.targets import instantiate_node
 from outlier_hydra.config.validate import check_config, check_sequence_length, resolve_layers
 from outlier_hydra.data import sequence_range, token_windows
+from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
 from outlier_hydra.models.loading import input_device
 from outlier_hydra.output import make_plots, open_logger, print_summary
 from outlier_hydra.pipeline import cache, rundir
+from outlier_hydra.pipeline.lock import RunLock
 from outlier_hydra.pipeline.provenance import environment
+from outlier_hydra.pipeline.rundir import NoSpace
 from outlier_hydra.stages import PostContext, Stage, build_stages
-from outlier_hydra.stats import OutlierStats
+from outlier_hydra.stats import DamagedStats, OutlierStats
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class Plan:
     analyzer: Any
     points: list
     stages: list[Stage]
+    stats_key: str  # what determines the statistics (pipeline/cache.py): the same -> reusable batch files
 
     def header(self, batches: list[OutlierStats]) -> dict:
         return {
@@ -95,9 +99,14 @@ def prepare(cfg: DictConfig) -> Plan:
     token_ids = token_windows(cfg.dataset, tokenizer)
     collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
     analyzer = instantiate_node(cfg.analysis.analyzer, "analysis.analyzer", allowed)
+    plain = plain_config(cfg)
+    stages = [s for s in stages if s.bind(adapter, layers)]
+    edges = getattr(collector, "edges", None)
+    collecting = [s for s in stages if s.phase == "collect"]
+    stats_key = cache.cache_key(plain, edges if edges is not None else [], cfg.analysis.collector._target_, collecting)
     return Plan(
         cfg=cfg,
-        plain=plain_config(cfg),
+        plain=plain,
         model_type=model_config.model_type,
         layers=layers,
         tokenizer=tokenizer,
@@ -106,7 +115,8 @@ def prepare(cfg: DictConfig) -> Plan:
         collector=collector,
         analyzer=analyzer,
         points=adapter.hook_points(layers),
-        stages=[s for s in stages if s.bind(adapter, layers)],
+        stages=stages,
+        stats_key=stats_key,
     )
 
 
@@ -121,35 +131,75 @@ class LazyModel:
     def get(self) -> tuple[torch.nn.Module, torch.device]:
         if self.model is None:
             log.info("loading %s (%s, device_map=%s)", self.cfg.model.name, self.model_type, self.cfg.model.device_map)
+            if not self.cfg.progress:  # progress=false: no progress bar of transformers' either
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
             self.model = load_model(self.cfg.model)
             self.device = input_device(self.model)
         assert self.device is not None
         return self.model, self.device
 
 
+def saved_batch(plan: Plan, path: Path, index: int, stage_stats: dict) -> OutlierStats | None:
+    """A finished batch's statistics from stats/, or None when there is none or it cannot be used
+    (damaged, another format, another config): such a file is moved aside, never merged."""
+    if not path.exists():
+        return None
+    try:
+        stats = OutlierStats.load(path, stage_stats)
+    except DamagedStats as exc:
+        reason = str(exc)
+    else:
+        if stats.meta.get("key") == plan.stats_key and stats.meta.get("batch_index") == index:
+            return stats
+        reason = f"{path}: made by another config (or for another batch)"
+    aside = rundir.move_aside(path)
+    log.warning("%s; moved aside to %s, collecting that batch again", reason, aside.name)
+    return None
+
+
 def collect_batches(plan: Plan, stats_dir: Path, lazy: LazyModel) -> tuple[list[OutlierStats], dict]:
-    """Each batch's statistics: from stats/ when a file is there (resume), else collected and saved."""
+    """Each batch's statistics: from stats/ when a usable file is there (resume), else collected and
+    saved. Running out of memory or disk ends the run with one line; the batches saved so far stay."""
     bs = plan.cfg.analysis.batch_size
     collecting = [s for s in plan.stages if s.phase == "collect"]
     stage_stats = {s.name: s.Stats for s in collecting if s.Stats is not None}
     num_batches = -(-len(plan.token_ids) // bs)
-    batches, done_before, seconds, new_tokens = [], 0, 0.0, 0
+    batches: list[OutlierStats] = []
+    done_before, seconds, new_tokens = 0, 0.0, 0
     bar = tqdm(total=plan.token_ids.size, unit="tok", desc="collecting", disable=not plan.cfg.progress)
     for b in range(num_batches):
         path = stats_dir / rundir.batch_stats_name(b)
         first = plan.first_sequence + b * bs
-        if path.exists():
-            stats = OutlierStats.load(path, stage_stats)
+        stats = saved_batch(plan, path, b, stage_stats)
+        if stats is not None:
             done_before += 1
         else:
             model, device = lazy.get()
             ids = torch.from_numpy(plan.token_ids[b * bs : (b + 1) * bs]).to(device)
             t0 = time.perf_counter()
-            stats = plan.collector.collect_batch(model, plan.points, ids, stages=collecting, first_sequence=first)
+            try:
+                stats = plan.collector.collect_batch(model, plan.points, ids, stages=collecting, first_sequence=first)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                where = "on the GPU" if isinstance(exc, torch.OutOfMemoryError) and device.type == "cuda" else "on the host"
+                del ids
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise OutlierHydraError(
+                    f"out of memory {where} in batch {b + 1} of {num_batches}; {len(batches)} batches are saved in "
+                    f"{stats_dir} and a rerun resumes from them: lower analysis.batch_size (now {bs}) or spread the "
+                    "model over more memory (model.device_map, model.max_memory)"
+                ) from None
             seconds += time.perf_counter() - t0
             new_tokens += stats.num_tokens
-            stats.meta.update({"batch_index": b, "sequences": [first, first + len(ids)]})
-            rundir.save_stats(path, stats)
+            stats.meta.update({"batch_index": b, "sequences": [first, first + len(ids)], "key": plan.stats_key})
+            try:
+                rundir.save_stats(path, stats)
+            except NoSpace as exc:
+                raise NoSpace(
+                    f"{exc}; {len(batches)} batches are saved in {stats_dir}: free space and rerun to resume"
+                ) from None
         batches.append(stats)
         bar.update(stats.num_tokens)
     bar.close()
@@ -167,20 +217,15 @@ def collect_batches(plan: Plan, stats_dir: Path, lazy: LazyModel) -> tuple[list[
 def gather(plan: Plan, out: Path, lazy: LazyModel) -> tuple[list[OutlierStats], dict]:
     """The batches' statistics, reusing a sweep's cache when it holds them (no model then)."""
     stats_dir = out / rundir.STATS_DIR
-    edges = getattr(plan.collector, "edges", None)
-    root = cache.cache_dir(plan.cfg) if edges is not None else None
-    key = ""
-    if root is not None and edges is not None:
-        collecting = [s for s in plan.stages if s.phase == "collect"]
-        key = cache.cache_key(plan.plain, edges, plan.cfg.analysis.collector._target_, collecting)
-    reused = not stats_dir.exists() and cache.fetch(root, key, plan.token_ids, stats_dir)
+    root = cache.cache_dir(plan.cfg)
+    reused = not stats_dir.exists() and cache.fetch(root, plan.stats_key, plan.token_ids, stats_dir)
     stats_dir.mkdir(exist_ok=True)
     batches, timing = collect_batches(plan, stats_dir, lazy)
     if reused:
-        timing["reused_statistics"] = str(root / key) if root else None
+        timing["reused_statistics"] = str(root / plan.stats_key) if root else None
     elif timing["batches_already_done"]:
         log.info("resumed: %d of %d batches were already done in %s", timing["batches_already_done"], timing["batches"], out)
-    cache.store(root, key, plan.token_ids, stats_dir)
+    cache.store(root, plan.stats_key, plan.token_ids, stats_dir)
     return batches, timing
 
 
@@ -200,6 +245,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     """Run the configured job; returns the final results document (also written to output_dir)."""
     out = Path(output_dir) if output_dir is not None else hydra_output_dir()
     plan = prepare(cfg)
+    with RunLock(out):
+        results = _run_locked(cfg, plan, out)
+    if cfg.progress:
+        print_summary(results, plan.stages)
+    log.info("%d systematic outlier features; results in %s", results["num_systematic_outliers"], out / rundir.FINAL_RESULTS)
+    return results
+
+
+def _run_locked(cfg: DictConfig, plan: Plan, out: Path) -> dict:
     rundir.claim(out, plan.plain, plan.token_ids)
     rundir.write_json(out / rundir.CONFIG_JSON, plan.plain)
     lazy = LazyModel(cfg, plan.model_type)
@@ -210,7 +264,4 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         rundir.write_json(out / rundir.ENVIRONMENT, environment())
         plots = make_plots(out / rundir.PLOTS_DIR, results, total, plan.stages) if cfg.plots else {}
         logger.log_results(results, total, plots, timing, plan.stages)
-    if cfg.progress:
-        print_summary(results, plan.stages)
-    log.info("%d systematic outlier features; results in %s", results["num_systematic_outliers"], out / rundir.FINAL_RESULTS)
     return results

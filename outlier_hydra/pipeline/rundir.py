@@ -7,6 +7,7 @@ directory: a rerun with the same config resumes it (finished batches are kept), 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,14 +41,26 @@ def batch_stats_name(index: int) -> str:
     return f"batch_{index + 1:03d}.npz"
 
 
+class NoSpace(OutlierHydraError):
+    """A write failed for lack of space (ENOSPC, EDQUOT); nothing partial was left behind."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, rename. On any failure the temporary
+    file is removed and the old file (if any) is untouched; a full disk is one line naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"{path}: no space left on the device ({len(data)} bytes to write)") from None
+        raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -110,6 +123,15 @@ def claim(out: Path, plain: dict, token_ids: np.ndarray) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_token_ids(out / TOKEN_IDS, token_ids)
     write_json(state_path, fp)
+
+
+def move_aside(path: Path) -> Path:
+    """A statistics file that cannot be used is kept for inspection, out of every glob that reads."""
+    n = 0
+    while (aside := path.with_name(f"{path.name}.damaged-{n}")).exists():
+        n += 1
+    os.replace(path, aside)
+    return aside
 
 
 def batch_stats_files(run_dir: Path) -> list[Path]:

@@ -3,6 +3,7 @@
 from outlier_hydra.stats.outlier_stats import (
     DEFAULT_EDGES,
     FORMAT_VERSION,
+    DamagedStats,
     OutlierStats,
     ThresholdNotAnEdge,
     histogram_edges,
@@ -13,6 +14,7 @@ from outlier_hydra.stats.outlier_stats import (
 __all__ = [
     "DEFAULT_EDGES",
     "FORMAT_VERSION",
+    "DamagedStats",
     "OutlierStats",
     "ThresholdNotAnEdge",
     "histogram_edges",

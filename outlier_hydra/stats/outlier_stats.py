@@ -19,9 +19,11 @@ exactly. Every merge is exact and independent of order and grouping (top-k ties:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import reduce
@@ -31,8 +33,8 @@ import numpy as np
 
 from outlier_hydra.errors import OutlierHydraError
 
-# 3: stage statistics are named by the stage's registered name (2 named a class path)
-FORMAT_VERSION = 3
+# 4: a SHA-256 of the arrays in the metadata; 3: stages named by their registered name (2: a class path)
+FORMAT_VERSION = 4
 
 # Edges for |x|: the thresholds people sweep (3..8), the range of systematic features (up to ~100)
 # and massive activations (>= 1000). The configured threshold is always added. The lowest edge
@@ -138,7 +140,19 @@ class OutlierStats:
     # ---- files -------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """The .npz file's bytes (written atomically by the caller). Counts that fit are stored as
-        int32 (a batch's always do): half the disk, restored to int64 on load."""
+        int32 (a batch's always do): half the disk, restored to int64 on load. The metadata carries
+        a SHA-256 of every array, so that a file changed after it was written is never used."""
+        small = self.num_tokens < 2**31
+        arrays = {
+            "edges": self.edges,
+            "ge_counts": self.ge_counts.astype(np.int32) if small else self.ge_counts,
+            "pos_ge_counts": self.pos_ge_counts.astype(np.int32) if small else self.pos_ge_counts,
+            "max_abs": self.max_abs,
+            "top_values": self.top_values,
+            "nonfinite": self.nonfinite,
+            **{f"extra.{name}.{k}": v for name, x in self.extras.items() for k, v in x.to_arrays().items()},
+        }
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
         meta = {
             "format_version": FORMAT_VERSION,
             "module_names": self.module_names,
@@ -147,59 +161,68 @@ class OutlierStats:
             "num_batches": self.num_batches,
             "meta": self.meta,
             "extras": sorted(self.extras),
+            "sha256": _checksum(arrays),
         }
-        extra_arrays = {f"extra.{name}.{k}": v for name, x in self.extras.items() for k, v in x.to_arrays().items()}
-        small = self.num_tokens < 2**31
         buf = io.BytesIO()
-        np.savez(
-            buf,
-            edges=self.edges,
-            ge_counts=self.ge_counts.astype(np.int32) if small else self.ge_counts,
-            pos_ge_counts=self.pos_ge_counts.astype(np.int32) if small else self.pos_ge_counts,
-            max_abs=self.max_abs,
-            top_values=self.top_values,
-            nonfinite=self.nonfinite,
-            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            **extra_arrays,
-        )
+        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
         return buf.getvalue()
 
     @classmethod
     def load(cls, path: str | os.PathLike, stage_stats: Mapping[str, Any] | None = None) -> OutlierStats:
         """Read a file written from to_bytes(). stage_stats: stage name -> its statistics class; a
-        file holding a stage not in it is refused (a file never decides what code runs)."""
+        file holding a stage not in it is refused (a file never decides what code runs). A file
+        that is truncated, altered, or of another format version raises DamagedStats."""
         stage_stats = stage_stats or {}
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise OutlierHydraError(
-                    f"{path}: statistics format {meta.get('format_version')} is not {FORMAT_VERSION}; "
-                    "collect again with this version"
-                )
-            extras = {}
-            for name in meta.get("extras", []):
-                if name not in stage_stats:
-                    raise OutlierHydraError(
-                        f"{path}: holds statistics of the stage {name!r}, which is not configured "
-                        f"(configured: {', '.join(sorted(stage_stats)) or 'none'})"
-                    )
-                prefix = f"extra.{name}."
-                arrays = {k[len(prefix) :]: z[k] for k in z.files if k.startswith(prefix)}
-                extras[name] = stage_stats[name].from_arrays(arrays)
-            return cls(
-                extras=extras,
-                module_names=meta["module_names"],
-                edges=z["edges"],
-                threshold=meta["threshold"],
-                num_tokens=meta["num_tokens"],
-                num_batches=meta["num_batches"],
-                meta=meta.get("meta", {}),
-                ge_counts=z["ge_counts"].astype(np.int64),
-                pos_ge_counts=z["pos_ge_counts"].astype(np.int64),
-                max_abs=z["max_abs"],
-                top_values=z["top_values"],
-                nonfinite=z["nonfinite"],
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(bytes(arrays.pop("meta")).decode())
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+            raise DamagedStats(f"{path}: damaged statistics file ({type(exc).__name__}: {str(exc)[:80]})") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DamagedStats(
+                f"{path}: statistics format {meta.get('format_version')}, this version reads {FORMAT_VERSION}"
             )
+        if meta.get("sha256") != _checksum(arrays):
+            raise DamagedStats(f"{path}: checksum mismatch, the file changed after it was written")
+        extras = {}
+        for name in meta.get("extras", []):
+            if name not in stage_stats:
+                raise OutlierHydraError(
+                    f"{path}: holds statistics of the stage {name!r}, which is not configured "
+                    f"(configured: {', '.join(sorted(stage_stats)) or 'none'})"
+                )
+            prefix = f"extra.{name}."
+            extras[name] = stage_stats[name].from_arrays(
+                {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            )
+        return cls(
+            extras=extras,
+            module_names=meta["module_names"],
+            edges=arrays["edges"],
+            threshold=meta["threshold"],
+            num_tokens=meta["num_tokens"],
+            num_batches=meta["num_batches"],
+            meta=meta.get("meta", {}),
+            ge_counts=arrays["ge_counts"].astype(np.int64),
+            pos_ge_counts=arrays["pos_ge_counts"].astype(np.int64),
+            max_abs=arrays["max_abs"],
+            top_values=arrays["top_values"],
+            nonfinite=arrays["nonfinite"],
+        )
+
+
+class DamagedStats(OutlierHydraError):
+    """A statistics file that cannot be trusted: truncated, altered, or of another format version."""
+
+
+def _checksum(arrays: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _merge_extras(a: dict, b: dict) -> dict:
