@@ -6,6 +6,7 @@
     outlier-hydra reanalyze RUN_DIR analysis.KEY=VALUE... [--out DIR]   other criteria, no model
     outlier-hydra sweep-summary SWEEP_DIR                 the table and plot of a sweep
     outlier-hydra estimate-vram [overrides]              GPU memory of a configured run
+    outlier-hydra compare RUN_OR_SWEEP_DIR... [--out DIR] [--reanalyze [analysis.KEY=VALUE...]]   runs side by side
 
 Every subcommand takes Hydra-style ``key=value`` overrides, typed by the same schema; the commands
 that read run directories take ``allowed_targets=[my_pkg.]`` from their own command line only.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,9 @@ TOOLS = {
     "reanalyze": "outlier_hydra.tools.reanalyze",
     "sweep-summary": "outlier_hydra.tools.sweep_summary",
     "estimate-vram": "outlier_hydra.tools.estimate_vram",
+    "compare": "outlier_hydra.tools.compare",
 }
+FLAGS = {"compare": {"--reanalyze"}}  # the options a tool takes besides --out
 APPS = ("run", "benchmark")
 
 
@@ -111,9 +115,9 @@ def no_more(overrides: dict, tool: str) -> None:
         raise OutlierHydraError(f"{next(iter(overrides))}: {tool} takes no such setting")
 
 
-def split_args(args: list[str]) -> tuple[list[Path], list[str], Path | None]:
-    """(paths, key=value overrides, --out DIR)."""
-    paths, overrides, out = [], [], None
+def split_args(args: list[str], flags: Collection[str] = ()) -> tuple[list[Path], list[str], Path | None, frozenset]:
+    """(paths, key=value overrides, --out DIR, the flags given among `flags`)."""
+    paths, overrides, out, given = [], [], None, set()
     it = iter(args)
     for a in it:
         if a == "--out":
@@ -123,20 +127,22 @@ def split_args(args: list[str]) -> tuple[list[Path], list[str], Path | None]:
             out = Path(value)
         elif a.startswith("--out="):
             out = Path(a.split("=", 1)[1])
+        elif a in flags:
+            given.add(a)
         elif a.startswith("-"):
             raise OutlierHydraError(f"{a}: unknown option (see outlier-hydra help)")
         elif "=" in a:
             overrides.append(a)
         else:
             paths.append(Path(a))
-    return paths, overrides, out
+    return paths, overrides, out, frozenset(given)
 
 
 def run_tool(name: str, args: list[str]) -> int:
     module = importlib.import_module(TOOLS[name])
     try:
-        paths, overrides, out = split_args(args)
-        print(module.command(paths, overrides, out))
+        paths, overrides, out, flags = split_args(args, FLAGS.get(name, set()))
+        print(module.command(paths, overrides, out, flags) if flags else module.command(paths, overrides, out))
     except OutlierHydraError as exc:
         print(f"outlier-hydra {name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

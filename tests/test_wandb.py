@@ -26,6 +26,9 @@ def test_offline_run_logs_the_feature_table(tiny_models, tmp_path, wandb_env):
     out = tmp_path / "run"
     results = run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"]), "logger=wandb", "logger.mode=offline"), out)
     files = _run_dir(out) / "files"
+    # report.html, logged as an artifact of the run (recorded in the offline run's log)
+    log = next(_run_dir(out).glob("run-*.wandb")).read_bytes()
+    assert b"report.html" in log and b"report-oh-" in log
     table = json.loads(next((files / "media" / "table").glob("systematic_outliers_*.table.json")).read_text())
     assert table["columns"] == FEATURE_COLUMNS
     logged = {row[0]: row for row in table["data"]}

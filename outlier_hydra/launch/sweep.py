@@ -96,15 +96,18 @@ def write_summary(sweep_dir: Path) -> list[dict]:
                     for k, v in row.items()
                 }
             )
-    _plot(sweep_dir, rows)
+    plot = _plot(sweep_dir, rows)
+    from outlier_hydra.output.report import sweep_report
+
+    sweep_report(sweep_dir, rows, columns, plot)
     return rows
 
 
-def _plot(sweep_dir: Path, rows: list[dict]) -> None:
+def _plot(sweep_dir: Path, rows: list[dict]) -> Path | None:
     done = [r for r in rows if r["status"] == "done"]
     if not done:
-        return
-    from outlier_hydra.output.plots import pyplot
+        return None
+    from outlier_hydra.output.plots import pyplot, save_figure
 
     plt = pyplot()
     lines = defaultdict(list)
@@ -121,9 +124,7 @@ def _plot(sweep_dir: Path, rows: list[dict]) -> None:
     if len(lines) > 1:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "sweep_systematic_vs_threshold.png", dpi=110)
-    plt.close(fig)
+    return save_figure(fig, sweep_dir / "sweep_systematic_vs_threshold.png")
 
 
 def merge_shard_groups(sweep_dir: Path, allowed_targets: Sequence[str] = ()) -> list[Path]:

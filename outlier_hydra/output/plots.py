@@ -32,7 +32,7 @@ def save_figure(fig, path: Path) -> Path:
     """Render to memory, then write atomically (a full disk leaves no half-written PNG)."""
     import io
 
-    from outlier_hydra.pipeline.rundir import atomic_write_bytes
+    from outlier_hydra.files import atomic_write_bytes
 
     buf = io.BytesIO()
     try:

@@ -30,13 +30,14 @@ from outlier_hydra.config.targets import instantiate_node
 from outlier_hydra.config.validate import check_config, check_sequence_length, resolve_layers
 from outlier_hydra.data import sequence_range, token_windows
 from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.files import NoSpace
 from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
 from outlier_hydra.models.loading import input_device
 from outlier_hydra.output import make_plots, open_logger, print_summary
+from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import cache, rundir
 from outlier_hydra.pipeline.lock import RunLock
 from outlier_hydra.pipeline.provenance import environment
-from outlier_hydra.pipeline.rundir import NoSpace
 from outlier_hydra.stages import PostContext, Stage, build_stages
 from outlier_hydra.stats import DamagedStats, OutlierStats
 
@@ -263,5 +264,6 @@ def _run_locked(cfg: DictConfig, plan: Plan, out: Path) -> dict:
         rundir.write_json(out / rundir.TIMING, timing)
         rundir.write_json(out / rundir.ENVIRONMENT, environment())
         plots = make_plots(out / rundir.PLOTS_DIR, results, total, plan.stages) if cfg.plots else {}
-        logger.log_results(results, total, plots, timing, plan.stages)
+        report = run_report(out, results, plots, plan.stages)
+        logger.log_results(results, total, plots, timing, plan.stages, report)
     return results

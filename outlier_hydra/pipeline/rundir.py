@@ -7,7 +7,6 @@ directory: a rerun with the same config resumes it (finished batches are kept), 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.files import atomic_write_bytes, read_json, write_json
 from outlier_hydra.stats import OutlierStats
 
 FINAL_RESULTS = "final_analysis_results.json"
@@ -39,36 +39,6 @@ def batch_results_name(index: int) -> str:
 
 def batch_stats_name(index: int) -> str:
     return f"batch_{index + 1:03d}.npz"
-
-
-class NoSpace(OutlierHydraError):
-    """A write failed for lack of space (ENOSPC, EDQUOT); nothing partial was left behind."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename. On any failure the temporary
-    file is removed and the old file (if any) is untouched; a full disk is one line naming the file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace(f"{path}: no space left on the device ({len(data)} bytes to write)") from None
-        raise
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
 
 
 def save_stats(path: str | os.PathLike, stats: OutlierStats) -> None:

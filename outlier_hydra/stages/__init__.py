@@ -15,7 +15,7 @@ the ``.npz`` files. Everything else that concerns it is a method of the class:
   measure         what a "post" stage computes (it gets the model on demand)
   cache_key       what determines its statistics (statistics reuse across a sweep)
   report          its JSON section, from merged statistics
-  plots / tables / summary      PNG files, W&B tables and summary lines from its section
+  plots / rows / summary        PNG files, tables (report.html and W&B) and summary lines from its section
 
 A stage from another package is named by ``_target_`` in its node (allowed through
 ``allowed_targets``); it then registers itself by subclassing :class:`Stage`.
@@ -82,8 +82,16 @@ class Stage:
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
         return {}
 
-    def tables(self, section: dict, wandb) -> dict:
+    def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
+        """Tables of its section, title -> (columns, rows): report.html shows them, W&B logs them."""
         return {}
+
+    def tables(self, section: dict, wandb) -> dict:
+        """What W&B logs for it (default: rows() as wandb.Table under "<name>/<title>")."""
+        return {
+            f"{self.name}/{title}": wandb.Table(columns=cols, data=data)
+            for title, (cols, data) in self.rows(section).items()
+        }
 
     def summary(self, section: dict) -> list[str]:
         return []

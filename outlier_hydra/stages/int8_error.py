@@ -93,8 +93,15 @@ class Int8Error(Stage):
             },
         }
 
+    def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
+        rows = [
+            [name, e["relative_error_all_int8"], e["relative_error_outliers_kept"]] for name, e in section["modules"].items()
+        ]
+        return {"modules": (["module", "relative_error_all_int8", "relative_error_outliers_kept"], rows)}
+
     def tables(self, section: dict, wandb) -> dict:
         return {
+            **super().tables(section, wandb),
             "int8/relative_error_all_int8": section["relative_error_all_int8"],
             "int8/relative_error_outliers_kept": section["relative_error_outliers_kept"],
         }

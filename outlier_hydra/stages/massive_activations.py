@@ -190,15 +190,13 @@ class MassiveActivations(Stage):
         ax.set_title("Massive activations across depth (annotated: dim and token of the largest)", fontsize=9)
         return {"massive_activations": save_figure(fig, folder / "massive_activations.png")}
 
-    def tables(self, section: dict, wandb) -> dict:
+    def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
         rows = [
-            [entry["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]
-            for entry in section["layers"]
-            for m in entry["massive"]
+            [e["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]
+            for e in section["layers"]
+            for m in e["massive"]
         ]
-        return {
-            "massive_activations": wandb.Table(columns=["layer", "value", "dim", "sequence", "position", "token"], data=rows)
-        }
+        return {"massive": (["layer", "value", "dim", "sequence", "position", "token"], rows)}
 
     def summary(self, section: dict) -> list[str]:
         found = [(entry["layer"], m) for entry in section["layers"] for m in entry["massive"]]

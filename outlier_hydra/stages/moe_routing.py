@@ -257,25 +257,22 @@ class MoeRouting(Stage):
         fig.suptitle("Expert load at outlier positions vs overall (annotated: the top expert)", fontsize=9)
         return {"moe_expert_load": save_figure(fig, folder / "moe_expert_load.png")}
 
-    def tables(self, section: dict, wandb) -> dict:
-        rows = [
-            [f["feature_dim"], entry["layer"], entry["outlier_positions"], t["expert"], t["position_share"], t["share"]]
+    def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
+        top = [
+            [f["feature_dim"], e["layer"], e["outlier_positions"], t["expert"], t["position_share"], t["share"]]
             for f in section["features"]
-            for entry in f["layers"]
-            for t in entry["top_experts"][:1]
+            for e in f["layers"]
+            for t in e["top_experts"][:1]
+        ]
+        layers = [
+            [e["layer"], e["entropy_mean"], e["top1_share_mean"], str(e["tokens_per_expert"])] for e in section["layers"]
         ]
         return {
-            "moe_routing/feature_top_expert": wandb.Table(
-                columns=["feature_dim", "layer", "outlier_positions", "top_expert", "position_share", "choice_share"],
-                data=rows,
+            "feature_top_expert": (
+                ["feature_dim", "layer", "outlier_positions", "top_expert", "position_share", "choice_share"],
+                top,
             ),
-            "moe_routing/layers": wandb.Table(
-                columns=["layer", "entropy_mean", "top1_share_mean", "tokens_per_expert"],
-                data=[
-                    [entry["layer"], entry["entropy_mean"], entry["top1_share_mean"], str(entry["tokens_per_expert"])]
-                    for entry in section["layers"]
-                ],
-            ),
+            "layers": (["layer", "entropy_mean", "top1_share_mean", "tokens_per_expert"], layers),
         }
 
     def summary(self, section: dict) -> list[str]:

@@ -18,6 +18,7 @@ import numpy as np
 from outlier_hydra.analysis import build_documents, collector_section
 from outlier_hydra.cli import no_more, settings
 from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import rundir
 from outlier_hydra.tools.saved_run import load_run, report_context
 
@@ -71,6 +72,7 @@ def merge_runs(run_dirs: list[Path], out: Path, allowed: Sequence[str] = ()) -> 
     rundir.write_json(out / rundir.CONFIG_JSON, base.config)
     rundir.save_token_ids(out / rundir.TOKEN_IDS, context["token_ids"])
     rundir.write_documents(out, per_batch, results, total)
+    run_report(out, results, {}, base.stages)
     return results
 
 

@@ -20,6 +20,7 @@ from outlier_hydra.analysis import build_documents
 from outlier_hydra.cli import settings
 from outlier_hydra.config.validate import check_config
 from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import rundir
 from outlier_hydra.stats import ThresholdNotAnEdge
 from outlier_hydra.tools.saved_run import load_run, report_context, typed_config
@@ -63,6 +64,7 @@ def reanalyze(run_dir: Path, overrides: list[str], out: Path | None = None) -> t
     rundir.write_documents(out, per_batch, results, total)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     rundir.write_json(out / rundir.CONFIG_JSON, plain)
+    run_report(out, results, {}, run.stages)
     return results, out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 
 class NullLogger:
-    def log_results(self, results, total, plots, timing, stages=()) -> None:
+    def log_results(self, results, total, plots, timing, stages=(), report=None) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:

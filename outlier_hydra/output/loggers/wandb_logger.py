@@ -60,7 +60,7 @@ class WandbLogger:
             resume="allow",
         )
 
-    def log_results(self, results: dict, total, plots: dict, timing: dict, stages=()) -> None:
+    def log_results(self, results: dict, total, plots: dict, timing: dict, stages=(), report=None) -> None:
         wandb = self.wandb
         t = results["criteria"]["magnitude_threshold"]
         rows = [
@@ -88,6 +88,10 @@ class WandbLogger:
             if stage.name in results:
                 payload.update(stage.tables(results[stage.name], wandb))
         self.run.log(payload)
+        if report is not None:  # the self-contained report.html, as an artifact of the run
+            artifact = wandb.Artifact(f"report-{self.run.id}", type="report")
+            artifact.add_file(str(report), name="report.html")
+            self.run.log_artifact(artifact)
         self.run.summary.update(
             {
                 "num_systematic_outliers": results["num_systematic_outliers"],
