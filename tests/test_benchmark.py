@@ -43,6 +43,9 @@ def test_benchmark_cpu_tiny_end_to_end(tmp_path):
     assert result["tokens"] == 2 * 64 and result["hooked_modules"] == 8 and result["collector_backend"] == "sparse"
     assert [m["tokens"] for m in result["memory_scaling"]] == [512, 2048]
     assert "(b) outlier_hydra" in proc.stdout and "(c) copy-to-host tool" in proc.stdout
+    assert (
+        result["chunk_layers"] == 1 and result["ratio_collect_chunked_over_forward"] > 0 and "same, chunked" in proc.stdout
+    )
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path is checked on one)")
@@ -63,3 +66,28 @@ def test_gpu_backends_match_the_reference(dtype, tiny_models):
         _assert_identical(collector.collect_batch(model, points, ids), reference)
         assert collector.backend == backend
     assert OutlierCollector(6.0).backend_for(ids.device) == "compiled"
+
+
+def test_gpu_check_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
+    """scripts/gpu_check.sh with DEVICE=cpu: the same steps as on a GPU, on a CPU preset."""
+    env = {**os.environ, "DEVICE": "cpu", "PRESETS": "cpu_tiny", "RESULTS": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [result] = list(tmp_path.glob("cpu-*.json"))
+    doc = json.loads(result.read_text())
+    assert doc["mode"] == "cpu" and [r["preset"] for r in doc["runs"]] == ["cpu_tiny"]
+    run = doc["runs"][0]
+    for key in (
+        "ratio_collect_over_forward",
+        "ratio_collect_full_forward_over_forward",
+        "ratio_collect_chunked_over_forward",
+    ):
+        assert run[key] > 0, key
+    assert "cpu_tiny" in proc.stdout and "chunked" in proc.stdout and str(result) in proc.stdout
+
+
+def test_card_names_in_result_files():
+    from outlier_hydra.tools.benchmark_results import card_slug
+
+    assert card_slug("NVIDIA H200") == "nvidia-h200" and card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert card_slug("cpu (2 threads)") == "cpu"

@@ -155,3 +155,20 @@ def test_compiled_backend_falls_back_on_compilation_errors_only(monkeypatch):
     monkeypatch.setattr(collector_module, "compiled_reduce", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         OutlierCollector(6.0, 5, None, backend="compiled").collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk_layers", [1, 2])
+def test_chunked_statistics_come_from_one_forward_pass(chunk_layers):
+    """chunk_layers bounds what lives on the device, not the number of passes: one forward per
+    batch, and the statistics of an unchunked collection."""
+    x = torch.randn(2, 30, 6, generator=torch.Generator().manual_seed(3)) * 4
+    acts = [[x * (i + 1), -x] for i in range(3)]
+    model = ReplayModel(acts)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    points = PRE_NORM_DECODER.hook_points([0, 1, 2])
+    chunked = OutlierCollector(6.0, 5, chunk_layers).collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
+    assert len(calls) == 1
+    whole = OutlierCollector(6.0, 5, None).collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
+    _assert_identical(chunked, whole)
+    assert chunked.occurrences().sum() > 0

@@ -9,9 +9,12 @@ everything is copied to the host once per device. Memory: O(tokens_per_batch x D
 O(M x D x E) on the host; nothing grows with the number of tokens analysed. The reduction itself is
 one of three interchangeable implementations (reductions.py, ``backend``).
 
-With ``chunk_layers`` the hook points are split into groups of at most that many layers, one
-forward pass per group over the same batch (the position buffer persists across passes). Each pass
-stops right after the last module anything reads in its last layer: nothing downstream is needed.
+Each batch is one forward pass, which stops right after the last module anything reads (the layers
+after the last analysed one never run). With ``chunk_layers`` at most that many layers' statistics
+live on the device at once: when the pass reaches the next group of layers, the finished group's
+counts and maxima are copied to the host (pinned memory, non-blocking: no host sync inside a hook).
+The results are identical and the pass is the same one, so chunking costs nothing. (The position
+buffer, [tokens, D], stays on the device for the whole pass: every module updates it.)
 
 "collect" stages (stages/: router statistics, massive activations) hook the same passes and hand
 back their own mergeable statistics, which land in OutlierStats.extras under the stage's name.
@@ -49,7 +52,7 @@ class _StopForward(Exception):
 
 
 def layer_chunks(points: list[HookPoint], chunk_layers: int | None) -> list[list[HookPoint]]:
-    """Group hook points (model order) into passes of at most chunk_layers layers each."""
+    """Group hook points (model order) into groups of at most chunk_layers layers each."""
     layers = sorted({p.layer for p in points})
     if not chunk_layers or chunk_layers >= len(layers):
         return [list(points)]
@@ -60,7 +63,11 @@ def layer_chunks(points: list[HookPoint], chunk_layers: int | None) -> list[list
 class _BatchState:
     """Device-resident accumulators for one batch."""
 
-    def __init__(self, edges: np.ndarray, num_examples: int, num_modules: int, backend: str):
+    def __init__(
+        self, edges: np.ndarray, num_examples: int, num_modules: int, backend: str, chunk_of_row: list[int] | None = None
+    ):
+        self.chunk_of_row = chunk_of_row or [0] * num_modules
+        self.chunk = 0  # the group of layers the pass is in
         self.edges = tuple(float(e) for e in edges)
         self.k = num_examples
         self.backend = backend
@@ -73,7 +80,21 @@ class _BatchState:
         self.num_tokens: int | None = None
         self.num_features: int | None = None
 
+    def flush(self, before_chunk: int) -> None:
+        """Copy the counts of every row of earlier chunks to the host (pinned, non-blocking)."""
+        for row, chunk in enumerate(self.chunk_of_row):
+            if chunk >= before_chunk:
+                continue
+            for kept in (self.ge, self.max_abs, self.nonfinite):
+                t = kept[row]
+                if t is not None and t.device.type != "cpu":
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    kept[row] = host.copy_(t, non_blocking=True)
+
     def update(self, row: int, x: torch.Tensor) -> None:
+        if self.chunk_of_row[row] > self.chunk:
+            self.flush(self.chunk_of_row[row])
+            self.chunk = self.chunk_of_row[row]
         d = x.shape[-1]
         x = x.detach().reshape(-1, d)
         dev = x.device
@@ -93,7 +114,7 @@ class _BatchState:
         old_ge, old_max, old_bad = self.ge[row], self.max_abs[row], self.nonfinite[row]
         if old_ge is None or old_max is None or old_bad is None:
             self.ge[row], self.max_abs[row], self.nonfinite[row] = ge, amax.float(), bad
-        else:  # a module hooked in two passes of one batch (never with the shipped adapters)
+        else:  # a module whose hook fires twice in one pass (a module reused by the model)
             self.ge[row], self.max_abs[row], self.nonfinite[row] = (
                 old_ge + ge,
                 torch.maximum(old_max, amax.float()),
@@ -117,6 +138,8 @@ class _BatchState:
         ge = np.zeros((m, d, e), np.int64)
         max_abs = np.zeros((m, d), np.float32)
         nonfinite = np.zeros(m, np.int64)
+        if torch.cuda.is_available():  # the non-blocking copies of flushed chunks are complete
+            torch.cuda.synchronize()
         rows_by_dev: dict[torch.device, list[int]] = defaultdict(list)
         for row, t in enumerate(self.ge):
             if t is None:
@@ -172,8 +195,10 @@ class OutlierCollector:
         self.backend = backend
         self.early_stop = early_stop  # stop each pass after the last module anything reads
 
-    def passes(self, points: list[HookPoint]) -> list[list[HookPoint]]:
-        return layer_chunks(points, self.chunk_layers)
+    def chunk_of_row(self, points: list[HookPoint]) -> list[int]:
+        """For each hook point, the group of layers whose statistics share the device (chunk_layers)."""
+        chunk = {p.name: c for c, group in enumerate(layer_chunks(points, self.chunk_layers)) for p in group}
+        return [chunk[p.name] for p in points]
 
     def backend_for(self, device: torch.device) -> str:
         if self.backend != "auto":
@@ -203,25 +228,24 @@ class OutlierCollector:
 
     def _collect(self, model, points, input_ids, backend, stages, first_sequence) -> OutlierStats:
         row_of = {p.name: i for i, p in enumerate(points)}
-        state = _BatchState(self.edges, self.num_examples, len(points), backend)
+        state = _BatchState(self.edges, self.num_examples, len(points), backend, self.chunk_of_row(points))
         for stage in stages:
             stage.start_batch(first_sequence)
-        for group in self.passes(points):
-            layers = sorted({p.layer for p in group})
-            hooks = [(p.module_path, self._hook(state, row_of[p.name])) for p in group]
-            for stage in stages:
-                hooks += stage.hooks(layers)
-            # stop as early as everything hooked allows: after the last hooked input, or later in the
-            # last layer if a stage reads further (the router: its gate; massive: the layer output)
-            stops = [s.stop_after(layers[-1]) for s in stages]
-            _, stop_path = max([(0, group[-1].module_path)] + [s for s in stops if s is not None])
-            if self.early_stop:
-                hooks.append((stop_path, _stop))
-            try:
-                with attached(model, hooks):
-                    model(input_ids=input_ids)
-            except _StopForward:
-                pass
+        layers = sorted({p.layer for p in points})
+        hooks = [(p.module_path, self._hook(state, row_of[p.name])) for p in points]
+        for stage in stages:
+            hooks += stage.hooks(layers)
+        # stop as early as everything hooked allows: after the last hooked input, or later in the
+        # last layer if a stage reads further (the router: its gate; massive: the layer output)
+        stops = [s.stop_after(layers[-1]) for s in stages]
+        _, stop_path = max([(0, points[-1].module_path)] + [s for s in stops if s is not None])
+        if self.early_stop:
+            hooks.append((stop_path, _stop))
+        try:
+            with attached(model, hooks):
+                model(input_ids=input_ids)
+        except _StopForward:
+            pass
         stats = state.to_host([p.name for p in points], self.magnitude_threshold)
         stats.extras = {stage.name: stage.finish_batch() for stage in stages}
         return stats

@@ -120,7 +120,7 @@ class AnalysisConfig:
     min_layer_percentage: float = MISSING
     min_seq_percentage: float = MISSING
     layers: List[int] | None = MISSING  # null = every layer
-    chunk_layers: int | None = MISSING  # hook at most N layers per forward pass
+    chunk_layers: int | None = MISSING  # at most N layers' statistics on the device at once (one pass)
     batch_size: int = MISSING  # sequences per forward pass
     num_examples: int = MISSING  # example_values kept per feature
     # |x| edges at which counts are kept exactly (null: stats.DEFAULT_EDGES); the threshold is added

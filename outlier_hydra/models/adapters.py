@@ -56,6 +56,13 @@ PRE_NORM_MOE = ModelAdapter(
     router=lambda i: f"layers.{i}.mlp.gate",
     layer=PRE_NORM_DECODER.layer,
 )
+GPT_OSS = ModelAdapter(  # pre-norm MoE whose router is mlp.router (logits, top-k scores, top-k indices)
+    family="gpt_oss",
+    attn_input=PRE_NORM_DECODER.attn_input,
+    mlp_input=PRE_NORM_DECODER.mlp_input,
+    router=lambda i: f"layers.{i}.mlp.router",
+    layer=PRE_NORM_DECODER.layer,
+)
 POST_NORM_ENCODER = ModelAdapter(
     family="post_norm_encoder",
     attn_input=lambda i: "embeddings.LayerNorm" if i == 0 else f"encoder.layer.{i - 1}.output.LayerNorm",
@@ -69,6 +76,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "qwen3_moe": PRE_NORM_MOE,
     "qwen2_moe": PRE_NORM_MOE,
     "mixtral": PRE_NORM_MOE,
+    "gpt_oss": GPT_OSS,
     "llama": PRE_NORM_DECODER,
     "mistral": PRE_NORM_DECODER,
     "qwen2": PRE_NORM_DECODER,

@@ -162,16 +162,24 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     def collect_full_forward():  # the same reductions with the whole forward run: their own cost
         full.collect_batch(model, points, ids, stages=stages)
 
+    chunk = max(1, len(layers) // 4)  # analysis.chunk_layers: a quarter of the layers per chunk
+    chunked = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed, chunk_layers=chunk)
+
+    def collect_chunked():
+        chunked.collect_batch(model, points, ids, stages=stages)
+
     timed(forward, device, 0, b.warmup)
     peak_forward = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     timed(collect, device, 0, b.warmup)
     peak_collect = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     timed(collect_full_forward, device, 0, b.warmup)
-    fwd, col, colf = [], [], []
+    timed(collect_chunked, device, 0, b.warmup)
+    fwd, col, colf, colc = [], [], [], []
     for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits all alike
         fwd += timed(forward, device, 1, 0)
         col += timed(collect, device, 1, 0)
         colf += timed(collect_full_forward, device, 1, 0)
+        colc += timed(collect_chunked, device, 1, 0)
     result = {
         "preset": b.name,
         "device": torch.cuda.get_device_name(device)
@@ -189,6 +197,9 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         "ratio_collect_over_forward": st.median(col) / st.median(fwd),
         "collect_full_forward_s": st.median(colf),
         "ratio_collect_full_forward_over_forward": st.median(colf) / st.median(fwd),
+        "chunk_layers": chunk,
+        "collect_chunked_s": st.median(colc),
+        "ratio_collect_chunked_over_forward": st.median(colc) / st.median(fwd),
         "forward_all_s": fwd,
         "collect_all_s": col,
         "peak_device_mem_forward_gb": peak_forward / 2**30 if peak_forward else None,
@@ -221,6 +232,8 @@ def table(r: dict) -> str:
         f"  {'(b) outlier_hydra':<22}{r['collect_s']:>10.4f}{r['collect_tokens_per_s']:>12.0f}{r['ratio_collect_over_forward']:>11.3f}",
         f"  {'    same, full forward':<22}{r['collect_full_forward_s']:>10.4f}{r['tokens'] / r['collect_full_forward_s']:>12.0f}"
         f"{r['ratio_collect_full_forward_over_forward']:>11.3f}   (no early stop: the reductions' own cost)",
+        f"  {'    same, chunked':<22}{r['collect_chunked_s']:>10.4f}{r['tokens'] / r['collect_chunked_s']:>12.0f}"
+        f"{r['ratio_collect_chunked_over_forward']:>11.3f}   (analysis.chunk_layers={r['chunk_layers']})",
     ]
     if "baseline_s" in r:
         lines.append(

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Wheels for a GPU box that cannot reach PyPI but has python3 with torch and transformers (as the
+# lent GPU machines of this project's workplace do): the project's pure-Python dependencies that such
+# an image lacks, for CPython 3.12, into .whl/ (git-ignored through .git/info/exclude). Then
+#   WHEELS=.whl scripts/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+  hydra-core==1.3.8 omegaconf==2.3.1 submitit==1.5.4 hydra-submitit-launcher==1.2.0
+# antlr4-python3-runtime 4.9.3 (Hydra's parser) is published as a source archive only: build its wheel
+python3 -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+ls -la .whl
