@@ -40,6 +40,11 @@ FLAGS = {"compare": {"--reanalyze"}}  # the options a tool takes besides --out
 APPS = ("run", "benchmark")
 
 
+def one_line(exc: BaseException) -> str:
+    """The message on one line, whatever a library put in it."""
+    return " ".join(str(exc).split())
+
+
 def run_or_exit(cfg: DictConfig) -> int:
     """Run the job; returns the number of systematic features (a sweeper can optimise on it)."""
     from outlier_hydra.pipeline import run
@@ -49,7 +54,7 @@ def run_or_exit(cfg: DictConfig) -> int:
     except OutlierHydraError as exc:
         if cfg.get("debug"):
             raise
-        print(f"outlier_hydra: error: {exc}", file=sys.stderr)
+        print(f"outlier_hydra: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -144,7 +149,7 @@ def run_tool(name: str, args: list[str]) -> int:
         paths, overrides, out, flags = split_args(args, FLAGS.get(name, set()))
         print(module.command(paths, overrides, out, flags) if flags else module.command(paths, overrides, out))
     except OutlierHydraError as exc:
-        print(f"outlier-hydra {name}: error: {exc}", file=sys.stderr)
+        print(f"outlier-hydra {name}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 

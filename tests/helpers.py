@@ -87,6 +87,10 @@ def bert_module_paths(layers) -> list[str]:
     return out
 
 
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
 def full_activations(model_dir, module_paths, token_ids: np.ndarray, batch_size: int) -> np.ndarray:
     """[M, tokens, D] float64 of every hooked output, batches as the run makes them."""
     from transformers import AutoModel
@@ -96,7 +100,7 @@ def full_activations(model_dir, module_paths, token_ids: np.ndarray, batch_size:
     acts = {p: [] for p in module_paths}
     handles = [
         modules[p].register_forward_hook(
-            lambda m, a, o, p=p: acts[p].append(o.detach().reshape(-1, o.shape[-1]).double().numpy())
+            lambda m, a, o, p=p: acts[p].append(_first(o).detach().reshape(-1, _first(o).shape[-1]).double().numpy())
         )
         for p in module_paths
     ]
@@ -169,6 +173,91 @@ def routing_recompute(model_dir, token_ids: np.ndarray, layer: int, dim: int, ba
     overall = np.bincount(idx.ravel(), minlength=n_experts)
     at_outliers = np.bincount(idx[np.abs(x[:, dim]) >= threshold].ravel(), minlength=n_experts)
     return overall, at_outliers, x[:, dim]
+
+
+def routing_tables(model_dir, token_ids: np.ndarray, batch_size: int) -> list[dict]:
+    """Independent, per MoE layer: the MLP input x [N, D], the router's logits [N, E], its top-k
+    weights and indices, from plain hooks (numpy, float64 where it sums)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for layer in model.layers:
+        seen = {"x": [], "logits": [], "w": [], "idx": []}
+        h1 = layer.post_attention_layernorm.register_forward_hook(
+            lambda m, a, o, seen=seen: seen["x"].append(o.reshape(-1, o.shape[-1]).double().numpy())
+        )
+
+        def grab(m, a, o, seen=seen):
+            seen["logits"].append(o[0].reshape(-1, o[0].shape[-1]).double().numpy())
+            seen["w"].append(o[1].reshape(-1, o[1].shape[-1]).double().numpy())
+            seen["idx"].append(o[2].reshape(-1, o[2].shape[-1]).numpy())
+
+        h2 = layer.mlp.gate.register_forward_hook(grab)
+        with torch.no_grad():
+            for s in range(0, len(token_ids), batch_size):
+                model(input_ids=torch.from_numpy(token_ids[s : s + batch_size]))
+        h1.remove(), h2.remove()
+        out.append({k: np.concatenate(v) for k, v in seen.items()})
+    return out
+
+
+def routing_expected(tables: list[dict], dim: int, threshold: float = 6.0, top: int = 3) -> dict:
+    """What moe_routing reports, straight from the definitions (softmax entropy in nats, top-1 share
+    of the top-k weight, expert choices at |x[dim]| >= threshold)."""
+
+    def entropy(logits):
+        z = logits - logits.max(1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        return -(p * np.log(np.maximum(p, 1e-30))).sum(1)
+
+    def ranked(counts, positions=None):
+        total = counts.sum()
+        order = sorted(range(len(counts)), key=lambda e: (-counts[e], e))[:top]
+        out = []
+        for e in order:
+            if counts[e] > 0:
+                entry = {"expert": int(e), "choices": int(counts[e]), "share": float(counts[e] / total)}
+                if positions:
+                    entry["position_share"] = float(counts[e] / positions)
+                out.append(entry)
+        return out
+
+    layers, feature_layers, all_counts = [], [], 0
+    for i, t in enumerate(tables):
+        n_experts = t["logits"].shape[1]
+        ent = entropy(t["logits"])
+        share = t["w"].max(1) / t["w"].sum(1)
+        layers.append(
+            {
+                "layer": i,
+                "tokens": len(ent),
+                "tokens_per_expert": np.bincount(t["idx"].ravel(), minlength=n_experts).tolist(),
+                "entropy_mean": ent.mean(),
+                "top1_share_mean": share.mean(),
+            }
+        )
+        hit = np.abs(t["x"][:, dim]) >= threshold
+        if hit.any():
+            counts = np.bincount(t["idx"][hit].ravel(), minlength=n_experts)
+            all_counts = all_counts + counts
+            feature_layers.append(
+                {
+                    "layer": i,
+                    "outlier_positions": int(hit.sum()),
+                    "top_experts": ranked(counts, int(hit.sum())),
+                    "entropy_mean": ent[hit].mean(),
+                    "top1_share_mean": share[hit].mean(),
+                }
+            )
+    return {
+        "layers": layers,
+        "feature": {
+            "feature_dim": dim,
+            "layers": feature_layers,
+            "top_experts_all_layers": ranked(all_counts) if feature_layers else [],
+        },
+    }
 
 
 def int8_recompute(acts: np.ndarray, keep: list[int]) -> tuple[float, float]:

@@ -1,6 +1,7 @@
 """Bad input ends with one clear line naming the key or file, before any weight loads, and leaves no
 results behind."""
 
+import re
 import subprocess
 import sys
 
@@ -176,3 +177,22 @@ def test_debug_flag_shows_the_traceback(olmoe, tmp_path):
     )
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "OutlierHydraError" in proc.stderr
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - {"cuda_without_gpu"}))
+def test_bad_value_on_the_command_line_is_one_line_and_exit_code_2(case, olmoe, tmp_path):
+    """Every case above, as a user meets it: exit code 2, one stderr line naming the key, and nothing
+    in the run directory but Hydra's own record of the command."""
+    extra, match = CASES[case]
+    out = tmp_path / "cli_run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", *tiny_overrides(olmoe, *extra), f"hydra.run.dir={out}", "progress=false"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("outlier_hydra: error: "), proc.stderr[-2000:]
+    assert re.search(match, lines[0]), lines[0]
+    assert sorted(p.name for p in out.iterdir()) == [".hydra", "outlier_hydra.log"]

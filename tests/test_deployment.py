@@ -2,6 +2,8 @@
 holds the expected directives (nothing is submitted), and the VRAM estimate behind
 gpus_per_node=auto gives the known parameter counts of the real models."""
 
+import time
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -134,7 +136,9 @@ def test_launcher_waits_while_slurm_still_holds_the_job(tmp_path, monkeypatch):
     gone = SimpleNamespace(job_id="8", paths=SimpleNamespace(result_pickle=tmp_path / "never.pkl"))
     monkeypatch.setattr(slurm, "queue_status", lambda job_ids: {})
     monkeypatch.setattr(launcher, "GRACE_S", 0.05)
+    t0 = time.monotonic()
     launcher.wait_until_settled(gone, poll_s=0.01)  # returns: results() then reports the failure
+    assert 0.05 <= time.monotonic() - t0 < 5, "it waited the grace period for a result, then gave up"
 
     stuck = SimpleNamespace(job_id="9_0", paths=SimpleNamespace(result_pickle=tmp_path / "no.pkl"))
     monkeypatch.setattr(slurm, "queue_status", lambda job_ids: {"9_0": ("PENDING", "QOSMaxCpuPerJobLimit")})

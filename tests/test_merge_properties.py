@@ -71,3 +71,28 @@ def test_merge_with_empty_is_identity():
     s.ge_counts[1, 2] = [4, 3, 1]
     s.top_values[0, 2] = -9.0
     _same(OutlierStats.empty(NAMES, D, EDGES, 6.0, K).merge(s), s)
+
+
+def test_merged_statistics_equal_statistics_of_the_concatenated_data():
+    """Ground truth, not just algebra: collecting batches A and B and merging them gives what one
+    collection over A and B together gives (counts per module and per position, maxima, examples)."""
+    import torch
+    from doubles import ReplayModel
+
+    from outlier_hydra.collect import OutlierCollector
+    from outlier_hydra.models.adapters import PRE_NORM_DECODER
+
+    gen = torch.Generator().manual_seed(7)
+    acts = [[torch.randn(5, 40, 6, generator=gen) * 3 for _ in range(2)] for _ in range(3)]  # 3 layers
+    points = PRE_NORM_DECODER.hook_points([0, 1, 2])
+    ids = torch.zeros(1, 1, dtype=torch.long)
+
+    def collect(rows):
+        model = ReplayModel([[a[rows], m[rows]] for a, m in acts])
+        return OutlierCollector(6.0, 4, None, backend="dense").collect_batch(model, points, ids)
+
+    whole = collect(slice(0, 5))
+    for cut in (1, 2, 4):
+        merged = collect(slice(0, cut)).merge(collect(slice(cut, 5)))
+        _same(merged.__class__(**{**merged.__dict__, "num_batches": 1}), whole)
+    assert whole.pos_ge_counts[:, 1].sum() > 0 and whole.ge_counts.sum() > whole.pos_ge_counts.sum()

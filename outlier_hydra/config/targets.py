@@ -53,7 +53,8 @@ def import_target(target: str, key: str, allowed: Sequence[str]) -> Any:
     try:
         return get_object(target)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's key to fix
-        raise OutlierHydraError(f"{key}: cannot import {target} ({exc})") from None
+        reason = " ".join(str(exc).split())  # one line, whatever the importer's message
+        raise OutlierHydraError(f"{key}: cannot import {target} ({reason})") from None
 
 
 def check_node(node: DictConfig, key: str, allowed: Sequence[str]) -> Any:
