@@ -127,7 +127,7 @@ def _damage(run_dir, other_run):
     np.savez(stats / "batch_005.npz", meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
 
 
-def test_damaged_statistics_are_detected_moved_aside_and_collected_again(tiny_models, tmp_path, fresh):
+def test_damaged_statistics_are_detected_moved_aside_and_collected_again(tiny_models, tmp_path, fresh, caplog):
     model = tiny_models["olmoe"]
     out = tmp_path / "run"
     run(make_cfg(*tiny_overrides(model, "analysis.batch_size=1")), out)
@@ -144,36 +144,27 @@ def test_damaged_statistics_are_detected_moved_aside_and_collected_again(tiny_mo
         assert f"{out / 'stats' / 'batch_002.npz'}: damaged statistics file" in proc.stderr
     assert not (tmp_path / "m").exists()
 
-    # a rerun warns, moves each aside, collects those batches again: identical results
-    resumed = json.loads(json.dumps(run(make_cfg(*tiny_overrides(model, "analysis.batch_size=1")), out)))
-    assert resumed == fresh
-    log = (out / "outlier_hydra.log").read_text() if (out / "outlier_hydra.log").exists() else ""
-    aside = sorted(p.name for p in (out / "stats").glob("*.damaged-*"))
-    assert aside == [f"batch_00{i}.npz.damaged-0" for i in (2, 3, 4, 5)]
-    assert sorted(p.name for p in (out / "stats").glob("batch_*.npz")) == [f"batch_{i:03d}.npz" for i in range(1, 9)]
-    del log
-
-
-def test_damaged_file_messages_name_what_is_wrong(tiny_models, tmp_path, caplog):
-    model = tiny_models["olmoe"]
-    out = tmp_path / "run"
-    run(make_cfg(*tiny_overrides(model, "analysis.batch_size=1")), out)
-    run(make_cfg(*tiny_overrides(model, "analysis.batch_size=1", "analysis.histogram_edges=[2,6]")), tmp_path / "other")
-    _damage(out, tmp_path / "other")
+    # a rerun warns (naming each file and why), moves each aside, collects those batches again
     with caplog.at_level("WARNING"):
-        run(make_cfg(*tiny_overrides(model, "analysis.batch_size=1")), out)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        resumed = json.loads(json.dumps(run(make_cfg(*tiny_overrides(model, "analysis.batch_size=1")), out)))
+    assert resumed == fresh
     stats = out / "stats"
-    assert any(w.startswith(f"{stats / 'batch_002.npz'}: damaged statistics file") for w in warnings)
-    assert any(w.startswith(f"{stats / 'batch_003.npz'}: damaged statistics file") for w in warnings)
-    assert any(w.startswith(f"{stats / 'batch_004.npz'}: made by another config") for w in warnings)
-    assert any(w.startswith(f"{stats / 'batch_005.npz'}: statistics format 3, this version reads 4") for w in warnings)
-    assert all("moved aside" in w for w in warnings)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for name, why in (
+        ("batch_002.npz", "damaged statistics file"),
+        ("batch_003.npz", "damaged statistics file"),
+        ("batch_004.npz", "made by another config"),
+        ("batch_005.npz", "statistics format 3, this version reads 4"),
+    ):
+        assert any(w.startswith(f"{stats / name}: {why}") and "moved aside" in w for w in warnings), (name, warnings)
+    assert sorted(p.name for p in stats.glob("*.damaged-*")) == [f"batch_00{i}.npz.damaged-0" for i in (2, 3, 4, 5)]
+    assert sorted(p.name for p in stats.glob("batch_*.npz")) == [f"batch_{i:03d}.npz" for i in range(1, 9)]
 
 
-def test_a_second_run_into_the_same_directory_refuses_at_once(tiny_models, tmp_path, fresh):
+def test_a_second_run_into_the_same_directory_refuses_at_once(tiny_models, tmp_path):
     out = tmp_path / "run"
-    slow = ["analysis.collector._target_=doubles.SlowCollector", "allowed_targets=[doubles.]"]
+    # 24 batches of 0.4 s or more: the first run is still writing when the second one starts
+    slow = ["analysis.collector._target_=doubles.SlowCollector", "allowed_targets=[doubles.]", "dataset.num_sequences=24"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
     first = subprocess.Popen(
         [sys.executable, "-m", "outlier_hydra", *_args(tiny_models["olmoe"], out, *slow)],
@@ -194,7 +185,11 @@ def test_a_second_run_into_the_same_directory_refuses_at_once(tiny_models, tmp_p
     assert f"{out}: another run is writing here (pid {first.pid} on {socket.gethostname()}" in line
     assert line.endswith("wait for it to end or use a new hydra.run.dir")
     assert first.wait(timeout=120) == 0, first.stderr.read()[-2000:]
-    assert _final(out) == fresh
+    fresh = run(
+        make_cfg(*tiny_overrides(tiny_models["olmoe"], "analysis.batch_size=1", "dataset.num_sequences=24")),
+        tmp_path / "fresh",
+    )
+    assert _final(out) == json.loads(json.dumps(fresh))
     assert not (out / ".lock").exists(), "the lock is released at the end"
 
 

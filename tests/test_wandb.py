@@ -99,7 +99,6 @@ def test_a_rerun_in_the_same_directory_resumes_the_same_wandb_run(tiny_models, t
     assert first == second
     assert [c["id"] for c in calls] == [calls[0]["id"]] * 2 and calls[0]["id"].startswith("oh-")
     assert all(c["resume"] == "allow" for c in calls)
+    # one offline folder per start (two starts within one second share a folder), all of that id
     offline = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and {p.name.rsplit("-", 2)[-2] + "-" + p.name.rsplit("-", 1)[-1] for p in offline} == {
-        calls[0]["id"]
-    }
+    assert offline and all(p.name.endswith(calls[0]["id"]) for p in offline)

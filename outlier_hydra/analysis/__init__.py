@@ -1,6 +1,6 @@
 """Analysis: the criteria (systematic features from statistics) and the result documents."""
 
-from outlier_hydra.analysis.criteria import SystematicOutlierAnalysis, meets
+from outlier_hydra.analysis.criteria import FEATURE_FIELDS, SystematicOutlierAnalysis, meets
 from outlier_hydra.analysis.documents import build_documents, collector_section
 
-__all__ = ["SystematicOutlierAnalysis", "build_documents", "collector_section", "meets"]
+__all__ = ["FEATURE_FIELDS", "SystematicOutlierAnalysis", "build_documents", "collector_section", "meets"]

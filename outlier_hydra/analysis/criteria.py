@@ -22,6 +22,12 @@ import numpy as np
 
 from outlier_hydra.stats import OutlierStats
 
+# the fields of a feature record, in the order tables show them (report.html, W&B)
+FEATURE_FIELDS = [
+    "feature_dim", "max_magnitude", "layer_percentage", "seq_percentage", "total_occurrences",
+    "layers_affected", "example_values", "batches_systematic",
+]  # fmt: skip
+
 
 def meets(count: np.ndarray, total: int, minimum: float) -> np.ndarray:
     """count / total >= minimum, exactly, for the decimal the user wrote."""

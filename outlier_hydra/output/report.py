@@ -15,19 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from outlier_hydra.analysis.criteria import FEATURE_FIELDS as FEATURE_COLUMNS
 from outlier_hydra.files import atomic_write_bytes
 
 REPORT = "report.html"
-FEATURE_COLUMNS = [
-    "feature_dim",
-    "max_magnitude",
-    "layer_percentage",
-    "seq_percentage",
-    "total_occurrences",
-    "batches_systematic",
-    "layers_affected",
-    "example_values",
-]
 
 STYLE = """
 *{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}

@@ -14,18 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from outlier_hydra.analysis.criteria import FEATURE_FIELDS as FEATURE_COLUMNS
 from outlier_hydra.config.runtime import multirun_sweep_dir
-
-FEATURE_COLUMNS = [
-    "feature_dim",
-    "max_magnitude",
-    "layer_percentage",
-    "seq_percentage",
-    "total_occurrences",
-    "layers_affected",
-    "example_values",
-    "batches_systematic",
-]
 
 
 def run_id(logger_cfg, out: Path) -> str:
