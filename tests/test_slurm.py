@@ -110,7 +110,7 @@ def _running_job(submitit_dir: Path) -> str:
     return ids[0]
 
 
-def _start_slow_sweep(model, sweep: Path) -> subprocess.Popen:
+def _start_slow_sweep(model, sweep: Path, *extra: str) -> subprocess.Popen:
     """A one-job sweep of 40 batches x 0.4 s in the background: still running when a signal comes
     (SIGKILL follows scancel / requeue after KillWait=2 on the local cluster)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "tests")}
@@ -131,6 +131,7 @@ def _start_slow_sweep(model, sweep: Path) -> subprocess.Popen:
             *SMALL,
             "analysis.magnitude_threshold=6",
             f"hydra.sweep.dir={sweep}",
+            *extra,
         ],
         cwd=REPO,
         env=env,
@@ -213,3 +214,43 @@ def test_a_job_that_can_never_start_is_cancelled_within_a_minute(tiny_models, tm
     assert "change deployment.partition, deployment.cpus_per_task" in errors[0] and "offers at most 2 CPUs" in errors[0]
     job = _running_job(sweep / ".submitit")
     _wait_for(lambda: _sacct(job).get(job, "").startswith("CANCELLED"), 30, "accounting to record the cancellation")
+
+
+def _release_when_pending(job: str) -> None:
+    """Slurm holds a requeued job for ~2 minutes before it is eligible again; release it now."""
+    _wait_for(
+        lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        == "PENDING",
+        60,
+        "the requeued job to be pending",
+    )
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+
+
+def test_timeout_signal_checkpoints_requeues_and_counts_against_max_num_timeout(tiny_models, tmp_path):
+    """The time-limit path for real: Slurm's USR2 (sent here with scancel --signal, as --signal=USR2@120
+    sends it before a time limit) makes submitit checkpoint the job through the project's launcher and
+    requeue it; the rerun resumes its batches. With timeout_min=10 every such signal counts as a
+    timeout, and deployment.max_num_timeout=1 allows one: the second signal ends the job."""
+    sweep = tmp_path / "sweep"
+    proc = _start_slow_sweep(tiny_models["olmoe"], sweep, "deployment.max_num_timeout=1")
+    _wait_for(lambda: (sweep / "0" / "stats" / "batch_002.npz").exists(), 120, "two finished batches")
+    job = _running_job(sweep / ".submitit")
+    first_signal = time.time()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    _release_when_pending(job)
+
+    def batches():
+        return len(list((sweep / "0" / "stats").glob("batch_*.npz")))
+
+    done = batches()
+    _wait_for(lambda: batches() > done, 120, "the requeued run to collect its next batch")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "timed-out too many times" in stderr
+    logs = "".join(p.read_text() for p in (sweep / ".submitit" / job).glob("*_log.err"))
+    assert logs.count("Caught signal SIGUSR2") == 2 and logs.count("this job is timed-out") == 2
+    assert not (sweep / "0" / "final_analysis_results.json").exists()
+    # the requeued run resumed: the batches before the first signal were not collected again
+    assert (sweep / "0" / "stats" / "batch_001.npz").stat().st_mtime < first_signal
