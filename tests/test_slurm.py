@@ -161,14 +161,7 @@ def test_requeued_job_resumes_from_its_last_batch(tiny_models, tmp_path):
     _wait_for(lambda: (sweep / "0" / "stats" / "batch_002.npz").exists(), 120, "two finished batches")
     job = _running_job(sweep / ".submitit")
     subprocess.run(["scontrol", "requeue", job], check=True)
-    # Slurm holds a requeued job for ~2 minutes before it is eligible again; release it now
-    _wait_for(
-        lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-        == "PENDING",
-        60,
-        "the requeued job to be pending",
-    )
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    _release_when_pending(job)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     log = (sweep / "0" / "outlier_hydra.log").read_text()

@@ -68,6 +68,7 @@ class _BatchState:
     ):
         self.chunk_of_row = chunk_of_row or [0] * num_modules
         self.chunk = 0  # the group of layers the pass is in
+        self.copies_pending = False  # non-blocking copies of flushed chunks not yet waited for
         self.edges = tuple(float(e) for e in edges)
         self.k = num_examples
         self.backend = backend
@@ -90,6 +91,7 @@ class _BatchState:
                 if t is not None and t.device.type != "cpu":
                     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                     kept[row] = host.copy_(t, non_blocking=True)
+                    self.copies_pending = True
 
     def update(self, row: int, x: torch.Tensor) -> None:
         if self.chunk_of_row[row] > self.chunk:
@@ -138,7 +140,7 @@ class _BatchState:
         ge = np.zeros((m, d, e), np.int64)
         max_abs = np.zeros((m, d), np.float32)
         nonfinite = np.zeros(m, np.int64)
-        if torch.cuda.is_available():  # the non-blocking copies of flushed chunks are complete
+        if self.copies_pending:  # the non-blocking copies of flushed chunks are complete
             torch.cuda.synchronize()
         rows_by_dev: dict[torch.device, list[int]] = defaultdict(list)
         for row, t in enumerate(self.ge):
