@@ -2,7 +2,7 @@
 
 The package is laid out as the pipeline (see the README's Layout section):
   config/     typed schema, explicit registration, checks before anything loads, allowed `_target_`s
-  models/     load model + tokenizer; adapters map a family to its hook points
+  models/     load model + tokenizer; structure.py finds the hook points by structure
   data/       text stream -> token windows [num_sequences, sequence_length]; the shipped corpus
   collect/    forward hooks that reduce activations on the model's device
   stats/      OutlierStats: plain arrays that merge exactly

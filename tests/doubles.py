@@ -9,6 +9,7 @@ import torch
 
 from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector
+from outlier_hydra.models.structure import HookPoint, config_top_k, discover, probe
 
 
 class TopFeatureOnly(SystematicOutlierAnalysis):
@@ -37,14 +38,32 @@ class ReplayModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList()
         for _ in acts:
             layer = torch.nn.Module()
-            layer.input_layernorm = torch.nn.Identity()
-            layer.post_attention_layernorm = torch.nn.Identity()
+            layer.self_attn = torch.nn.Identity()
+            layer.mlp = torch.nn.Identity()
             self.layers.append(layer)
 
     def forward(self, input_ids):
         for layer, (attn, mlp) in zip(self.layers, self.acts):
-            layer.input_layernorm(attn)
-            layer.post_attention_layernorm(mlp)
+            layer.self_attn(attn)
+            layer.mlp(mlp)
+
+    @staticmethod
+    def points(layers):
+        """The hook points of the replayed layers: the inputs of self_attn and mlp."""
+        out = []
+        for i in layers:
+            out += [
+                HookPoint(f"layer_{i}_ln_attn", i, f"layers.{i}.self_attn"),
+                HookPoint(f"layer_{i}_ln_mlp", i, f"layers.{i}.mlp"),
+            ]
+        return out
+
+
+def structure_points(model, layers):
+    """Hook points of a real model, found by the project's discovery and probe."""
+    structure = discover(model, len(model.layers), model.config.hidden_size, None, "test")
+    probe(structure, model, next(model.parameters()).device, "test", config_top_k(model.config))
+    return structure.hook_points(layers)
 
 
 class OomInForward(OutlierCollector):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
+from outlier_hydra.collect.hooks import on_input
 from outlier_hydra.stages import ReportContext, Stage
 
 
@@ -46,11 +47,13 @@ class OutlierPositions(Stage):
         self.state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hooks(self, layers):
-        return [(self.adapter.mlp_input(i), self._hook(i)) for i in layers]
+        """A pre-hook on each MLP input (the layer_{i}_ln_mlp hook points)."""
+        points = self.structure.hook_points(layers)
+        return [on_input(p.module_path, p.at, self._hook(p.layer)) for p in points if p.name.endswith("_ln_mlp")]
 
     def _hook(self, layer: int):
-        def hook(module, args, output):
-            x = output.detach().reshape(-1, output.shape[-1])
+        def hook(x):
+            x = x.detach().reshape(-1, x.shape[-1])
             hit = (x.abs() >= self.config.magnitude_threshold).any(-1).sum()
             self.state[layer] = (torch.tensor(x.shape[0]), hit)
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 from conftest import REPO
+from doubles import structure_points
 
 from outlier_hydra.collect import OutlierCollector
-from outlier_hydra.models.adapters import PRE_NORM_MOE
 
 
 def test_benchmark_cpu_tiny_end_to_end(tmp_path):
@@ -59,7 +59,7 @@ def test_gpu_backends_match_the_reference(dtype, tiny_models):
 
     model = AutoModel.from_pretrained(tiny_models["qwen3_moe"], dtype=dtype).cuda().eval()
     ids = torch.randint(1000, 20000, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    points = PRE_NORM_MOE.hook_points([0, 1, 2, 3])
+    points = structure_points(model, [0, 1, 2, 3])
     reference = OutlierCollector(6.0, 5, None, backend="dense").collect_batch(model, points, ids)
     for backend in ("compiled", "sparse"):
         collector = OutlierCollector(6.0, 5, None, backend=backend)

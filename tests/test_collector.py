@@ -3,18 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from doubles import ReplayModel
+from doubles import ReplayModel, structure_points
 
 from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector
-from outlier_hydra.models.adapters import PRE_NORM_DECODER
 
 BACKENDS = ["dense", "sparse"]
 
 
 def _collect(acts, threshold=6.0, chunk_layers=None, k=5, backend="dense"):
     model = ReplayModel(acts)
-    points = PRE_NORM_DECODER.hook_points(list(range(len(acts))))
+    points = ReplayModel.points(list(range(len(acts))))
     collector = OutlierCollector(threshold, k, chunk_layers, backend=backend)
     return collector.collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
 
@@ -95,11 +94,9 @@ def test_backends_give_identical_statistics(dtype, tiny_models):
     """The sparse (CPU) and dense (reference) reductions agree exactly on a real tiny MoE."""
     from transformers import AutoModel
 
-    from outlier_hydra.models.adapters import PRE_NORM_MOE
-
     model = AutoModel.from_pretrained(tiny_models["qwen3_moe"], dtype=dtype).eval()
     ids = torch.randint(1000, 20000, (2, 48), generator=torch.Generator().manual_seed(0))
-    points = PRE_NORM_MOE.hook_points([0, 1, 2, 3])
+    points = structure_points(model, [0, 1, 2, 3])
     results = [OutlierCollector(6.0, 5, None, backend=b).collect_batch(model, points, ids) for b in BACKENDS]
     _assert_identical(*results)
     assert results[0].occurrences().sum() > 0
@@ -116,11 +113,9 @@ def test_compiled_backend_matches_the_reference(tiny_models):
     """torch.compile of the dense reduction (the GPU default; inductor's C++ backend here)."""
     from transformers import AutoModel
 
-    from outlier_hydra.models.adapters import PRE_NORM_MOE
-
     model = AutoModel.from_pretrained(tiny_models["olmoe"], dtype=torch.float32).eval()
     ids = torch.randint(1000, 20000, (2, 32), generator=torch.Generator().manual_seed(0))
-    points = PRE_NORM_MOE.hook_points([0, 1, 2, 3])
+    points = structure_points(model, [0, 1, 2, 3])
     compiled = OutlierCollector(6.0, 5, None, backend="compiled")
     reference = OutlierCollector(6.0, 5, None, backend="dense").collect_batch(model, points, ids)
     _assert_identical(compiled.collect_batch(model, points, ids), reference)
@@ -142,7 +137,7 @@ def test_compiled_backend_falls_back_on_compilation_errors_only(monkeypatch):
 
     monkeypatch.setattr(collector_module, "compiled_reduce", cannot_compile)
     model = ReplayModel([[x, x]])
-    points = PRE_NORM_DECODER.hook_points([0])
+    points = ReplayModel.points([0])
     collector = OutlierCollector(6.0, 5, None, backend="compiled")
     stats = collector.collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
     _assert_identical(stats, reference)
@@ -166,7 +161,7 @@ def test_chunked_statistics_come_from_one_forward_pass(chunk_layers):
     model = ReplayModel(acts)
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    points = PRE_NORM_DECODER.hook_points([0, 1, 2])
+    points = ReplayModel.points([0, 1, 2])
     chunked = OutlierCollector(6.0, 5, chunk_layers).collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
     assert len(calls) == 1
     whole = OutlierCollector(6.0, 5, None).collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))

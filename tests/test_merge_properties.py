@@ -80,11 +80,10 @@ def test_merged_statistics_equal_statistics_of_the_concatenated_data():
     from doubles import ReplayModel
 
     from outlier_hydra.collect import OutlierCollector
-    from outlier_hydra.models.adapters import PRE_NORM_DECODER
 
     gen = torch.Generator().manual_seed(7)
     acts = [[torch.randn(5, 40, 6, generator=gen) * 3 for _ in range(2)] for _ in range(3)]  # 3 layers
-    points = PRE_NORM_DECODER.hook_points([0, 1, 2])
+    points = ReplayModel.points([0, 1, 2])
     ids = torch.zeros(1, 1, dtype=torch.long)
 
     def collect(rows):

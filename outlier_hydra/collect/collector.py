@@ -28,7 +28,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from outlier_hydra.collect.hooks import attached
+from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.collect.reductions import (
     BACKENDS,
     compile_errors,
@@ -41,7 +41,7 @@ from outlier_hydra.collect.reductions import (
     sparse_reduce,
 )
 from outlier_hydra.errors import OutlierHydraError
-from outlier_hydra.models.adapters import HookPoint
+from outlier_hydra.models.structure import HookPoint
 from outlier_hydra.stats import DEFAULT_EDGES, OutlierStats, histogram_edges
 
 log = logging.getLogger(__name__)
@@ -234,15 +234,15 @@ class OutlierCollector:
         for stage in stages:
             stage.start_batch(first_sequence)
         layers = sorted({p.layer for p in points})
-        hooks = [(p.module_path, self._hook(state, row_of[p.name])) for p in points]
+        hooks = [on_input(p.module_path, p.at, self._update(state, row_of[p.name])) for p in points]
         for stage in stages:
             hooks += stage.hooks(layers)
-        # stop as early as everything hooked allows: after the last hooked input, or later in the
-        # last layer if a stage reads further (the router: its gate; massive: the layer output)
+        # stop as early as everything hooked allows: right after the last hook point's input, or
+        # later in the last layer if a stage reads further (the router, the experts, the layer output)
         stops = [s.stop_after(layers[-1]) for s in stages]
-        _, stop_path = max([(0, points[-1].module_path)] + [s for s in stops if s is not None])
+        _, stop_path, *kind = max([(0, points[-1].module_path, "pre")] + [s for s in stops if s is not None])
         if self.early_stop:
-            hooks.append((stop_path, _stop))
+            hooks.append((stop_path, _stop_pre if kind == ["pre"] else _stop, *kind))
         try:
             with attached(model, hooks):
                 model(input_ids=input_ids)
@@ -253,14 +253,18 @@ class OutlierCollector:
         return stats
 
     @staticmethod
-    def _hook(state: _BatchState, row: int):
-        def hook(module, args, output):
-            state.update(row, output[0] if isinstance(output, tuple) else output)
+    def _update(state: _BatchState, row: int):
+        def update(x):
+            state.update(row, x)
 
-        return hook
+        return update
 
 
 def _stop(module, args, output):
+    raise _StopForward
+
+
+def _stop_pre(module, args, kwargs):
     raise _StopForward
 
 

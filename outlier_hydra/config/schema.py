@@ -56,6 +56,16 @@ class ArchitectureConfig:
 
 
 @dataclass
+class StructureConfig:
+    """Module paths that override discovery ({i} = layer index), e.g. model.structure.mlp=layers.{i}.ffn."""
+
+    layers: str | None = None  # the layer stack (a ModuleList), e.g. model.layers
+    mixer: str | None = None  # the token mixer whose input is layer_{i}_ln_attn
+    mlp: str | None = None  # the MLP / MoE block whose input is layer_{i}_ln_mlp ("none": no MLP)
+    router: str | None = None  # the MoE router ("none": dense MLPs)
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # hub id or local directory
     revision: str | None = None
@@ -66,6 +76,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     architecture: ArchitectureConfig | None = None
+    structure: StructureConfig = field(default_factory=StructureConfig)
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""Model side of the pipeline: load (loading.py) and where to hook (adapters.py)."""
+"""Model side of the pipeline: load (loading.py) and where to hook, found by structure (structure.py)."""
 
-from outlier_hydra.models.adapters import HookPoint, ModelAdapter, adapter_for
 from outlier_hydra.models.loading import load_model, load_model_config, load_tokenizer
+from outlier_hydra.models.structure import HookPoint, Structure, model_structure, probe
 
-__all__ = ["HookPoint", "ModelAdapter", "adapter_for", "load_model", "load_model_config", "load_tokenizer"]
+__all__ = ["HookPoint", "Structure", "load_model", "load_model_config", "load_tokenizer", "model_structure", "probe"]

@@ -31,8 +31,9 @@ from outlier_hydra.config.validate import check_config, check_sequence_length, r
 from outlier_hydra.data import sequence_range, token_windows
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.files import NoSpace
-from outlier_hydra.models import adapter_for, load_model, load_model_config, load_tokenizer
+from outlier_hydra.models import load_model, load_model_config, load_tokenizer, model_structure, probe
 from outlier_hydra.models.loading import input_device
+from outlier_hydra.models.structure import Structure, config_top_k, text_config
 from outlier_hydra.output import make_plots, open_logger, print_summary
 from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import cache, rundir
@@ -61,7 +62,8 @@ class Plan:
     first_sequence: int
     collector: Any
     analyzer: Any
-    points: list
+    model_config: Any  # transformers' config of the checkpoint
+    structure: Structure  # where to hook (models/structure.py); the probe forward completes it on load
     stages: list[Stage]
     stats_key: str  # what determines the statistics (pipeline/cache.py): the same -> reusable batch files
 
@@ -73,6 +75,7 @@ class Plan:
                 "dtype": self.plain["model"]["dtype"],
                 "layers": self.layers,
                 "hidden_size": batches[0].num_features,
+                "structure": self.structure.describe(self.layers),
             },
             "dataset": {
                 "num_sequences": int(self.token_ids.shape[0]),
@@ -81,6 +84,11 @@ class Plan:
             },
             "collector": collector_section(batches),
         }
+
+    @property
+    def points(self) -> list:
+        """The hook points (where each reads its input is known once the probe forward ran)."""
+        return self.structure.hook_points(self.layers)
 
     def batch_ids(self, device, limit: int | None = None) -> list[torch.Tensor]:
         bs = self.cfg.analysis.batch_size
@@ -93,15 +101,15 @@ def prepare(cfg: DictConfig) -> Plan:
     allowed = list(cfg.allowed_targets)
     stages = build_stages(cfg.analysis.stages, allowed)
     model_config = load_model_config(cfg.model)
-    adapter = adapter_for(model_config.model_type)
-    layers = resolve_layers(cfg, model_config)
-    check_sequence_length(cfg, model_config)
+    layers = resolve_layers(cfg, text_config(model_config))
+    structure = model_structure(cfg.model, model_config)
+    check_sequence_length(cfg, text_config(model_config))
     tokenizer = load_tokenizer(cfg.model)
     token_ids = token_windows(cfg.dataset, tokenizer)
     collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
     analyzer = instantiate_node(cfg.analysis.analyzer, "analysis.analyzer", allowed)
     plain = plain_config(cfg)
-    stages = [s for s in stages if s.bind(adapter, layers)]
+    stages = [s for s in stages if s.bind(structure, layers)]
     edges = getattr(collector, "edges", None)
     collecting = [s for s in stages if s.phase == "collect"]
     stats_key = cache.cache_key(plain, edges if edges is not None else [], cfg.analysis.collector._target_, collecting)
@@ -115,7 +123,8 @@ def prepare(cfg: DictConfig) -> Plan:
         first_sequence=sequence_range(cfg.dataset)[0],
         collector=collector,
         analyzer=analyzer,
-        points=adapter.hook_points(layers),
+        model_config=model_config,
+        structure=structure,
         stages=stages,
         stats_key=stats_key,
     )
@@ -124,8 +133,9 @@ def prepare(cfg: DictConfig) -> Plan:
 class LazyModel:
     """Loads the weights the first time something needs them, and never otherwise."""
 
-    def __init__(self, cfg: DictConfig, model_type: str):
+    def __init__(self, cfg: DictConfig, model_type: str, structure: Structure | None = None, model_config=None):
         self.cfg, self.model_type = cfg, model_type
+        self.structure, self.model_config = structure, model_config
         self.model: torch.nn.Module | None = None
         self.device: torch.device | None = None
 
@@ -138,6 +148,9 @@ class LazyModel:
                 hf_logging.disable_progress_bar()
             self.model = load_model(self.cfg.model)
             self.device = input_device(self.model)
+            if self.structure is not None:  # one forward on a few tokens checks the hook points
+                top_k = config_top_k(text_config(self.model_config)) if self.model_config is not None else None
+                probe(self.structure, self.model, self.device, self.cfg.model.name, top_k)
         assert self.device is not None
         return self.model, self.device
 
@@ -236,7 +249,7 @@ def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path)
     )
     for stage in plan.stages:
         if stage.phase == "post":
-            ctx = PostContext(model=lazy.get, points=plan.points, batches=plan.batch_ids, results=results)
+            ctx = PostContext(model=lazy.get, points=lambda: plan.points, batches=plan.batch_ids, results=results)
             results[stage.name] = stage.measure(ctx)
     rundir.write_documents(out, per_batch, results, total)
     return results, total
@@ -257,7 +270,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
 def _run_locked(cfg: DictConfig, plan: Plan, out: Path) -> dict:
     rundir.claim(out, plan.plain, plan.token_ids)
     rundir.write_json(out / rundir.CONFIG_JSON, plan.plain)
-    lazy = LazyModel(cfg, plan.model_type)
+    lazy = LazyModel(cfg, plan.model_type, plan.structure, plan.model_config)
     with open_logger(cfg, out, plan.plain) as logger:
         batches, timing = gather(plan, out, lazy)
         results, total = analyse(plan, batches, lazy, out)

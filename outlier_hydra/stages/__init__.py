@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-Hook = Callable[..., Any]  # a forward hook: (module, args, output) -> None
+Hook = Callable[..., Any]  # a forward hook (module, args, output), or a pre-hook (module, args, kwargs)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class PostContext:
     """What a "post" stage gets: the model on demand, the hook points and the run's batches."""
 
     model: Callable[[], tuple[Any, Any]]  # () -> (model, input device); loads the weights if needed
-    points: list  # the hook points
+    points: Callable[[], list]  # () -> the hook points (call it after model())
     batches: Callable[[Any, int], list]  # (device, n) -> the run's first n batches of token ids there
     results: dict  # the final document so far
 
@@ -67,9 +67,9 @@ class Stage:
         self.config = config
 
     # ---- every stage ---------------------------------------------------------------------------
-    def bind(self, adapter, layers: list[int]) -> bool:
-        """Prepare for this model; False if the stage does not apply to it."""
-        self.adapter, self.layers = adapter, sorted(layers)
+    def bind(self, structure, layers: list[int]) -> bool:
+        """Prepare for this model (its models.structure.Structure); False if the stage does not apply."""
+        self.structure, self.layers = structure, sorted(layers)
         return True
 
     def cache_key(self) -> dict:
@@ -97,12 +97,14 @@ class Stage:
         return []
 
     # ---- "collect" stages ----------------------------------------------------------------------
-    def hooks(self, layers: list[int]) -> list[tuple[str, Hook]]:
+    def hooks(self, layers: list[int]) -> list[tuple]:
+        """(module path, forward hook) or (module path, pre-hook, "pre") pairs (collect/hooks.py)."""
         return []
 
-    def stop_after(self, layer: int) -> tuple[int, str] | None:
-        """(rank, module path) the forward must reach in a pass's last layer (0: its MLP input,
-        1: its router, 2: the layer output), or None if the stage reads nothing past the MLP input."""
+    def stop_after(self, layer: int) -> tuple | None:
+        """(rank, module path[, "pre"]) the forward must reach in a pass's last layer (0: its last hook
+        point, 1: its router, 2: its experts' input, 3: the layer output), or None if the stage reads
+        nothing past the last hook point."""
         return None
 
     def start_batch(self, first_sequence: int) -> None:

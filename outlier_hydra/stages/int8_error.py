@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
-from outlier_hydra.collect.hooks import attached
+from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.stages import PostContext, Stage
 
 
@@ -62,16 +62,16 @@ class Int8Error(Stage):
         model, device = ctx.model()
         keep_dims = sorted(r["feature_dim"] for r in ctx.results["systematic_outliers"])
         batches = ctx.batches(device, self.max_batches)
-        sums = {p.name: np.zeros(3) for p in ctx.points}
+        points = ctx.points()
+        sums = {p.name: np.zeros(3) for p in points}
 
         def hook(name):
-            def fn(module, args, output):
-                x = output[0] if isinstance(output, tuple) else output
+            def fn(x):
                 sums[name] += squared_errors(x.detach().reshape(-1, x.shape[-1]), keep_dims)
 
             return fn
 
-        with attached(model, [(p.module_path, hook(p.name)) for p in ctx.points]):
+        with attached(model, [on_input(p.module_path, p.at, hook(p.name)) for p in points]):
             for ids in batches:
                 model(input_ids=ids)
         return self.errors(sums, keep_dims, sum(int(b.numel()) for b in batches))

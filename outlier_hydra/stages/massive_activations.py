@@ -78,21 +78,16 @@ class MassiveActivations(Stage):
         self.min_ratio = float(config.min_ratio_to_median)
         self.k = int(config.top_k)
 
-    def bind(self, adapter, layers: list[int]) -> bool:
-        if adapter.layer is None:
-            return False
-        return super().bind(adapter, layers)
-
     def start_batch(self, first_sequence: int) -> None:
         self.first = first_sequence
         self.state: dict[int, tuple] = {}
 
     def stop_after(self, layer: int) -> tuple[int, str]:
-        """(rank, module) the forward must reach in the pass's last layer: the layer output (rank 2)."""
-        return 2, self.adapter.layer(layer)
+        """(rank, module) the forward must reach in the pass's last layer: the layer output (rank 3)."""
+        return 3, self.structure.layer_path(layer)
 
     def hooks(self, layers: list[int]):
-        return [(self.adapter.layer(i), self._hook(i)) for i in layers]
+        return [(self.structure.layer_path(i), self._hook(i)) for i in layers]
 
     def _hook(self, layer: int):
         def hook(module, args, output):

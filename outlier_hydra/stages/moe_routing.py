@@ -1,7 +1,8 @@
-"""Router and expert statistics of MoE layers, from the router module's own output.
-
-transformers' MoE routers (OLMoE, Qwen3-MoE, Mixtral: `layers.{i}.mlp.gate`) return
-(logits [N, E], top-k weights [N, k], top-k indices [N, k]). Per MoE layer, on the device:
+"""Router and expert statistics of MoE layers: the router's logits and the expert choices the model
+really makes (models/structure.py finds both: the router's own output, e.g. OLMoE, Mixtral, Qwen
+and gpt-oss give (logits, top-k weights, top-k indices); else the experts module's arguments, e.g.
+DeepSeek-V3 after its bias and grouped top-k; else the top-k of the softmax of the logits). Shared
+experts are always on and never counted as a choice. Per MoE layer, on the device:
   R = one-hot of the top-k choices [N, E]        H = (|x| >= t) at that layer's MLP input [N, D]
   expert_counts += R.sum(0)                      tokens routed to each expert (top-k choices)
   entropy_sum   += sum_p H(softmax(logits_p))    top1_share_sum += sum_p w_top1 / sum_k w_k
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
+from outlier_hydra.collect.hooks import on_input
 from outlier_hydra.stages import ReportContext, Stage
 
 
@@ -92,10 +94,11 @@ class MoeRouting(Stage):
         self.threshold = float(config.magnitude_threshold)
         self.top_experts = int(config.top_experts)
 
-    def bind(self, adapter, layers: list[int]) -> bool:
-        if adapter.router is None:
+    def bind(self, structure, layers: list[int]) -> bool:
+        moe_layers = [i for i in layers if structure.moe(i) is not None]
+        if not moe_layers:
             return False
-        super().bind(adapter, layers)
+        super().bind(structure, moe_layers)
         self.row = {layer: r for r, layer in enumerate(self.layers)}
         return True
 
@@ -103,52 +106,87 @@ class MoeRouting(Stage):
     def start_batch(self, first_sequence: int) -> None:
         self.state: dict[int, dict] = {}
         self.pending_h: dict[int, torch.Tensor] = {}
+        self.pending_logits: dict[int, torch.Tensor] = {}
 
-    def stop_after(self, layer: int) -> tuple[int, str]:
-        """(rank, module) the forward must reach in the pass's last layer: its router (rank 1)."""
-        return 1, self.adapter.router(layer)
+    def stop_after(self, layer: int) -> tuple | None:
+        """What the forward must reach in the pass's last layer: the router (rank 1), or the experts'
+        input (rank 2) where the choices are read there."""
+        moe = self.structure.moe(layer)
+        if moe is None or layer not in self.row:
+            return None
+        if moe.choices == "experts":
+            return 2, moe.experts, "pre"
+        return 1, moe.router
 
     def hooks(self, layers: list[int]):
-        out = []
+        out: list[tuple] = []
         for layer in layers:
-            out.append((self.adapter.mlp_input(layer), self._mlp_input_hook(layer)))
-            out.append((self.adapter.router(layer), self._router_hook(layer)))
+            moe = self.structure.moe(layer)
+            if moe is None or layer not in self.row:
+                continue
+            out.append(on_input(moe.block, self.structure.inputs.get(moe.block, 0), self._mlp_input_hook(layer)))
+            out.append((moe.router, self._router_hook(layer, moe)))
+            if moe.choices == "experts":
+                out.append((moe.experts, self._experts_hook(layer, moe), "pre"))
         return out
 
     def _mlp_input_hook(self, layer: int):
-        def hook(module, args, output):
-            x = output[0] if isinstance(output, tuple) else output
+        def hook(x):
             x = x.detach().reshape(-1, x.shape[-1])
             self.pending_h[layer] = (x.abs() >= self.threshold).float()  # NaN, Inf: see the main stats
 
         return hook
 
-    def _router_hook(self, layer: int):
+    def _router_hook(self, layer: int, moe):
         def hook(module, args, output):
-            logits, weights, idx = output[0], output[1], output[2]
+            logits = output if moe.logits_at is None else output[moe.logits_at]
             logits = logits.detach().reshape(-1, logits.shape[-1]).float()
-            weights = weights.detach().reshape(-1, weights.shape[-1]).float()
-            idx = idx.detach().reshape(-1, idx.shape[-1])
-            h = self.pending_h.pop(layer)
-            one_hot = torch.zeros_like(logits).scatter_(1, idx, 1.0)
-            probs = torch.softmax(logits, -1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-            share = weights.max(-1).values / weights.sum(-1).clamp_min(1e-30)
-            ht = h.t()
-            upd = {
-                "expert_counts": one_hot.sum(0).double(),
-                "tokens": torch.tensor(float(logits.shape[0]), dtype=torch.float64, device=logits.device),
-                "entropy_sum": entropy.double().sum(),
-                "top1_share_sum": share.double().sum(),
-                "feat_counts": (ht @ one_hot).double(),
-                "feat_positions": h.sum(0).double(),
-                "feat_entropy_sum": (ht @ entropy).double(),
-                "feat_share_sum": (ht @ share).double(),
-            }
-            st = self.state.get(layer)
-            self.state[layer] = upd if st is None else {k: st[k] + v for k, v in upd.items()}
+            if moe.choices == "router":
+                idx = output[moe.index_at].detach()
+                weights = None if moe.weights_at is None else output[moe.weights_at].detach()
+                self._update(layer, logits, idx, weights)
+            elif moe.choices == "topk":  # the family's choices are not visible: top-k of the logits
+                probs = torch.softmax(logits, -1)
+                weights, idx = probs.topk(moe.top_k, dim=-1)
+                self._update(layer, logits, idx, weights)
+            else:
+                self.pending_logits[layer] = logits
 
         return hook
+
+    def _experts_hook(self, layer: int, moe):
+        def pick(args, kwargs, at):
+            return args[at] if isinstance(at, int) else kwargs[at]
+
+        def hook(module, args, kwargs):
+            idx = pick(args, kwargs, moe.index_at).detach()
+            weights = None if moe.weights_at is None else pick(args, kwargs, moe.weights_at).detach()
+            self._update(layer, self.pending_logits.pop(layer), idx, weights)
+
+        return hook
+
+    def _update(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> None:
+        idx = idx.reshape(-1, idx.shape[-1])
+        weights = torch.ones_like(idx, dtype=torch.float32) if weights is None else weights.float()
+        weights = weights.reshape(-1, weights.shape[-1])
+        h = self.pending_h.pop(layer)
+        one_hot = torch.zeros_like(logits).scatter_(1, idx.long(), 1.0)
+        probs = torch.softmax(logits, -1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+        share = weights.max(-1).values / weights.sum(-1).clamp_min(1e-30)
+        ht = h.t()
+        upd = {
+            "expert_counts": one_hot.sum(0).double(),
+            "tokens": torch.tensor(float(logits.shape[0]), dtype=torch.float64, device=logits.device),
+            "entropy_sum": entropy.double().sum(),
+            "top1_share_sum": share.double().sum(),
+            "feat_counts": (ht @ one_hot).double(),
+            "feat_positions": h.sum(0).double(),
+            "feat_entropy_sum": (ht @ entropy).double(),
+            "feat_share_sum": (ht @ share).double(),
+        }
+        st = self.state.get(layer)
+        self.state[layer] = upd if st is None else {k: st[k] + v for k, v in upd.items()}
 
     def finish_batch(self) -> RouterStats:
         """One host copy per layer; per-feature rows only for dims with outliers at that layer."""

@@ -25,15 +25,16 @@ import statistics as st
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from outlier_hydra.collect import attached
+from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.config.targets import instantiate_node
-from outlier_hydra.models.adapters import adapter_for
 from outlier_hydra.models.loading import DTYPES
+from outlier_hydra.models.structure import config_top_k, discover, probe
 from outlier_hydra.pipeline.rundir import write_json
 from outlier_hydra.stages import build_stages
 
@@ -82,14 +83,14 @@ def copy_to_host_baseline(model, points, ids, threshold: float, folder: Path) ->
     saved: list[Path] = []
 
     def hook(name):
-        def fn(module, args, output):
+        def fn(x):
             path = folder / f"{name}.pt"
-            torch.save(output.detach().to("cpu", torch.float32), path)
+            torch.save(x.detach().to("cpu", torch.float32), path)
             saved.append(path)
 
         return fn
 
-    with attached(model, [(p.module_path, hook(p.name)) for p in points]), torch.inference_mode():
+    with attached(model, [on_input(p.module_path, p.at, hook(p.name)) for p in points]), torch.inference_mode():
         model(input_ids=ids)
     any_hit = None
     for path in saved:
@@ -136,13 +137,15 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     b = cfg.benchmark
     device = pick_device(b.device)
     model = build_model(b, device)
-    adapter = adapter_for(b.model_type)
     layers = list(range(b.shape.num_hidden_layers))
-    points = adapter.hook_points(layers)
+    config: Any = model.config  # type: ignore[assignment]
+    structure = discover(model, len(layers), int(config.hidden_size), None, f"benchmark={b.name}")
+    probe(structure, model, device, f"benchmark={b.name}", config_top_k(config))
+    points = structure.hook_points(layers)
     allowed = list(cfg.allowed_targets)
     collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
     # every "collect" stage that is on by default (or switched on by the overrides), as a run uses them
-    stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(adapter, layers)]
+    stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(structure, layers)]
     ids = torch.randint(
         100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=torch.Generator().manual_seed(0)
     ).to(device)
