@@ -224,7 +224,7 @@ def routing_expected(tables: list[dict], dim: int, threshold: float = 6.0, top: 
         return out
 
     layers, feature_layers, all_counts = [], [], 0
-    for i, t in enumerate(tables):
+    for i, t in tables.items() if isinstance(tables, dict) else enumerate(tables):
         n_experts = t["logits"].shape[1]
         ent = entropy(t["logits"])
         share = t["w"].max(1) / t["w"].sum(1)
@@ -276,3 +276,135 @@ def int8_recompute(acts: np.ndarray, keep: list[int]) -> tuple[float, float]:
     err_kept += ((kept - kept.astype(np.float16).astype(np.float64)) ** 2).sum()
     norm = (x**2).sum()
     return float(np.sqrt(err_all / norm)), float(np.sqrt(err_kept / norm))
+
+
+# ---- any family: hook points are module inputs -------------------------------------------------------
+
+
+def _hidden_arg(args, kwargs):
+    """The hidden state a block receives: its first positional tensor, else hidden_states=."""
+    if args and torch.is_tensor(args[0]):
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _choices(values, n_experts):
+    """(indices, weights) among a call's tensors: an integer [..., k] tensor (k < experts) and a float
+    tensor of the same shape (weights None when there is none)."""
+    for v in values:
+        if torch.is_tensor(v) and not v.is_floating_point() and v.dim() >= 1 and 0 < v.shape[-1] < n_experts:
+            w = [u for u in values if torch.is_tensor(u) and u.is_floating_point() and u.shape == v.shape]
+            return v, (w[0] if w else None)
+    return None, None
+
+
+def module_input_tables(model_dir, paths, moe, token_ids, batch_size, top_k=None):
+    """Independent, with plain pre-hooks: [M, tokens, D] float64 of the inputs of `paths` (batches as a
+    run makes them), and per MoE layer {layer: {x, logits, idx, w}} from moe = {layer: (mlp path,
+    router path, experts path)}: the router's logits, and the choices the model makes (the router's
+    own output where it returns them, else the experts module's arguments, else the top-k of the
+    softmax of the logits)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    acts = {p: [] for p in paths}
+    tables = {i: {"x": [], "logits": [], "idx": [], "w": []} for i in moe}
+    handles = []
+
+    def keep_input(p):
+        def fn(m, args, kwargs):
+            x = _hidden_arg(args, kwargs)
+            acts[p].append(x.detach().reshape(-1, x.shape[-1]).double().numpy())
+
+        return fn
+
+    for p in paths:
+        handles.append(modules[p].register_forward_pre_hook(keep_input(p), with_kwargs=True))
+    for i, (mlp, router, experts) in moe.items():
+        t = tables[i]
+
+        def on_mlp(m, args, kwargs, t=t):
+            x = _hidden_arg(args, kwargs)
+            t["x"].append(x.detach().reshape(-1, x.shape[-1]).double().numpy())
+
+        def on_router(m, args, out, t=t):
+            values = list(out) if isinstance(out, tuple) else [out]
+            logits = next(v for v in values if torch.is_tensor(v) and v.is_floating_point())
+            logits = logits.reshape(-1, logits.shape[-1]).double()
+            t["logits"].append(logits.numpy())
+            idx, w = _choices(values, logits.shape[-1])
+            if idx is None and experts is None:
+                w, idx = torch.softmax(logits, -1).topk(top_k, -1)
+            if idx is not None:
+                t["idx"].append(idx.reshape(-1, idx.shape[-1]).numpy())
+                t["w"].append((torch.ones(idx.shape) if w is None else w).reshape(-1, idx.shape[-1]).double().numpy())
+
+        def on_experts(m, args, kwargs, t=t):
+            if len(t["idx"]) < len(t["logits"]):  # the router did not give them
+                logits = torch.from_numpy(t["logits"][-1])
+                idx, w = _choices([*args, *kwargs.values()], logits.shape[-1])
+                if idx is None:  # nor the experts' arguments (Llama-4): top-k of the softmax
+                    w, idx = torch.softmax(logits, -1).topk(top_k, -1)
+                t["idx"].append(idx.reshape(-1, idx.shape[-1]).numpy())
+                t["w"].append((torch.ones(idx.shape) if w is None else w).reshape(-1, idx.shape[-1]).double().numpy())
+
+        handles.append(modules[mlp].register_forward_pre_hook(on_mlp, with_kwargs=True))
+        handles.append(modules[router].register_forward_hook(on_router))
+        if experts is not None:
+            handles.append(modules[experts].register_forward_pre_hook(on_experts, with_kwargs=True))
+    with torch.no_grad():
+        for s in range(0, len(token_ids), batch_size):
+            model(input_ids=torch.from_numpy(token_ids[s : s + batch_size]))
+    for h in handles:
+        h.remove()
+    stacked = np.stack([np.concatenate(acts[p]) for p in paths]) if paths else None
+    return stacked, {i: {k: np.concatenate(v) for k, v in t.items()} for i, t in tables.items()}
+
+
+def mismatches(results: dict, acts: np.ndarray, tables: dict, threshold: float = 6.0) -> list[str]:
+    """Where a run's systematic features and moe_routing differ from the recomputation (empty: none).
+    Counts and percentages exactly; maxima and means (per-token entropy and share are float32 on the device) within 1e-6."""
+    out = []
+    expected = recompute(acts, threshold=threshold)
+    found = {r["feature_dim"]: r for r in results["systematic_outliers"]}
+    if set(found) != set(expected):
+        out.append(f"systematic dims {sorted(found)} != recomputed {sorted(expected)}")
+    for dim in set(found) & set(expected):
+        got, exp = found[dim], expected[dim]
+        for key in ("layer_percentage", "seq_percentage", "total_occurrences"):
+            if got[key] != exp[key]:
+                out.append(f"dim {dim} {key}: {got[key]} != {exp[key]}")
+        if abs(got["max_magnitude"] - exp["max_magnitude"]) > 1e-6 * exp["max_magnitude"]:
+            out.append(f"dim {dim} max_magnitude: {got['max_magnitude']} != {exp['max_magnitude']}")
+    if not tables:
+        if "moe_routing" in results:
+            out.append("moe_routing reported for a model without MoE layers")
+        return out
+    section = results.get("moe_routing")
+    if section is None:
+        return out + ["no moe_routing section"]
+    exp = routing_expected(tables, dim=min(expected) if expected else 0, threshold=6.0, top=3)
+    got_layers = {e["layer"]: e for e in section["layers"]}
+    if sorted(got_layers) != sorted(tables):
+        out.append(f"MoE layers {sorted(got_layers)} != {sorted(tables)}")
+    for e in exp["layers"]:
+        g = got_layers.get(e["layer"])
+        if g is None:
+            continue
+        if g["tokens_per_expert"] != e["tokens_per_expert"] or g["tokens"] != e["tokens"]:
+            out.append(f"layer {e['layer']} tokens_per_expert {g['tokens_per_expert']} != {e['tokens_per_expert']}")
+        for key in ("entropy_mean", "top1_share_mean"):
+            if abs(g[key] - e[key]) > 1e-6 * max(1.0, abs(e[key])):  # per-token values in float32
+                out.append(f"layer {e['layer']} {key}: {g[key]} != {e[key]}")
+    if expected:
+        feature = next((f for f in section["features"] if f["feature_dim"] == min(expected)), None)
+        want = exp["feature"]
+        if feature is None:
+            out.append("no moe_routing entry for the planted feature")
+        else:
+            got_top = [[(t["expert"], t["choices"]) for t in layer["top_experts"]] for layer in feature["layers"]]
+            want_top = [[(t["expert"], t["choices"]) for t in layer["top_experts"]] for layer in want["layers"]]
+            if got_top != want_top:
+                out.append(f"feature {want['feature_dim']} top experts {got_top} != {want_top}")
+    return out

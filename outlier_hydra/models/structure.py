@@ -11,8 +11,10 @@ and Cohere feed one tensor to both blocks; BERT, OPT, GPT-2 and BLOOM name thing
 Discovery, from the module tree built on the meta device (no weights, so it fails before any load):
   layer stack   the first ModuleList with num_hidden_layers entries
   blocks        a layer's children that hold matmul weights and whose first matmul reads the hidden
-                size: the first is the token mixer, the last (when there are two or more) the MLP; a
-                layer with one block has only a mixer, unless that block is an MLP by its shape
+                size. The MLP is the last one shaped like an MLP (experts, or up/gate matmuls into one
+                width and one back: position-wise), failing that the last of two or more; the token
+                mixer is the first other one. So a layer may have only a mixer (Mamba) or only an
+                MLP (Nemotron-H's MLP and MoE layers)
   MoE           a block holding experts (a module with 3-D expert weights, or a ModuleList of like
                 modules); its router is the module there whose weight is [experts, hidden]; other
                 blocks inside it that read and write the hidden size are shared experts (always on)
@@ -67,9 +69,9 @@ class MoeLayer:
 class LayerParts:
     index: int
     path: str
-    mixer: str
-    mixer_class: str
-    mlp: str | None
+    mixer: str | None  # None: a layer that is only an MLP / MoE block (Nemotron-H)
+    mixer_class: str | None
+    mlp: str | None  # None: a layer without one (Mamba)
     mlp_class: str | None
     moe: MoeLayer | None = None
     parallel: bool = False  # the mixer and the MLP read the same tensor (found by the probe)
@@ -98,8 +100,9 @@ class Structure:
         points = []
         for i in sorted(layers):
             p = self.layers[i]
-            at = self.inputs.get(p.mixer, 0)
-            points.append(HookPoint(f"layer_{i}_ln_attn", i, p.mixer, f"token mixer ({p.mixer_class})", at))
+            if p.mixer is not None:
+                at = self.inputs.get(p.mixer, 0)
+                points.append(HookPoint(f"layer_{i}_ln_attn", i, p.mixer, f"token mixer ({p.mixer_class})", at))
             if p.mlp is not None:
                 kind = "MoE block" if p.moe else "MLP"
                 at = self.inputs.get(p.mlp, 0)
@@ -115,6 +118,7 @@ class Structure:
             "layer_stack": self.stack,
             "hook_points": [{"name": p.name, "module": p.module_path, "reads": p.reads} for p in self.hook_points(layers)],
             "layers_without_mlp": [i for i in layers if self.layers[i].mlp is None],
+            "layers_without_mixer": [i for i in layers if self.layers[i].mixer is None],
             "moe_layers": moe,
             "dense_mlp_layers": [i for i in layers if self.layers[i].mlp is not None and self.layers[i].moe is None],
             "routers": {
@@ -180,13 +184,14 @@ def _is_block(module: nn.Module) -> bool:
     return any(_matrix(m) is not None or _has_3d(m) for m in module.modules())
 
 
-def _experts(block: nn.Module) -> tuple[str, int] | None:
-    """(relative path, number of experts) of the routed experts inside a block."""
+def _experts(block: nn.Module, hidden: int) -> tuple[str, int] | None:
+    """(relative path, number of experts) of the routed experts inside a block: a module with a 3-D
+    weight [experts, ., .] that has the hidden size in it, or a ModuleList of like MLPs."""
     for name, m in block.named_modules():
         if _has_3d(m):
-            e = next(p for p in m._parameters.values() if p is not None and p.dim() == 3).shape[0]
-            if e > 1:
-                return name, int(e)
+            w = next(p for p in m._parameters.values() if p is not None and p.dim() == 3)
+            if w.shape[0] > 1 and hidden in w.shape[1:]:
+                return name, int(w.shape[0])
         if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1 and _is_block(m[0]):
             return name, len(m)
     return None
@@ -211,7 +216,7 @@ def _join(*parts: str) -> str:
 
 
 def _moe(block: nn.Module, path: str, hidden: int) -> MoeLayer | None:
-    found = _experts(block)
+    found = _experts(block, hidden)
     if found is None:
         return None
     experts, e = found
@@ -279,7 +284,7 @@ def _override_path(modules: dict, get, key: str, i: int) -> str | None:
         return None
     path = str(template).format(i=i)
     if path in ("", "none") or path not in modules:
-        if key == "mlp" and path in ("", "none"):
+        if key in ("mlp", "mixer") and path in ("", "none"):
             return ""
         if key == "router":  # layers without a router (dense-first MoE layers)
             return ""
@@ -289,28 +294,22 @@ def _override_path(modules: dict, get, key: str, i: int) -> str | None:
 
 def _layer_parts(model, modules, layer, path, i, hidden, get, model_name) -> LayerParts:
     blocks = [
-        (name, child)
+        (_join(path, name), child)
         for name, child in layer.named_children()
         if _is_block(child) and _first_input_width(child) in (hidden, None)
     ]
     mixer = _override_path(modules, get, "mixer", i)
     mlp = _override_path(modules, get, "mlp", i)
-    if mixer is None:
-        readers = [b for b in blocks if _join(path, b[0]) != mlp]
-        if not readers:
-            raise _hint(
-                model_name, "mixer", f"layer {i} ({type(layer).__name__}) has no module that reads the hidden size {hidden}"
-            )
-        if mlp is None and len(readers) == 1 and (_experts(readers[0][1]) or _is_mlp_shaped(readers[0][1], hidden)):
-            mixer = ""  # the layer is only an MLP / MoE block (Nemotron-H's MLP layers)
-            mlp = _join(path, readers[0][0])
-        else:
-            mixer = _join(path, readers[0][0])
+    mlp_like = [b for b, m in blocks if b != mixer and (_experts(m, hidden) or _is_mlp_shaped(m, hidden))]
     if mlp is None:
-        rest = [b for b in blocks if _join(path, b[0]) != mixer]
-        mlp = _join(path, rest[-1][0]) if rest else ""
-    if not mixer:
-        raise _hint(model_name, "mixer", f"layer {i} ({type(layer).__name__}) has an MLP but no token mixer")
+        # the MLP is the last block shaped like one; failing that, the last of two or more blocks
+        rest = [b for b, _ in blocks if b != mixer]
+        mlp = mlp_like[-1] if mlp_like else (rest[-1] if len(rest) >= 2 or (mixer and rest) else "")
+    if mixer is None:  # the first other block (several, e.g. Falcon-H1's attention and SSM, read the same input)
+        mixers = [b for b, _ in blocks if b != mlp and b not in mlp_like]
+        mixer = mixers[0] if mixers else ""
+    if not mixer and not mlp:
+        raise _hint(model_name, "mixer", f"layer {i} ({type(layer).__name__}) has no module that reads the hidden size {hidden}")
     mlp_module = modules[mlp] if mlp else None
     moe = None
     if mlp_module is not None:
@@ -318,15 +317,15 @@ def _layer_parts(model, modules, layer, path, i, hidden, get, model_name) -> Lay
         if router is None:
             moe = _moe(mlp_module, mlp, hidden)
         elif router:
-            found = _experts(mlp_module)
+            found = _experts(mlp_module, hidden)
             if found is None:
                 raise _hint(model_name, "mlp", f"layer {i}: {mlp} holds no experts although model.structure.router is set")
             moe = MoeLayer(block=mlp, router=router, experts=_join(mlp, found[0]), num_experts=found[1])
     return LayerParts(
         index=i,
         path=path,
-        mixer=mixer,
-        mixer_class=type(modules[mixer]).__name__,
+        mixer=mixer or None,
+        mixer_class=type(modules[mixer]).__name__ if mixer else None,
         mlp=mlp or None,
         mlp_class=type(mlp_module).__name__ if mlp_module is not None else None,
         moe=moe,
@@ -439,7 +438,7 @@ def probe(structure: Structure, model: nn.Module, device, model_name: str, top_k
                 raise _hint(model_name, key, f"{path} runs before the module hooked ahead of it")
             last = step
             structure.inputs[path] = at
-        if part.mlp and seen[part.mlp][2] is not None:
+        if part.mlp and part.mixer and seen[part.mlp][2] is not None:
             part.parallel = seen[part.mlp][2] == seen[part.mixer][2]
         if part.moe is not None:
             _probe_routing(part, routed, expert_args, top_k, model_name)
