@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: run test lint install benchmark clean slurm browser
+.PHONY: run test lint install benchmark census clean slurm browser
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ browser:
 
 benchmark: $(STAMP)
 	$(PY) -m outlier_hydra benchmark $(ARGS)
+
+# Every causal-LM type of the installed transformers, built tiny and run end to end (about 10 minutes
+# on 2 cores); rewrites docs/architectures.md. Run it whenever transformers is bumped.
+census: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) scripts/architecture_census.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

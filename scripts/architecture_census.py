@@ -58,6 +58,7 @@ def one(model_type: str) -> dict:
             "plots=false",
             "model=local",
             f"model.name={folder}",
+            f"model.tokenizer={folder / 'tokenizer'}",
             "dataset=local",
             f"dataset.data_files={corpus_path('jargon_file_4.4.7_intro.txt')}",
             "dataset.num_sequences=8",

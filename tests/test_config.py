@@ -54,6 +54,27 @@ def test_reference_experiments():
     assert qwen.dataset.source.value == "hub"
 
 
+def test_four_moe_models_experiment_sweeps_the_four_models():
+    """experiment=four_moe_models: a -m sweep over the older tool's four models on 16 x 2048 tokens
+    of FineWeb-Edu; each model preset composes with it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from outlier_hydra.config import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=four_moe_models"], return_hydra_config=True)
+    models = cfg.hydra.sweeper.params.model.split(",")
+    assert models == ["olmoe_1b_7b", "qwen3_30b", "mixtral_8x7b", "gpt_oss_120b"]
+    assert (cfg.dataset.num_sequences, cfg.dataset.sequence_length) == (16, 2048)
+    assert cfg.dataset.name == "HuggingFaceFW/fineweb-edu" and cfg.analysis.layers is None
+    for model in models:
+        one = make_cfg("experiment=four_moe_models", f"model={model}")
+        assert one.model.architecture.num_hidden_layers > 0
+    assert make_cfg("experiment=four_moe_models", "model=gpt_oss_120b").model.architecture.quantization == "mxfp4"
+
+
 def test_issue_command_line_composes():
     cfg = make_cfg("model=qwen3_30b", "analysis.chunk_layers=8")
     assert cfg.analysis.chunk_layers == 8 and cfg.analysis.collector.chunk_layers == 8

@@ -194,3 +194,42 @@ def test_auto_gpu_count_is_resolved_by_the_launcher_not_at_compose(tmp_path, cap
     assert len(err) == 1 and err[0].startswith("outlier_hydra: error: deployment.gpus_per_node=auto: ")
     local = _compose("deployment=submitit_local", "deployment.gpus_per_node=auto", "model=olmoe_1b_7b")
     assert resolved_params(OmegaConf.to_container(local.hydra.launcher, resolve=True), local)["gpus_per_node"] == 1
+
+
+@pytest.mark.parametrize(
+    "model,total",
+    [("gpt_oss_20b", 20.9e9), ("gpt_oss_120b", 116.8e9), ("deepseek_v2_lite", 15.7e9), ("qwen3_next_80b", 79.7e9)],
+)
+def test_parameter_counts_of_the_new_presets(model, total):
+    """Published totals: gpt-oss 20.9B / 116.8B, DeepSeek-V2-Lite 15.7B, Qwen3-Next-80B-A3B 79.7B."""
+    est = estimate(_compose(f"model={model}"))
+    assert est.source == "model.architecture"
+    assert est.total_params == pytest.approx(total, rel=0.005)
+
+
+def test_mxfp4_checkpoint_is_counted_in_its_stored_bytes():
+    """gpt-oss-120b keeps its expert banks in MXFP4 (4 bits + an 8-bit scale per 32 values = 4.25
+    bits), the rest in bfloat16: about 61 GiB on disk, so one 80 GB card holds it."""
+    est = estimate(_compose("model=gpt_oss_120b"))
+    layers, experts, hidden, inter = 36, 128, 2880, 2880
+    banks = layers * experts * (hidden * 2 * inter + inter * hidden)  # gate_up_proj + down_proj
+    expected = banks * 4.25 / 8 + (est.loaded_params - banks) * 2
+    assert est.quantization == "mxfp4"
+    assert est.weights_gb * 1024**3 == pytest.approx(expected, rel=1e-9)
+    assert est.dequantized_weights_gb * 1024**3 == est.loaded_params * 2
+    assert est.weights_gb == pytest.approx(60.8, rel=0.05)  # the checkpoint's size in GiB
+    assert est.gpus_needed(80) == 1 and est.gpus_needed(48) == 2
+
+
+def test_quantization_is_read_from_a_local_config_json(tmp_path):
+    """A checkpoint's own quantization_config decides: FP8 (DeepSeek-V3) stores linear weights and
+    expert banks in one byte, embeddings and norms in model.dtype."""
+    from outlier_hydra.models.tiny import tiny_config
+
+    config = tiny_config("deepseek_v3")
+    config.vocab_size = 128  # so that the weights, not the embeddings, make most of the bytes
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config.save_pretrained(tmp_path)
+    est = estimate(_compose("model=local", f"model.name={tmp_path}", "model.dtype=bfloat16"))
+    assert est.source == "config.json" and est.quantization == "fp8"
+    assert est.weights_gb < 0.6 * est.dequantized_weights_gb

@@ -53,6 +53,8 @@ class ArchitectureConfig:
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
     tie_word_embeddings: bool = False
+    quantization: str | None = None  # how the checkpoint stores its weights: mxfp4 (gpt-oss experts) | fp8 (DeepSeek-V3)
+    extra: Dict[str, Any] = field(default_factory=dict)  # the family's own config keys (n_shared_experts, ...)
 
 
 @dataclass

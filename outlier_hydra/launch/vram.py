@@ -6,7 +6,10 @@ The model's shape comes from its config.json when it can be read (a local direct
 online), else from the config group's `model.architecture` numbers. Parameters are counted on a
 model built on the meta device (no memory, no download): total and, for MoE, active per token
 (non-expert weights + top_k / num_experts of the expert weights). Memory per GPU:
-  weights      the base model's parameters (the LM head is never loaded) x dtype bytes / GPUs
+  weights      the base model's parameters (the LM head is never loaded) x their *stored* bytes / GPUs:
+               model.dtype, except what a quantized checkpoint keeps quantized (its
+               quantization_config): MXFP4 expert weights (gpt-oss) 4.25 bits, FP8 linear weights
+               (DeepSeek-V3) 1 byte + a float32 scale per 128 x 128 block
   activations  the peak of one layer's forward for batch_size x sequence_length tokens
                (residual stream, q/k/v, the MLP or the routed experts' intermediates), x 1.5
   statistics   the per-position buffers and per-module counts the collector keeps on the device
@@ -42,6 +45,8 @@ class VramEstimate:
     activations_gb: float
     statistics_gb: float
     overhead_gb: float
+    quantization: str | None = None  # the checkpoint's quant_method, when it stores weights quantized
+    dequantized_weights_gb: float | None = None  # the same weights in model.dtype
 
     def per_gpu_gb(self, gpus: int) -> float:
         return self.weights_gb / gpus + self.activations_gb + self.statistics_gb + self.overhead_gb
@@ -66,13 +71,55 @@ def hf_config(model_cfg):
             raise
     arch = {k: v for k, v in dict(model_cfg.architecture).items() if v is not None}
     model_type = arch.pop("model_type")
-    if model_type == "mixtral" and "num_experts" in arch:
-        arch["num_local_experts"] = arch.pop("num_experts")
-    return AutoConfig.for_model(model_type, **arch), "model.architecture"
+    arch.update(dict(arch.pop("extra", None) or {}))
+    quantization = arch.pop("quantization", None)
+    if "num_experts" in arch:  # the family's own name for it
+        defaults = AutoConfig.for_model(model_type)
+        for name in ("num_local_experts", "n_routed_experts"):
+            if hasattr(defaults, name) and not hasattr(type(defaults), "num_experts"):
+                arch[name] = arch.pop("num_experts")
+                break
+    config = AutoConfig.for_model(model_type, **arch)
+    if quantization:
+        config.quantization_config = {"quant_method": quantization}
+    return config, "model.architecture"
 
 
-def count_params(config) -> tuple[int, int, int]:
-    """(total, active per token, loaded base model) from a model built on the meta device."""
+def quant_method(config) -> str | None:
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    return q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+
+
+def stored_bytes(model, config, nbytes: int) -> tuple[float, float]:
+    """(bytes as the checkpoint stores the loaded weights, bytes in model.dtype) of a meta model."""
+    import torch
+
+    method = quant_method(config)
+    quantized: set[int] = set()
+    if method == "mxfp4":  # the experts' weight banks; attention, router and embeddings stay as they are
+        quantized = {id(p) for n, p in model.named_parameters() if ".experts." in f".{n}" and p.dim() == 3}
+    elif method == "fp8":  # every linear weight and expert bank; embeddings, norms and routers stay
+        q = getattr(config, "quantization_config", None)
+        skip = (q.get("modules_to_not_convert") if isinstance(q, dict) else getattr(q, "modules_to_not_convert", None)) or []
+        for name, module in model.named_modules():
+            if any(s in name for s in skip):
+                continue
+            if isinstance(module, torch.nn.Linear):
+                quantized.add(id(module.weight))
+            quantized |= {id(p) for p in module.parameters(recurse=False) if p.dim() == 3}
+    per_param = {"mxfp4": 4.25 / 8, "fp8": 1 + 4 / (128 * 128)}.get(method or "", nbytes)
+    stored = plain = 0.0
+    for p in model.parameters():
+        plain += p.numel() * nbytes
+        stored += p.numel() * (per_param if id(p) in quantized else nbytes)
+    return stored, plain
+
+
+def count_params(config, nbytes: int = 2) -> tuple[int, int, int, float, float]:
+    """(total, active per token, loaded base model, its stored bytes, its bytes in model.dtype) from a
+    model built on the meta device."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -88,13 +135,13 @@ def count_params(config) -> tuple[int, int, int]:
     active = total - experts + (experts * k // num_experts if experts and num_experts and k else experts)
     base = getattr(model, "base_model", model)
     loaded = sum(p.numel() for p in base.parameters())
-    return total, active, loaded
+    return total, active, loaded, *stored_bytes(base, config, nbytes)
 
 
 def estimate(cfg) -> VramEstimate:
     config, source = hf_config(cfg.model)
-    total, active, loaded = count_params(config)
     nbytes = BYTES[enum_value(cfg.model.dtype)]
+    total, active, loaded, stored, plain = count_params(config, nbytes)
     tokens = cfg.analysis.batch_size * cfg.dataset.sequence_length
     hidden = config.hidden_size
     heads = getattr(config, "num_attention_heads", 1)
@@ -114,7 +161,9 @@ def estimate(cfg) -> VramEstimate:
         total_params=total,
         active_params=active,
         loaded_params=loaded,
-        weights_gb=loaded * nbytes / GB,
+        weights_gb=stored / GB,
+        quantization=quant_method(config) if stored < plain else None,
+        dequantized_weights_gb=plain / GB if stored < plain else None,
         activations_gb=activations / GB,
         statistics_gb=statistics / GB,
         overhead_gb=OVERHEAD_GB,

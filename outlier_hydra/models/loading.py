@@ -23,8 +23,9 @@ def _check_name(key: str, name: str) -> None:
     if path.exists():
         if not path.is_dir():
             raise OutlierHydraError(f"{key}: {name} is a file, expected a model directory")
-        if not (path / "config.json").is_file():
-            raise OutlierHydraError(f"{key}: {name} has no config.json")
+        wanted = ("config.json", "tokenizer_config.json") if key == "model.tokenizer" else ("config.json",)
+        if not any((path / f).is_file() for f in wanted):
+            raise OutlierHydraError(f"{key}: {name} has no {' or '.join(wanted)}")
     elif name.startswith(("/", "./", "../", "~")):
         raise OutlierHydraError(f"{key}: no such directory: {name}")
 

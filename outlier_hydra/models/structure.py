@@ -309,7 +309,9 @@ def _layer_parts(model, modules, layer, path, i, hidden, get, model_name) -> Lay
         mixers = [b for b, _ in blocks if b != mlp and b not in mlp_like]
         mixer = mixers[0] if mixers else ""
     if not mixer and not mlp:
-        raise _hint(model_name, "mixer", f"layer {i} ({type(layer).__name__}) has no module that reads the hidden size {hidden}")
+        raise _hint(
+            model_name, "mixer", f"layer {i} ({type(layer).__name__}) has no module that reads the hidden size {hidden}"
+        )
     mlp_module = modules[mlp] if mlp else None
     moe = None
     if mlp_module is not None:

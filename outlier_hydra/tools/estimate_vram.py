@@ -23,6 +23,13 @@ def table(est: VramEstimate) -> str:
         f"{est.statistics_gb:.2f} GB + overhead {est.overhead_gb:.1f} GB",
         "  card    GPUs   GB per GPU",
     ]
+    if est.quantization:
+        lines.insert(
+            2,
+            f"  weights stored as {est.quantization} and loaded as such ({est.weights_gb:.1f} GB; in model.dtype they "
+            f"would be {est.dequantized_weights_gb:.1f} GB, which is what transformers loads where the card lacks "
+            "the kernels for it)",
+        )
     for card in CARDS_GB:
         n = est.gpus_needed(card)
         lines.append(
