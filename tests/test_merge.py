@@ -10,11 +10,12 @@ import pytest
 from conftest import make_cfg, tiny_overrides
 
 from outlier_hydra.pipeline import run
+from outlier_hydra.stages.experts import ExpertStats
 from outlier_hydra.stages.moe_routing import RouterStats
 from outlier_hydra.stats import OutlierStats
 from outlier_hydra.tools.merge import merge_runs
 
-STAGE_STATS = {"moe_routing": RouterStats}
+STAGE_STATS = {"moe_routing": RouterStats, "experts": ExpertStats}
 COMPARED = ("num_tokens", "num_hooked_modules", "hooked_modules", "criteria")
 
 

@@ -232,6 +232,7 @@ class OutlierCollector:
         row_of = {p.name: i for i, p in enumerate(points)}
         state = _BatchState(self.edges, self.num_examples, len(points), backend, self.chunk_of_row(points))
         for stage in stages:
+            stage.prepare(model, input_ids)
             stage.start_batch(first_sequence)
         layers = sorted({p.layer for p in points})
         hooks = [on_input(p.module_path, p.at, self._update(state, row_of[p.name])) for p in points]
@@ -248,6 +249,9 @@ class OutlierCollector:
                 model(input_ids=input_ids)
         except _StopForward:
             pass
+        finally:
+            for stage in stages:
+                stage.end_pass()
         stats = state.to_host([p.name for p in points], self.magnitude_threshold)
         stats.extras = {stage.name: stage.finish_batch() for stage in stages}
         return stats

@@ -62,6 +62,7 @@ class Stage:
     Config: ClassVar[type] = StageConfig
     Stats: ClassVar[type | None] = None
     phase: ClassVar[str] = "collect"
+    report_only: ClassVar[tuple[str, ...]] = ()  # settings read only by report(): reanalyze may change them
 
     def __init__(self, config: Any):
         self.config = config
@@ -73,8 +74,8 @@ class Stage:
         return True
 
     def cache_key(self) -> dict:
-        """Everything that changes what this stage collects (default: its settings)."""
-        return plain(self.config)
+        """Everything that changes what this stage collects (default: its settings but report_only)."""
+        return {k: v for k, v in plain(self.config).items() if k not in self.report_only}
 
     def report(self, stats: Any, ctx: ReportContext) -> dict:
         raise NotImplementedError
@@ -107,8 +108,14 @@ class Stage:
         nothing past the last hook point."""
         return None
 
+    def prepare(self, model: Any, input_ids: Any) -> None:
+        """Before each pass: the model being run and the batch's token ids (most stages need neither)."""
+
     def start_batch(self, first_sequence: int) -> None:
         pass
+
+    def end_pass(self) -> None:
+        """After each pass, also one stopped early or failed: release anything held across hooks."""
 
     def finish_batch(self) -> Any:
         raise NotImplementedError

@@ -5,7 +5,9 @@
 Only analysis-only keys may change: analysis.magnitude_threshold (any histogram edge of the run:
 by default 3,4,5,6,7,8,10,12,16,20,32,64,100,1000 and the run's own threshold),
 analysis.min_layer_percentage, analysis.min_seq_percentage, and analysis.num_examples up to the
-run's. The values are typed by the schema, as on the run's command line. The result files (final and
+run's, and a stage's report-only settings (`Stage.report_only`, e.g.
+analysis.stages.experts.super_percentile and super_fraction). The values are typed by the schema, as
+on the run's command line. The result files (final and
 per batch) are identical to those of a fresh run at those settings ("post" stages such as int8_error
 need the model and are left out); a threshold that is not an edge is refused with the edges there are.
 """
@@ -22,6 +24,7 @@ from outlier_hydra.config.validate import check_config
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import rundir
+from outlier_hydra.stages import build_stages
 from outlier_hydra.stats import ThresholdNotAnEdge
 from outlier_hydra.tools.saved_run import load_run, report_context, typed_config
 
@@ -32,19 +35,25 @@ def reanalyze(run_dir: Path, overrides: list[str], out: Path | None = None) -> t
     """overrides: Hydra-style `analysis.KEY=VALUE` for the analysis-only keys, and allowed_targets."""
     given = settings(overrides)
     allowed = list(given.pop("allowed_targets", []))
-    for key in given:
-        if not key.startswith("analysis.") or key.removeprefix("analysis.") not in ANALYSIS_ONLY:
-            raise OutlierHydraError(
-                f"{key}: reanalysis changes only {', '.join('analysis.' + k for k in ANALYSIS_ONLY)}; "
-                "anything else needs a new run"
-            )
     run = load_run(Path(run_dir), list(allowed))
+    report_only = {f"analysis.stages.{s.name}.{k}" for s in run.stages for k in s.report_only}
+    for key in given:
+        if key not in report_only and (
+            not key.startswith("analysis.") or key.removeprefix("analysis.") not in ANALYSIS_ONLY
+        ):
+            keys = [f"analysis.{k}" for k in ANALYSIS_ONLY] + sorted(report_only)
+            raise OutlierHydraError(f"{key}: reanalysis changes only {', '.join(keys)}; anything else needs a new run")
     changed = dict(run.config)
-    new_values = {k.removeprefix("analysis."): v for k, v in given.items()}
+    new_values = {k.removeprefix("analysis."): v for k, v in given.items() if k not in report_only}
+    stage_nodes = {name: dict(node) if node else node for name, node in run.config["analysis"]["stages"].items()}
+    for key in (k for k in given if k in report_only):
+        name, setting = key.removeprefix("analysis.stages.").split(".", 1)
+        stage_nodes[name][setting] = given[key]
     # config.json holds the analyzer node resolved: the new values go there too
     analyzer_node = {**run.config["analysis"]["analyzer"], **new_values}
-    changed["analysis"] = {**run.config["analysis"], **new_values, "analyzer": analyzer_node}
+    changed["analysis"] = {**run.config["analysis"], **new_values, "analyzer": analyzer_node, "stages": stage_nodes}
     cfg = typed_config(changed, list(allowed), Path(run_dir) / rundir.CONFIG_JSON)  # types the new values
+    stages = build_stages(cfg.analysis.stages, list(allowed))
     check_config(cfg)
     kept = run.config["analysis"]["num_examples"]
     if cfg.analysis.num_examples > kept:
@@ -56,15 +65,18 @@ def reanalyze(run_dir: Path, overrides: list[str], out: Path | None = None) -> t
     except ThresholdNotAnEdge as exc:
         raise OutlierHydraError(f"analysis.magnitude_threshold: {exc}") from None
     values = {k: cfg.analysis[k] for k in ANALYSIS_ONLY}
-    tag = "_".join(f"{k}={values[k]}" for k in ANALYSIS_ONLY[:3])
+    tag = "_".join(
+        [f"{k}={values[k]}" for k in ANALYSIS_ONLY[:3]]
+        + [f"{k.removeprefix('analysis.stages.')}={v}" for k, v in given.items() if k in report_only]
+    )
     out = Path(out) if out else Path(run_dir) / "reanalysis" / tag
     header = {k: run.results[k] for k in ("model", "dataset", "collector") if k in run.results}
-    per_batch, results, total = build_documents(header, analyzer, run.batches, run.stages, **report_context(run))
+    per_batch, results, total = build_documents(header, analyzer, run.batches, stages, **report_context(run))
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_documents(out, per_batch, results, total)
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     rundir.write_json(out / rundir.CONFIG_JSON, plain)
-    run_report(out, results, {}, run.stages)
+    run_report(out, results, {}, stages)
     return results, out
 
 

@@ -1,0 +1,600 @@
+"""Inside the experts: per (layer, expert) statistics of the down projection, super experts and
+super-weight candidates.
+
+Super experts (Su et al. 2025, arXiv 2507.23279): a few experts whose down_proj outputs are extreme
+cause the massive activations and attention sinks (Qwen3-30B-A3B: layer 1 expert 68, layer 2 expert
+92, layer 3 expert 82; Mixtral-8x7B: layer 1 expert 3). Rule: an expert's max |down_proj output| is
+above the `super_percentile` (99.5) percentile of all experts' maxima and above `super_fraction`
+(0.1) x the largest. Super weights (Yu et al. 2024, arXiv 2411.07191): one down_proj weight makes a
+massive activation; where an output spike is made, its candidate is the input channel with the
+largest contribution |W[row, col] x[col]| at the token of the spike.
+
+What is collected, on the device, in the same forward passes, per unit (a routed expert, a shared
+expert, or a dense MLP: an "expert" of one), from the down projection's own input x [n, I] and output
+y [n, H] (before any routing weight):
+  tokens          rows it processed (routed experts: top-k choices of it)
+  max |y|         with its hidden dim, the global token index where it occurs, and there the input
+                  channel with the largest contribution, that weight, and the contribution
+  max |x|         with its channel (the expert's intermediate activation)
+  outlier counts  per hidden dim, #(|y| >= magnitude_threshold): kept sparsely (nonzero only)
+The matrix's median |w| is read once from the weights on the device. Everything merges exactly: sums
+add; each maximum keeps its record from the batch that holds it (equal values: the earlier token).
+
+Fused experts (transformers 5: 3-D gate_up_proj / down_proj banks) have no per-expert module to hook.
+The stage watches the experts module's forward with a TorchFunctionMode and reads the matmuls that
+take the down_proj bank: F.linear on one expert's slice (eager), torch._grouped_mm with the bank and
+its offsets (grouped_mm, the CPU default), the gathered bank in torch.bmm (batched_mm). The model
+computes exactly what it would without the stage: the mode only reads arguments and results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from torch.overrides import TorchFunctionMode
+
+from outlier_hydra.stages import ReportContext, Stage
+
+KINDS = ("routed", "shared", "dense")
+RECORD = ("out_max", "out_dim", "out_token", "col", "weight", "contribution")  # moves with out_max
+
+
+@dataclass
+class ExpertStats:
+    keys: np.ndarray  # [R, 4] int64: layer, kind (0 routed, 1 shared, 2 dense), unit index, expert
+    tokens: np.ndarray  # [R] int64
+    out_max: np.ndarray  # [R] float64 (-1: never ran)
+    out_dim: np.ndarray  # [R] int64
+    out_token: np.ndarray  # [R] int64 global token index (sequence * length + position)
+    col: np.ndarray  # [R] int64 input channel of the largest contribution at that token
+    weight: np.ndarray  # [R] float64 W[out_dim, col]
+    contribution: np.ndarray  # [R] float64 W[out_dim, col] * x[col] at that token
+    in_max: np.ndarray  # [R] float64
+    in_channel: np.ndarray  # [R] int64
+    median_abs_weight: np.ndarray  # [R] float64
+    count_keys: np.ndarray  # [K, 2] int64 (row, dim), sorted
+    counts: np.ndarray  # [K] int64
+
+    def merge(self, other: ExpertStats) -> ExpertStats:
+        if not np.array_equal(self.keys, other.keys):
+            raise ValueError("expert statistics of different units")
+        a, b = self, other
+        b_wins = (b.out_max > a.out_max) | ((b.out_max == a.out_max) & (b.out_token < a.out_token) & (b.out_max >= 0))
+        rec = {k: np.where(b_wins, getattr(b, k), getattr(a, k)) for k in RECORD}
+        in_b = (b.in_max > a.in_max) | ((b.in_max == a.in_max) & (b.in_channel < a.in_channel))
+        counts: dict[tuple[int, int], int] = {}
+        for s in (a, b):
+            for (r, d), c in zip(s.count_keys.tolist(), s.counts.tolist()):
+                counts[(r, d)] = counts.get((r, d), 0) + c
+        keys = sorted(counts)
+        return ExpertStats(
+            keys=a.keys,
+            tokens=a.tokens + b.tokens,
+            **rec,
+            in_max=np.where(in_b, b.in_max, a.in_max),
+            in_channel=np.where(in_b, b.in_channel, a.in_channel),
+            median_abs_weight=np.where(a.median_abs_weight >= 0, a.median_abs_weight, b.median_abs_weight),
+            count_keys=np.asarray(keys, np.int64).reshape(-1, 2),
+            counts=np.asarray([counts[k] for k in keys], np.int64),
+        )
+
+    def to_arrays(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> ExpertStats:
+        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
+
+
+@dataclass
+class ExpertsConfig:
+    """conf/analysis/stages/experts.yaml"""
+
+    enabled: bool = MISSING
+    magnitude_threshold: float = MISSING  # outlier counts per hidden dim of each expert's output
+    super_percentile: float = MISSING  # super experts: max |out| above this percentile of all experts ...
+    super_fraction: float = MISSING  # ... and above this fraction of the largest
+    top_units: int = MISSING  # rows of the report's tables (largest max |out| first)
+    dense_models: bool = MISSING  # also for models without MoE layers (their MLPs: experts of one)
+
+
+@dataclass
+class _Unit:
+    row0: int  # its first row in the statistics
+    layer: int
+    kind: int  # index in KINDS
+    index: int  # shared experts: which one
+    experts: int
+    path: str  # the module: experts bank owner, or the down projection Linear
+    bank: str | None = None  # name of the down_proj bank parameter (fused experts)
+    transposed: bool = False  # bank layout [E, I, H] instead of [E, H, I]
+    acc: dict = field(default_factory=dict)
+
+
+def _down_bank(module: torch.nn.Module, hidden: int) -> tuple[str, bool] | None:
+    """(name, transposed) of the fused experts' down projection: the 3-D parameter named down_proj,
+    else the last 3-D one; transposed when its last dim is the hidden size."""
+    banks = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    if not banks:
+        return None
+    named = [b for b in banks if "down" in b[0]]
+    name, p = (named or banks)[-1]
+    transposed = bool(getattr(module, "is_transposed", p.shape[-1] == hidden and p.shape[1] != hidden))
+    return name, transposed
+
+
+def _down_linear(block: torch.nn.Module, hidden: int) -> str | None:
+    """The relative path of an MLP's down projection: its last matmul from another width to hidden."""
+    from outlier_hydra.models.structure import _matrix
+
+    found = None
+    for name, m in block.named_modules():
+        mat = _matrix(m)
+        if mat is not None and mat[1] == hidden and mat[0] != hidden:
+            found = name
+    return found
+
+
+class _Watch(TorchFunctionMode):
+    """Reads the matmuls that take the down_proj bank inside one experts forward."""
+
+    def __init__(self, stage: Experts, unit: _Unit, bank: torch.Tensor, index: torch.Tensor):
+        super().__init__()
+        self.stage, self.unit, self.bank = stage, unit, bank
+        self.index, self.k = index, int(index.shape[-1])  # the choices: top_k_index [N, k]
+        self.ptr = bank.untyped_storage().data_ptr()
+        self.per_expert = bank[0].numel()
+        self.gathered: dict[int, torch.Tensor] = {}  # id(bank[expert_ids]) -> expert_ids
+
+    def _is_bank(self, t) -> bool:
+        return torch.is_tensor(t) and t.untyped_storage().data_ptr() == self.ptr
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in ("linear", "matmul", "__matmul__", "mm") and len(args) >= 2 and self._is_bank(args[1]):
+            e = args[1].storage_offset() // self.per_expert  # eager: one expert's slice
+            rows = (self.index == e).t().nonzero()  # (slot, token) in the order transformers takes them
+            token = rows[:, 1] if len(rows) == args[0].reshape(-1, args[0].shape[-1]).shape[0] else None
+            n = args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            self.stage._update(self.unit, args[0], out, torch.full((n,), e, device=out.device), token)
+        elif name in ("_grouped_mm", "grouped_mm") and len(args) >= 2 and self._is_bank(args[1]):
+            offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
+            flat = self.index.reshape(-1)
+            expert_of_row, perm = torch.sort(flat)  # the order grouped_mm_experts_forward sorts into
+            n = out.shape[0]
+            valid = torch.arange(n, device=out.device) < offs[-1].to(out.device)
+            self.stage._update(self.unit, args[0], out, expert_of_row[:n], perm[:n] // self.k, valid)
+        elif name == "__getitem__" and self._is_bank(args[0]) and torch.is_tensor(args[1]) and args[1].dim() == 1:
+            self.gathered[id(out)] = args[1]  # batched_mm: bank[expert_ids]
+        elif name == "bmm" and len(args) >= 2 and (id(args[0]) in self.gathered or id(args[1]) in self.gathered):
+            w_first = id(args[0]) in self.gathered
+            ids = self.gathered[id(args[0] if w_first else args[1])]
+            x = (args[1].squeeze(-1) if w_first else args[0].squeeze(1)).reshape(len(ids), -1)
+            y = out.reshape(len(ids), -1)
+            self.stage._update(self.unit, x, y, ids, torch.arange(len(ids), device=ids.device) // self.k)
+        return out
+
+
+class Experts(Stage):
+    """Per-expert statistics of every MoE layer's experts (and shared experts), and of dense MLPs."""
+
+    name = "experts"
+    Config = ExpertsConfig
+    Stats = ExpertStats
+    report_only = ("super_percentile", "super_fraction", "top_units")
+
+    def stop_after(self, layer: int) -> tuple | None:
+        """The forward must finish the last layer's MLP / MoE block (rank 2.5: after its experts)."""
+        part = self.structure.part(layer)
+        if part.mlp is None or not any(lay == layer for lay, _, _ in self.pending):
+            return None
+        return 2.5, part.mlp
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.threshold = float(config.magnitude_threshold)
+
+    def bind(self, structure, layers: list[int]) -> bool:
+        super().bind(structure, layers)
+        self.units: list[_Unit] = []
+        self.pending: list[tuple[int, str, str]] = []  # (layer, kind, path) resolved on the real model
+        for i in self.layers:
+            part = structure.part(i)
+            if part.mlp is None:
+                continue
+            if part.moe is not None:
+                self.pending.append((i, "routed", part.moe.experts))
+                for path in part.moe.shared:
+                    self.pending.append((i, "shared", path))
+            else:
+                self.pending.append((i, "dense", part.mlp))
+        has_moe = any(kind == "routed" for _, kind, _ in self.pending)
+        return bool(self.pending) and (has_moe or bool(self.config.dense_models))
+
+    def _resolve(self, model: torch.nn.Module, hidden: int) -> None:
+        """Units and their rows, from the real modules (once)."""
+        if self.units:
+            return
+        modules = dict(model.named_modules())
+        row = 0
+        shared_index: dict[int, int] = {}
+        for layer, kind, path in self.pending:
+            module = modules[path]
+            if kind == "routed":
+                bank = _down_bank(module, hidden)
+                if bank is not None:
+                    e = getattr(module, bank[0]).shape[0]
+                    unit = _Unit(row, layer, 0, 0, e, path, bank[0], bank[1])
+                else:  # a ModuleList of expert MLPs: each one's down projection
+                    for j, expert in enumerate(module):
+                        down = _down_linear(expert, hidden)
+                        if down is not None:
+                            self.units.append(_Unit(row, layer, 0, j, 1, f"{path}.{j}.{down}"))
+                            row += 1
+                    continue
+            else:
+                down = _down_linear(module, hidden)
+                if down is None:
+                    continue
+                j = shared_index[layer] = shared_index.get(layer, -1) + 1 if kind == "shared" else 0
+                unit = _Unit(row, layer, KINDS.index(kind), j, 1, f"{path}.{down}" if down else path)
+            self.units.append(unit)
+            row += unit.experts
+        self.num_rows = row
+
+    # ---- device side ------------------------------------------------------------------------
+    def start_batch(self, first_sequence: int) -> None:
+        self.first_sequence = first_sequence
+        self.watches: list[_Watch] = []
+        self.batch_tokens = 0
+        for unit in self.units:
+            unit.acc = {}
+
+    def hooks(self, layers: list[int]):
+        out: list[tuple] = []
+        for unit in self.units:
+            if unit.layer not in layers:
+                continue
+            if unit.bank is not None:
+                out.append((unit.path, self._enter(unit), "pre"))
+                out.append((unit.path, self._leave))
+            else:
+                out.append((unit.path, self._linear_hook(unit)))
+        return out
+
+    def prepare(self, model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+        """Called by the collector before each pass: the real modules and the batch's token layout."""
+        self._resolve(model, int(self.structure.hidden_size))
+        self.length = int(input_ids.shape[-1])
+        if getattr(self, "model_id", None) != id(model):
+            self.module_of = dict(model.named_modules())
+            self.median = self._medians(model)
+            self.model_id = id(model)
+
+    def _enter(self, unit: _Unit):
+        moe = self.structure.moe(unit.layer)
+
+        def hook(module, args, kwargs):
+            at = moe.index_at if moe is not None and moe.choices == "experts" else None
+            index = None
+            if at is not None:
+                index = args[at] if isinstance(at, int) else kwargs[at]
+            if index is None:  # the choices are not among its arguments: find them by shape
+                values = [*args, *kwargs.values()]
+                index = next(v for v in values if torch.is_tensor(v) and not v.is_floating_point() and v.dim() >= 1)
+            index = index.reshape(-1, index.shape[-1])
+            watch = _Watch(self, unit, getattr(module, unit.bank), index)
+            watch.__enter__()
+            self.watches.append(watch)
+
+        return hook
+
+    def _leave(self, module, args, output):
+        self.watches.pop().__exit__(None, None, None)
+
+    def end_pass(self) -> None:
+        """After each forward (also one stopped early or failed): no mode stays active."""
+        while self.watches:
+            self.watches.pop().__exit__(None, None, None)
+
+    def _linear_hook(self, unit: _Unit):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            y = output.detach().reshape(-1, output.shape[-1])
+            zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            self._update(unit, x, y, zeros, torch.arange(x.shape[0], device=x.device))
+
+        return hook
+
+    @torch.no_grad()
+    def _update(self, unit, x, y, expert, token, valid=None) -> None:
+        """Rows x [S, I] -> y [S, H] of `unit`, row s by expert[s] for token[s] (batch-local, flat)."""
+        x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])
+        if x.shape[0] == 0:
+            return
+        dev, e_count = y.device, unit.experts
+        big = torch.iinfo(torch.long).max
+        if token is None:  # rows whose tokens are not known: the maximum is kept without its position
+            token = torch.full((x.shape[0],), big - 1, dtype=torch.long, device=dev)
+        expert, token = expert.to(dev).long(), token.to(dev).long()
+        if valid is None:
+            valid = torch.ones(x.shape[0], dtype=torch.bool, device=dev)
+        ya, xa = y.abs().float(), x.abs().float()
+        ya = torch.where(torch.isfinite(ya), ya, torch.zeros((), device=dev))
+        xa = torch.where(torch.isfinite(xa), xa, torch.zeros((), device=dev))
+        ya, xa = ya * valid[:, None], xa * valid[:, None]
+        row_max, row_dim = ya.max(1)
+        neg = torch.full((e_count,), -1.0, device=dev)
+        e_max = neg.clone().scatter_reduce_(0, expert, torch.where(valid, row_max, -1.0), "amax")
+        at_max = valid & (row_max == e_max[expert])
+        first_tok = torch.full((e_count,), big, device=dev, dtype=torch.long).scatter_reduce_(
+            0, expert, torch.where(at_max, token, big), "amin"
+        )
+        hit = at_max & (token == first_tok[expert])
+        # the row of each expert's max (one per expert that ran: the earliest token)
+        row_of = torch.full((e_count,), -1, device=dev, dtype=torch.long).scatter_reduce_(
+            0, expert, torch.where(hit, torch.arange(len(token), device=dev), -1), "amax"
+        )
+        ran = row_of >= 0
+        safe = row_of.clamp_min(0)
+        dim = row_dim[safe]
+        wrow = self._weight_rows(unit, dim)  # [E, I]: W_e[dim_e, :]
+        contrib = wrow.float() * x[safe].float()
+        col = contrib.abs().argmax(1)
+        weight = wrow.gather(1, col[:, None])[:, 0].float()
+        contribution = contrib.gather(1, col[:, None])[:, 0]
+        in_row_max, in_row_ch = xa.max(1)
+        in_max = neg.clone().scatter_reduce_(0, expert, torch.where(valid, in_row_max, -1.0), "amax")
+        ch_at = valid & (in_row_max == in_max[expert])
+        in_ch = torch.full((e_count,), big, device=dev, dtype=torch.long).scatter_reduce_(
+            0, expert, torch.where(ch_at, in_row_ch, big), "amin"
+        )
+        counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
+        counts.index_add_(0, expert, ((ya >= self.threshold) & valid[:, None]).long())
+        new = {
+            "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, valid.long()),
+            "out_max": torch.where(ran, e_max, -1.0),
+            "out_dim": dim,
+            "out_token": torch.where(ran, token[safe], big),
+            "col": col,
+            "weight": weight,
+            "contribution": contribution,
+            "in_max": in_max,
+            "in_channel": in_ch,
+            "counts": counts,
+        }
+        self._accumulate(unit, new)
+
+    def _weight_rows(self, unit: _Unit, dims: torch.Tensor) -> torch.Tensor:
+        module = self.module_of[unit.path]
+        if unit.bank is None:  # a Linear: weight [H, I] (GPT-2's Conv1D: [I, H])
+            w = module.weight.t() if _is_conv1d(module) else module.weight
+            return w[dims.to(w.device)]
+        bank = getattr(module, unit.bank)
+        e = torch.arange(unit.experts, device=bank.device)
+        dims = dims.to(bank.device)
+        return bank[e, :, dims] if unit.transposed else bank[e, dims, :]
+
+    @staticmethod
+    def _accumulate(unit: _Unit, new: dict) -> None:
+        acc = unit.acc
+        if not acc:
+            unit.acc = new
+            return
+        wins = (new["out_max"] > acc["out_max"]) | (
+            (new["out_max"] == acc["out_max"]) & (new["out_token"] < acc["out_token"])
+        )
+        for k in RECORD:
+            acc[k] = torch.where(wins, new[k], acc[k])
+        in_wins = (new["in_max"] > acc["in_max"]) | (
+            (new["in_max"] == acc["in_max"]) & (new["in_channel"] < acc["in_channel"])
+        )
+        acc["in_max"] = torch.where(in_wins, new["in_max"], acc["in_max"])
+        acc["in_channel"] = torch.where(in_wins, new["in_channel"], acc["in_channel"])
+        acc["tokens"] = acc["tokens"] + new["tokens"]
+        acc["counts"] = acc["counts"] + new["counts"]
+
+    def _medians(self, model) -> dict[str, np.ndarray]:
+        """Median |w| of each unit's down-projection matrix, on the device, once."""
+        out = {}
+        with torch.no_grad():
+            for unit in self.units:
+                module = self.module_of[unit.path]
+                if unit.bank is None:
+                    w = module.weight.detach()
+                    out[unit.path] = np.asarray([float(w.abs().float().median())])
+                else:
+                    bank = getattr(module, unit.bank).detach()
+                    out[unit.path] = np.asarray(
+                        [float(bank[e].abs().float().median()) for e in range(unit.experts)], np.float64
+                    )
+        return out
+
+    def finish_batch(self) -> ExpertStats:
+        """One host copy per unit; outlier counts kept only where nonzero."""
+        r = self.num_rows
+        keys = np.zeros((r, 4), np.int64)
+        arrays = {
+            "tokens": np.zeros(r, np.int64),
+            "out_max": np.full(r, -1.0),
+            "out_dim": np.zeros(r, np.int64),
+            "out_token": np.full(r, np.iinfo(np.int64).max, np.int64),
+            "col": np.zeros(r, np.int64),
+            "weight": np.zeros(r),
+            "contribution": np.zeros(r),
+            "in_max": np.full(r, -1.0),
+            "in_channel": np.zeros(r, np.int64),
+            "median_abs_weight": np.zeros(r),
+        }
+        count_keys, counts = [], []
+        offset = self.first_sequence * getattr(self, "length", 0)
+        for unit in self.units:
+            rows = slice(unit.row0, unit.row0 + unit.experts)
+            keys[rows] = [(unit.layer, unit.kind, unit.index, e) for e in range(unit.experts)]
+            arrays["median_abs_weight"][rows] = self.median[unit.path]
+            if not unit.acc:
+                continue
+            host = {k: v.cpu().numpy() for k, v in unit.acc.items()}
+            ran = host["out_max"] >= 0
+            for k in ("tokens", "out_max", "out_dim", "col", "weight", "contribution", "in_max", "in_channel"):
+                arrays[k][rows] = np.where(ran, host[k], arrays[k][rows]) if k not in ("tokens",) else host[k]
+            arrays["out_token"][rows] = np.where(ran, host["out_token"] + offset, arrays["out_token"][rows])
+            rr, dd = np.nonzero(host["counts"])
+            count_keys += [(unit.row0 + a, b) for a, b in zip(rr.tolist(), dd.tolist())]
+            counts += host["counts"][rr, dd].tolist()
+            unit.acc = {}
+        order = sorted(range(len(counts)), key=lambda i: count_keys[i])
+        return ExpertStats(
+            keys=keys,
+            **arrays,
+            count_keys=np.asarray([count_keys[i] for i in order], np.int64).reshape(-1, 2),
+            counts=np.asarray([counts[i] for i in order], np.int64),
+        )
+
+    # ---- report -----------------------------------------------------------------------------
+    def report(self, stats: ExpertStats, ctx: ReportContext) -> dict:
+        cfg = self.config
+        s = stats
+        length = ctx.token_ids.shape[1] if ctx.token_ids is not None else None
+        per_row_counts: dict[int, list[tuple[int, int]]] = {}
+        for (row, dim), c in zip(s.count_keys.tolist(), s.counts.tolist()):
+            per_row_counts.setdefault(row, []).append((c, dim))
+        units: list[dict[str, Any]] = []
+        for r in range(len(s.tokens)):
+            layer, kind, index, expert = (int(v) for v in s.keys[r])
+            entry: dict[str, Any] = {
+                "layer": layer,
+                "kind": KINDS[kind],
+                "expert": expert if kind == 0 else index,
+                "tokens": int(s.tokens[r]),
+                "max_output": float(s.out_max[r]) if s.out_max[r] >= 0 else None,
+                "max_output_dim": int(s.out_dim[r]),
+                "max_input": float(s.in_max[r]) if s.in_max[r] >= 0 else None,
+                "max_input_channel": int(s.in_channel[r]),
+                "outlier_dims": [
+                    {"dim": d, "count": c} for c, d in sorted(per_row_counts.get(r, []), key=lambda t: (-t[0], t[1]))[:5]
+                ],
+            }
+            if s.out_max[r] >= 0:
+                token = int(s.out_token[r])
+                where: dict[str, Any] = {"token_index": token}
+                if length:
+                    seq, pos = divmod(token, length)
+                    where.update(sequence=seq, position=pos)
+                    if ctx.token_ids is not None and 0 <= seq - ctx.first_sequence < len(ctx.token_ids):
+                        tok = int(ctx.token_ids[seq - ctx.first_sequence, pos])
+                        where["token_id"] = tok
+                        if ctx.tokenizer is not None:
+                            where["token"] = ctx.tokenizer.convert_ids_to_tokens(tok)
+                entry["max_output_at"] = where
+                median = float(s.median_abs_weight[r])
+                entry["super_weight_candidate"] = {
+                    "row": int(s.out_dim[r]),
+                    "col": int(s.col[r]),
+                    "weight": float(s.weight[r]),
+                    "ratio_to_median_abs_weight": float(abs(s.weight[r]) / median) if median > 0 else None,
+                    "contribution": float(s.contribution[r]),
+                }
+            units.append(entry)
+        routed = [u for u in units if u["kind"] == "routed" and u["max_output"] is not None]
+        maxima = np.asarray([u["max_output"] for u in routed]) if routed else np.zeros(0)
+        supers = []
+        if len(maxima):
+            cut = float(np.percentile(maxima, cfg.super_percentile))
+            largest = float(maxima.max())
+            supers = [
+                {k: u[k] for k in ("layer", "expert", "max_output", "max_output_dim", "max_output_at", "tokens")}
+                for u in routed
+                if u["max_output"] > cut and u["max_output"] > cfg.super_fraction * largest
+            ]
+            supers.sort(key=lambda u: -u["max_output"])
+        candidates = sorted(
+            (
+                u
+                for u in units
+                if u.get("super_weight_candidate") and u["super_weight_candidate"]["ratio_to_median_abs_weight"]
+            ),
+            key=lambda u: -abs(u["super_weight_candidate"]["contribution"]),
+        )
+        return {
+            "criteria": {
+                "magnitude_threshold": self.threshold,
+                "super_percentile": cfg.super_percentile,
+                "super_fraction": cfg.super_fraction,
+            },
+            "super_experts": supers,
+            "super_weight_candidates": [
+                {"layer": u["layer"], "kind": u["kind"], "expert": u["expert"], **u["super_weight_candidate"]}
+                for u in candidates[: cfg.top_units]
+            ],
+            "units": units,
+        }
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def plots(self, section: dict, folder: Path) -> dict[str, Path]:
+        """expert_max_output.png: layer x expert heat map of max |down_proj output|, super experts marked."""
+        routed = [u for u in section["units"] if u["kind"] == "routed" and u["max_output"] is not None]
+        if not routed:
+            return {}
+        from outlier_hydra.output.plots import pyplot, save_figure
+
+        plt = pyplot()
+        layers = sorted({u["layer"] for u in routed})
+        n_exp = max(u["expert"] for u in routed) + 1
+        grid = np.full((len(layers), n_exp), np.nan)
+        for u in routed:
+            grid[layers.index(u["layer"]), u["expert"]] = u["max_output"]
+        fig, ax = plt.subplots(figsize=(min(14, 3 + 0.12 * n_exp), 1.5 + 0.3 * len(layers)))
+        im = ax.imshow(np.log10(np.maximum(grid, 1e-6)), aspect="auto", cmap="viridis", interpolation="nearest")
+        for s in section["super_experts"]:
+            ax.scatter([s["expert"]], [layers.index(s["layer"])], marker="o", s=60, facecolors="none", edgecolors="red")
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=ax, label="log10 max |down_proj output|")
+        ax.set_title("Max |down_proj output| per expert (red circles: super experts)", fontsize=9)
+        return {"expert_max_output": save_figure(fig, folder / "expert_max_output.png")}
+
+    def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
+        supers = [
+            [s["layer"], s["expert"], s["max_output"], s["max_output_dim"], s["max_output_at"].get("token", "")]
+            for s in section["super_experts"]
+        ]
+        weights = [
+            [w["layer"], w["kind"], w["expert"], w["row"], w["col"], w["weight"], w["ratio_to_median_abs_weight"]]
+            for w in section["super_weight_candidates"]
+        ]
+        top = sorted((u for u in section["units"] if u["max_output"] is not None), key=lambda u: -u["max_output"])[
+            : self.config.top_units
+        ]
+        units = [
+            [u["layer"], u["kind"], u["expert"], u["tokens"], u["max_output"], u["max_output_dim"], u["max_input"]]
+            for u in top
+        ]
+        return {
+            "super_experts": (["layer", "expert", "max_output", "dim", "token"], supers),
+            "super_weight_candidates": (["layer", "kind", "expert", "row", "col", "weight", "ratio_to_median"], weights),
+            "largest_outputs": (["layer", "kind", "expert", "tokens", "max_output", "dim", "max_input"], units),
+        }
+
+    def summary(self, section: dict) -> list[str]:
+        supers = section["super_experts"]
+        if not supers:
+            return ["no super experts"]
+        named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in supers[:6])
+        return [f"super experts: {named}"]
+
+
+def _is_conv1d(module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)

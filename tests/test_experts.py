@@ -1,0 +1,217 @@
+"""The experts stage: planted super experts and super weights found exactly, every per-expert number
+against a plain per-expert loop over the routing, under each experts implementation, the model's
+output untouched, and the super-expert constants changed by reanalyze without the model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, make_cfg, tiny_overrides
+
+from outlier_hydra.pipeline import run
+
+PLANTED = {"olmoe": (2, 5), "qwen3_moe": (1, 3), "mixtral": (3, 0)}  # (layer, expert)
+
+
+def _build(family, folder, super_expert=None, super_weight=None, dense=False):
+    """A tiny model (tiny.py) with, optionally, one expert's down_proj scaled x3000 and one
+    down_proj weight set to 40: (layer, expert, row, col), expert None for a dense MLP."""
+    from transformers import AutoModel
+
+    from outlier_hydra.models.tiny import build
+
+    build(family, folder, plant_dim=None)
+    model = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        if super_expert is not None:
+            layer, e = super_expert
+            model.layers[layer].mlp.experts.down_proj[e] *= 3000.0
+        if super_weight is not None:
+            layer, e, row, col = super_weight
+            if e is None:
+                model.layers[layer].mlp.down_proj.weight[row, col] = 40.0
+            else:
+                model.layers[layer].mlp.experts.down_proj[e, row, col] = 40.0
+    model.save_pretrained(folder)
+    return folder
+
+
+def _run(folder, tmp_path, *extra, name="run"):
+    return run(make_cfg(*tiny_overrides(folder, f"model.tokenizer={folder / 'tokenizer'}", *extra)), tmp_path / name)
+
+
+def per_expert_loop(folder, token_ids, batch_size, threshold=6.0):
+    """Independent: for each MoE layer, the experts module's inputs from a plain pre-hook, then each
+    expert's down_proj input h and output y by a Python loop over the experts (the module's own
+    act_fn and weight banks, F.linear): {layer: {expert: (tokens, max|y|, dim, max|h|, channel, counts)}}."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    calls = {}
+    handles = []
+    for i, layer in enumerate(model.layers):
+        experts = layer.mlp.experts
+
+        def grab(m, args, kwargs, i=i):
+            calls.setdefault(i, []).append((args[0].detach().clone(), args[1].detach().clone()))
+
+        handles.append(experts.register_forward_pre_hook(grab, with_kwargs=True))
+    with torch.no_grad():
+        for s in range(0, len(token_ids), batch_size):
+            model(input_ids=torch.from_numpy(token_ids[s : s + batch_size]))
+    for h in handles:
+        h.remove()
+    out = {}
+    torch.set_grad_enabled(False)
+    for i, batches in calls.items():
+        ex = model.layers[i].mlp.experts
+        n_exp = ex.down_proj.shape[0]
+        per = {}
+        for e in range(n_exp):
+            hs, ys = [], []
+            for x, idx in batches:
+                tokens = (idx == e).any(-1).nonzero()[:, 0]
+                gate, up = torch.nn.functional.linear(x[tokens], ex.gate_up_proj[e]).chunk(2, dim=-1)
+                h = ex.act_fn(gate) * up
+                hs.append(h)
+                ys.append(torch.nn.functional.linear(h, ex.down_proj[e]))
+            h, y = torch.cat(hs).double().numpy(), torch.cat(ys).double().numpy()
+            if len(y) == 0:
+                per[e] = (0, None, None, None, None, np.zeros(y.shape[1], np.int64))
+                continue
+            ay, ah = np.abs(y), np.abs(h)
+            per[e] = (len(y), ay.max(), int(ay.max(0).argmax()), ah.max(), int(ah.max(0).argmax()), (ay >= threshold).sum(0))
+        out[i] = per
+    torch.set_grad_enabled(True)
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(PLANTED))
+def test_planted_super_expert_and_every_expert_against_a_plain_loop(family, tmp_path):
+    layer, expert = PLANTED[family]
+    folder = _build(family, tmp_path / "model", super_expert=(layer, expert))
+    results = _run(folder, tmp_path, "plots=true")
+    section = results["experts"]
+    assert [(s["layer"], s["expert"]) for s in section["super_experts"]] == [(layer, expert)]
+    assert (tmp_path / "run" / "plots" / "expert_max_output.png").stat().st_size > 0
+    ids = np.load(tmp_path / "run" / "token_ids.npy")
+    expected = per_expert_loop(folder, ids, batch_size=4)
+    units = {(u["layer"], u["expert"]): u for u in section["units"] if u["kind"] == "routed"}
+    assert set(units) == {(i, e) for i, per in expected.items() for e in per}
+    for i, per in expected.items():
+        for e, (tokens, y_max, dim, h_max, channel, counts) in per.items():
+            u = units[(i, e)]
+            assert u["tokens"] == tokens, (i, e)
+            if tokens == 0:
+                assert u["max_output"] is None
+                continue
+            # grouped_mm and F.linear sum in different orders: float32 rounding apart
+            assert u["max_output"] == pytest.approx(y_max, rel=1e-5), (i, e)
+            assert u["max_output_dim"] == dim and u["max_input_channel"] == channel, (i, e)
+            assert u["max_input"] == pytest.approx(h_max, rel=1e-5), (i, e)
+            top = sorted(((int(c), d) for d, c in enumerate(counts) if c), key=lambda t: (-t[0], t[1]))[:5]
+            assert [(o["count"], o["dim"]) for o in u["outlier_dims"]] == top, (i, e)
+    assert units[(layer, expert)]["outlier_dims"], "the planted expert's outputs reach the threshold"
+    assert any(line.startswith("super experts: layer") for line in _summary(results))
+
+
+def _summary(results):
+    from outlier_hydra.stages.experts import Experts
+
+    return Experts(make_cfg().analysis.stages.experts).summary(results["experts"])
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
+def test_every_experts_implementation_gives_the_same_statistics(impl, tmp_path):
+    """grouped_mm (the CPU default), eager and batched_mm: the same tokens, dims, channels and
+    counts; maxima to float32 rounding (the matmuls differ)."""
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    grouped = _run(folder, tmp_path, name="grouped")["experts"]
+    config = json.loads((folder / "config.json").read_text())
+    config["experts_implementation"] = impl
+    (folder / "config.json").write_text(json.dumps(config))
+    other = _run(folder, tmp_path, name=impl)["experts"]
+    for a, b in zip(grouped["units"], other["units"]):
+        for key in ("layer", "expert", "tokens", "max_output_dim", "max_input_channel", "outlier_dims"):
+            assert a[key] == b[key], (key, a["layer"], a["expert"])
+        if a["max_output"] is not None:
+            assert a["max_output"] == pytest.approx(b["max_output"], rel=1e-5)
+            assert a["max_output_at"] == b["max_output_at"]
+    assert grouped["super_experts"][0]["expert"] == other["super_experts"][0]["expert"] == 5
+
+
+@pytest.mark.parametrize("where", ["dense", "expert"])
+def test_planted_super_weight_found_at_its_row_and_column(where, tmp_path):
+    if where == "dense":  # a Llama-style dense model: its MLPs are experts of one
+        folder = _build("llama", tmp_path / "model", super_weight=(1, None, 5, 17))
+        section = _run(folder, tmp_path, "analysis.stages.experts.dense_models=true")["experts"]
+        want = {"layer": 1, "kind": "dense", "expert": 0, "row": 5, "col": 17, "weight": 40.0}
+    else:
+        folder = _build("olmoe", tmp_path / "model", super_weight=(2, 3, 9, 30))
+        section = _run(folder, tmp_path)["experts"]
+        want = {"layer": 2, "kind": "routed", "expert": 3, "row": 9, "col": 30, "weight": 40.0}
+    top = section["super_weight_candidates"][0]
+    assert {k: top[k] for k in want} == want
+    assert top["ratio_to_median_abs_weight"] > 100
+
+
+def test_model_output_is_bit_identical_with_the_stage(tmp_path):
+    """The experts stage only reads: the last hidden state with its hooks and watch equals a plain
+    forward, bit for bit."""
+    from doubles import structure_points
+    from transformers import AutoModel
+
+    from outlier_hydra.collect import OutlierCollector
+    from outlier_hydra.stages.experts import Experts
+
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    model = AutoModel.from_pretrained(folder).eval()
+    ids = torch.randint(1000, 20000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).last_hidden_state
+    points = structure_points(model, [0, 1, 2, 3])
+    from outlier_hydra.models.structure import config_top_k, discover, probe
+
+    structure = discover(model, 4, 64, None, "test")
+    probe(structure, model, torch.device("cpu"), "test", config_top_k(model.config))
+    stage = Experts(make_cfg().analysis.stages.experts)
+    assert stage.bind(structure, [0, 1, 2, 3])
+    seen = {}
+    handle = model.register_forward_hook(lambda m, a, o: seen.setdefault("h", o.last_hidden_state.clone()))
+    OutlierCollector(6.0, early_stop=False).collect_batch(model, points, ids, stages=[stage])
+    handle.remove()
+    assert torch.equal(seen["h"], plain)
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_reanalyze_changes_the_super_expert_constants(tmp_path):
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    first = _run(folder, tmp_path)["experts"]
+    assert len(first["super_experts"]) == 1
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outlier_hydra",
+            "reanalyze",
+            str(tmp_path / "run"),
+            "analysis.stages.experts.super_percentile=50",
+            "analysis.stages.experts.super_fraction=0.0",
+            "--out",
+            str(tmp_path / "re"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    again = json.loads((tmp_path / "re" / "final_analysis_results.json").read_text())["experts"]
+    routed = [u["max_output"] for u in again["units"] if u["kind"] == "routed" and u["max_output"] is not None]
+    cut = np.percentile(routed, 50)
+    assert len(again["super_experts"]) == sum(m > cut for m in routed) > 1
+    assert again["units"] == first["units"]  # the statistics are the same; only the rule changed
