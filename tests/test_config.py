@@ -75,6 +75,18 @@ def test_four_moe_models_experiment_sweeps_the_four_models():
     assert make_cfg("experiment=four_moe_models", "model=gpt_oss_120b").model.architecture.quantization == "mxfp4"
 
 
+@pytest.mark.parametrize(
+    "name,model",
+    [("super_experts_qwen3_30b", "Qwen/Qwen3-30B-A3B"), ("super_experts_mixtral", "mistralai/Mixtral-8x7B-v0.1")],
+)
+def test_super_expert_presets_follow_the_paper(name, model):
+    cfg = make_cfg(f"experiment={name}")
+    assert cfg.model.name == model and (cfg.dataset.num_sequences, cfg.dataset.sequence_length) == (100, 2048)
+    e = cfg.analysis.stages.experts
+    assert e.enabled and (e.super_percentile, e.super_fraction) == (99.5, 0.1)
+    assert cfg.analysis.stages.massive_activations.enabled and cfg.analysis.layers is None
+
+
 def test_issue_command_line_composes():
     cfg = make_cfg("model=qwen3_30b", "analysis.chunk_layers=8")
     assert cfg.analysis.chunk_layers == 8 and cfg.analysis.collector.chunk_layers == 8

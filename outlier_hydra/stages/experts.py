@@ -42,6 +42,8 @@ from outlier_hydra.stages import ReportContext, Stage
 
 KINDS = ("routed", "shared", "dense")
 RECORD = ("out_max", "out_dim", "out_token", "col", "weight", "contribution")  # moves with out_max
+RECORD_IN = ("in_max", "in_channel", "in_token")  # moves with in_max
+UNKNOWN_TOKEN = 2**60  # rows whose token the experts implementation does not reveal (sorts after all)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class ExpertStats:
     contribution: np.ndarray  # [R] float64 W[out_dim, col] * x[col] at that token
     in_max: np.ndarray  # [R] float64
     in_channel: np.ndarray  # [R] int64
+    in_token: np.ndarray  # [R] int64 global token index of max |x|
     median_abs_weight: np.ndarray  # [R] float64
     count_keys: np.ndarray  # [K, 2] int64 (row, dim), sorted
     counts: np.ndarray  # [K] int64
@@ -66,7 +69,7 @@ class ExpertStats:
         a, b = self, other
         b_wins = (b.out_max > a.out_max) | ((b.out_max == a.out_max) & (b.out_token < a.out_token) & (b.out_max >= 0))
         rec = {k: np.where(b_wins, getattr(b, k), getattr(a, k)) for k in RECORD}
-        in_b = (b.in_max > a.in_max) | ((b.in_max == a.in_max) & (b.in_channel < a.in_channel))
+        in_b = (b.in_max > a.in_max) | ((b.in_max == a.in_max) & (b.in_token < a.in_token) & (b.in_max >= 0))
         counts: dict[tuple[int, int], int] = {}
         for s in (a, b):
             for (r, d), c in zip(s.count_keys.tolist(), s.counts.tolist()):
@@ -76,8 +79,7 @@ class ExpertStats:
             keys=a.keys,
             tokens=a.tokens + b.tokens,
             **rec,
-            in_max=np.where(in_b, b.in_max, a.in_max),
-            in_channel=np.where(in_b, b.in_channel, a.in_channel),
+            **{k: np.where(in_b, getattr(b, k), getattr(a, k)) for k in RECORD_IN},
             median_abs_weight=np.where(a.median_abs_weight >= 0, a.median_abs_weight, b.median_abs_weight),
             count_keys=np.asarray(keys, np.int64).reshape(-1, 2),
             counts=np.asarray([counts[k] for k in keys], np.int64),
@@ -315,62 +317,72 @@ class Experts(Stage):
 
     @torch.no_grad()
     def _update(self, unit, x, y, expert, token, valid=None) -> None:
-        """Rows x [S, I] -> y [S, H] of `unit`, row s by expert[s] for token[s] (batch-local, flat)."""
+        """Rows x [S, I] -> y [S, H] of `unit`, row s by expert[s] for token[s] (batch-local, flat).
+
+        Two reads of the rows (|y| and |x| row maxima); everything else touches one row per expert,
+        or (CPU) only the rows that reach the threshold. NaN rows count as never reaching anything."""
         x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])
         if x.shape[0] == 0:
             return
         dev, e_count = y.device, unit.experts
         big = torch.iinfo(torch.long).max
         if token is None:  # rows whose tokens are not known: the maximum is kept without its position
-            token = torch.full((x.shape[0],), big - 1, dtype=torch.long, device=dev)
+            token = torch.full((x.shape[0],), UNKNOWN_TOKEN, dtype=torch.long, device=dev)
         expert, token = expert.to(dev).long(), token.to(dev).long()
-        if valid is None:
-            valid = torch.ones(x.shape[0], dtype=torch.bool, device=dev)
-        ya, xa = y.abs().float(), x.abs().float()
-        ya = torch.where(torch.isfinite(ya), ya, torch.zeros((), device=dev))
-        xa = torch.where(torch.isfinite(xa), xa, torch.zeros((), device=dev))
-        ya, xa = ya * valid[:, None], xa * valid[:, None]
-        row_max, row_dim = ya.max(1)
-        neg = torch.full((e_count,), -1.0, device=dev)
-        e_max = neg.clone().scatter_reduce_(0, expert, torch.where(valid, row_max, -1.0), "amax")
-        at_max = valid & (row_max == e_max[expert])
-        first_tok = torch.full((e_count,), big, device=dev, dtype=torch.long).scatter_reduce_(
-            0, expert, torch.where(at_max, token, big), "amin"
-        )
-        hit = at_max & (token == first_tok[expert])
-        # the row of each expert's max (one per expert that ran: the earliest token)
-        row_of = torch.full((e_count,), -1, device=dev, dtype=torch.long).scatter_reduce_(
-            0, expert, torch.where(hit, torch.arange(len(token), device=dev), -1), "amax"
-        )
-        ran = row_of >= 0
-        safe = row_of.clamp_min(0)
-        dim = row_dim[safe]
+        y_row = torch.nan_to_num(torch.maximum(y.amax(1), -y.amin(1)).float(), nan=-1.0)  # no |y| temporary
+        x_row = torch.nan_to_num(torch.maximum(x.amax(1), -x.amin(1)).float(), nan=-1.0)
+        if valid is not None:
+            y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
+            weight_of_row = valid.long()
+        else:
+            weight_of_row = torch.ones_like(expert)
+        out_max, out_row = self._segment_max(y_row, expert, token, e_count)
+        in_max, in_row = self._segment_max(x_row, expert, token, e_count)
+        ran = out_row >= 0
+        safe, in_safe = out_row.clamp_min(0), in_row.clamp_min(0)
+        dim = y[safe].abs().argmax(1)
         wrow = self._weight_rows(unit, dim)  # [E, I]: W_e[dim_e, :]
         contrib = wrow.float() * x[safe].float()
         col = contrib.abs().argmax(1)
-        weight = wrow.gather(1, col[:, None])[:, 0].float()
-        contribution = contrib.gather(1, col[:, None])[:, 0]
-        in_row_max, in_row_ch = xa.max(1)
-        in_max = neg.clone().scatter_reduce_(0, expert, torch.where(valid, in_row_max, -1.0), "amax")
-        ch_at = valid & (in_row_max == in_max[expert])
-        in_ch = torch.full((e_count,), big, device=dev, dtype=torch.long).scatter_reduce_(
-            0, expert, torch.where(ch_at, in_row_ch, big), "amin"
-        )
-        counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
-        counts.index_add_(0, expert, ((ya >= self.threshold) & valid[:, None]).long())
+        if dev.type == "cpu":  # only the rows that reach the threshold (usually none)
+            rows = (y_row >= self.threshold).nonzero()[:, 0]
+            counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
+            if len(rows):
+                counts.index_add_(0, expert[rows], (y[rows].abs() >= self.threshold).long())
+        else:  # no host sync on a GPU: one-hot(expert)^T @ mask, one small matmul
+            one_hot = torch.nn.functional.one_hot(expert, e_count).t().float() * (weight_of_row > 0)
+            counts = (one_hot @ (y.abs() >= self.threshold).float()).round().long()
         new = {
-            "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, valid.long()),
-            "out_max": torch.where(ran, e_max, -1.0),
+            "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, weight_of_row),
+            "out_max": torch.where(ran, out_max, -1.0),
             "out_dim": dim,
             "out_token": torch.where(ran, token[safe], big),
             "col": col,
-            "weight": weight,
-            "contribution": contribution,
-            "in_max": in_max,
-            "in_channel": in_ch,
+            "weight": wrow.gather(1, col[:, None])[:, 0].float(),
+            "contribution": contrib.gather(1, col[:, None])[:, 0],
+            "in_max": torch.where(in_row >= 0, in_max, -1.0),
+            "in_channel": x[in_safe].abs().argmax(1),
+            "in_token": torch.where(in_row >= 0, token[in_safe], big),
             "counts": counts,
         }
         self._accumulate(unit, new)
+
+    @staticmethod
+    def _segment_max(values, segment, token, n):
+        """Per segment: the max of values and the row holding it (equal values: the earliest token;
+        -1: no row)."""
+        dev, big = values.device, torch.iinfo(torch.long).max
+        best = torch.full((n,), -1.0, device=dev).scatter_reduce_(0, segment, values, "amax")
+        at = (values == best[segment]) & (values >= 0)
+        first = torch.full((n,), big, dtype=torch.long, device=dev).scatter_reduce_(
+            0, segment, torch.where(at, token, big), "amin"
+        )
+        hit = at & (token == first[segment])
+        rows = torch.arange(len(values), device=dev)
+        row = torch.full((n,), -1, dtype=torch.long, device=dev).scatter_reduce_(
+            0, segment, torch.where(hit, rows, -1), "amax"
+        )
+        return best, row
 
     def _weight_rows(self, unit: _Unit, dims: torch.Tensor) -> torch.Tensor:
         module = self.module_of[unit.path]
@@ -393,11 +405,9 @@ class Experts(Stage):
         )
         for k in RECORD:
             acc[k] = torch.where(wins, new[k], acc[k])
-        in_wins = (new["in_max"] > acc["in_max"]) | (
-            (new["in_max"] == acc["in_max"]) & (new["in_channel"] < acc["in_channel"])
-        )
-        acc["in_max"] = torch.where(in_wins, new["in_max"], acc["in_max"])
-        acc["in_channel"] = torch.where(in_wins, new["in_channel"], acc["in_channel"])
+        in_wins = (new["in_max"] > acc["in_max"]) | ((new["in_max"] == acc["in_max"]) & (new["in_token"] < acc["in_token"]))
+        for k in RECORD_IN:
+            acc[k] = torch.where(in_wins, new[k], acc[k])
         acc["tokens"] = acc["tokens"] + new["tokens"]
         acc["counts"] = acc["counts"] + new["counts"]
 
@@ -431,6 +441,7 @@ class Experts(Stage):
             "contribution": np.zeros(r),
             "in_max": np.full(r, -1.0),
             "in_channel": np.zeros(r, np.int64),
+            "in_token": np.full(r, np.iinfo(np.int64).max, np.int64),
             "median_abs_weight": np.zeros(r),
         }
         count_keys, counts = [], []
@@ -446,6 +457,7 @@ class Experts(Stage):
             for k in ("tokens", "out_max", "out_dim", "col", "weight", "contribution", "in_max", "in_channel"):
                 arrays[k][rows] = np.where(ran, host[k], arrays[k][rows]) if k not in ("tokens",) else host[k]
             arrays["out_token"][rows] = np.where(ran, host["out_token"] + offset, arrays["out_token"][rows])
+            arrays["in_token"][rows] = np.where(ran, host["in_token"] + offset, arrays["in_token"][rows])
             rr, dd = np.nonzero(host["counts"])
             count_keys += [(unit.row0 + a, b) for a, b in zip(rr.tolist(), dd.tolist())]
             counts += host["counts"][rr, dd].tolist()
@@ -484,8 +496,8 @@ class Experts(Stage):
             }
             if s.out_max[r] >= 0:
                 token = int(s.out_token[r])
-                where: dict[str, Any] = {"token_index": token}
-                if length:
+                where: dict[str, Any] = {"token_index": token if token < UNKNOWN_TOKEN else None}
+                if length and token < UNKNOWN_TOKEN:
                     seq, pos = divmod(token, length)
                     where.update(sequence=seq, position=pos)
                     if ctx.token_ids is not None and 0 <= seq - ctx.first_sequence < len(ctx.token_ids):
