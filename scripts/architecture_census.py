@@ -68,7 +68,7 @@ def one(model_type: str) -> dict:
         try:
             results = run(compose_config(overrides), Path(tmp) / "run")
         except OutlierHydraError as exc:
-            row["reason"] = str(exc)
+            row["reason"] = str(exc).replace(str(folder), "<tiny model>")
             row["seconds"] = round(time.perf_counter() - t0, 1)
             return row
         except Exception as exc:  # noqa: BLE001
@@ -99,6 +99,14 @@ def one(model_type: str) -> dict:
         if problems:
             row["reason"] = "; ".join(problems)[:300]
         row["routing_checked"] = bool(tables) and not problems
+        experts = results.get("experts")
+        if routers and experts is not None:  # the experts stage's per-expert rows = the routing's choices
+            rows = {(u["layer"], u["expert"]): u["tokens"] for u in experts["units"] if u["kind"] == "routed"}
+            row["experts_stage"] = all(
+                rows.get((layer["layer"], e)) == n
+                for layer in results["moe_routing"]["layers"]
+                for e, n in enumerate(layer["tokens_per_expert"])
+            )
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -146,6 +154,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     analysed = [r for r in built if r["analysed"]]
     agree = [r for r in analysed if r.get("recomputation_agrees")]
     moe = [r for r in analysed if r.get("moe_layers")]
+    experts_ok = [r for r in moe if r.get("experts_stage")]
     lines = [
         "# Architecture census",
         "",
@@ -154,16 +163,19 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "choosing 2: `outlier_hydra/models/tiny.py`) with an outlier planted in the embeddings (dim 13),",
         "run through the full default pipeline (8 x 32 tokens, every default stage), and checked against",
         "an independent recomputation from plain hooks (`tests/helpers.py`): the systematic features and,",
-        "for MoE layers, the routing the model really does. Regenerate it whenever transformers is bumped.",
+        'for MoE layers, the routing the model really does. "experts stage": its per-expert token counts',
+        "equal the routing's (the stage reads the fused experts' matmuls). Regenerate it whenever",
+        "transformers is bumped.",
         "",
         f"- model types: {len(rows)}; encoder-decoder (excluded): {len(rows) - len(decoder)}",
         f"- decoder-only types that build tiny on a CPU: {len(built)} of {len(decoder)}",
         f"- analysed end to end: **{len(analysed)} of {len(built)}** ({100 * len(analysed) / max(len(built), 1):.0f}%)",
-        f"- of those, equal to the recomputation: {len(agree)}; MoE types with routers found: {len(moe)}",
+        f"- of those, equal to the recomputation: {len(agree)}; MoE types with routers found: {len(moe)}, "
+        f"with the experts stage's counts equal to the routing: {len(experts_ok)}",
         "",
         "| model type | built | analysed | hook points (mixer input / MLP input) | MoE layers | routers | "
-        "shared experts | recomputation | planted dim found | seconds | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "shared experts | recomputation | experts stage | planted dim found | seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = r.get("reason", "")
@@ -180,6 +192,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             ", ".join(f"`{x}`" for x in r.get("routers", [])),
             ", ".join(f"`{x}`" for x in r.get("shared_experts", [])),
             {True: "equal", False: "**differs**"}.get(r.get("recomputation_agrees"), ""),  # type: ignore[call-overload]
+            {True: "tokens agree", False: "**differs**"}.get(r.get("experts_stage"), ""),  # type: ignore[call-overload]
             {True: "yes", False: "no"}.get(r.get("planted_found"), ""),  # type: ignore[call-overload]
             str(r.get("seconds", "")),
             note.replace("|", "/").replace("\n", " "),

@@ -254,7 +254,7 @@ class Experts(Stage):
     # ---- device side ------------------------------------------------------------------------
     def start_batch(self, first_sequence: int) -> None:
         self.first_sequence = first_sequence
-        self.watches: list[_Watch] = []
+        self.watches: list[_Watch | None] = []
         self.batch_tokens = 0
         for unit in self.units:
             unit.acc = {}
@@ -290,7 +290,10 @@ class Experts(Stage):
                 index = args[at] if isinstance(at, int) else kwargs[at]
             if index is None:  # the choices are not among its arguments: find them by shape
                 values = [*args, *kwargs.values()]
-                index = next(v for v in values if torch.is_tensor(v) and not v.is_floating_point() and v.dim() >= 1)
+                index = next((v for v in values if torch.is_tensor(v) and not v.is_floating_point() and v.dim() >= 2), None)
+            if index is None:  # an experts module that is not given the choices (Llama-4): not observable
+                self.watches.append(None)
+                return
             index = index.reshape(-1, index.shape[-1])
             watch = _Watch(self, unit, getattr(module, unit.bank), index)
             watch.__enter__()
@@ -299,12 +302,14 @@ class Experts(Stage):
         return hook
 
     def _leave(self, module, args, output):
-        self.watches.pop().__exit__(None, None, None)
+        watch = self.watches.pop()
+        if watch is not None:
+            watch.__exit__(None, None, None)
 
     def end_pass(self) -> None:
         """After each forward (also one stopped early or failed): no mode stays active."""
         while self.watches:
-            self.watches.pop().__exit__(None, None, None)
+            self._leave(None, None, None)
 
     def _linear_hook(self, unit: _Unit):
         def hook(module, args, output):
@@ -535,7 +540,14 @@ class Experts(Stage):
             ),
             key=lambda u: -abs(u["super_weight_candidate"]["contribution"]),
         )
+        seen: dict[int, int] = {}
+        for u in units:
+            if u["kind"] == "routed":
+                seen[u["layer"]] = seen.get(u["layer"], 0) + u["tokens"]
         return {
+            # MoE layers whose experts module is not given the expert choices (or runs them in a way
+            # this stage does not read, e.g. Llama-4, JetMoE): their routed experts are not observed
+            "unobserved_layers": sorted(layer for layer, n in seen.items() if n == 0),
             "criteria": {
                 "magnitude_threshold": self.threshold,
                 "super_percentile": cfg.super_percentile,
@@ -598,10 +610,13 @@ class Experts(Stage):
 
     def summary(self, section: dict) -> list[str]:
         supers = section["super_experts"]
+        lines = []
+        if section.get("unobserved_layers"):
+            lines.append(f"routed experts not observable in layers {section['unobserved_layers']}")
         if not supers:
-            return ["no super experts"]
+            return lines + ["no super experts"]
         named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in supers[:6])
-        return [f"super experts: {named}"]
+        return lines + [f"super experts: {named}"]
 
 
 def _is_conv1d(module) -> bool:
