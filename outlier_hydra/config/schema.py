@@ -59,7 +59,7 @@ class ArchitectureConfig:
 
 @dataclass
 class StructureConfig:
-    """Module paths that override discovery ({i} = layer index), e.g. model.structure.mlp=layers.{i}.ffn."""
+    """Module paths that override discovery (* or {i} = layer index), e.g. model.structure.mlp=layers.*.ffn."""
 
     layers: str | None = None  # the layer stack (a ModuleList), e.g. model.layers
     mixer: str | None = None  # the token mixer whose input is layer_{i}_ln_attn

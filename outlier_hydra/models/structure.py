@@ -242,7 +242,7 @@ def _moe(block: nn.Module, path: str, hidden: int) -> MoeLayer | None:
 
 def _hint(model_name: str, key: str, why: str) -> OutlierHydraError:
     return OutlierHydraError(
-        f"model.name: {model_name}: {why}; set model.structure.{key} (module path, {{i}} = layer index) to say it"
+        f"model.name: {model_name}: {why}; set model.structure.{key} (module path, * = layer index) to say it"
     )
 
 
@@ -282,7 +282,7 @@ def _override_path(modules: dict, get, key: str, i: int) -> str | None:
     template = get(key)
     if template is None:
         return None
-    path = str(template).format(i=i)
+    path = str(template).replace("*", "{i}").format(i=i)  # * (command-line friendly) or {i}: the layer
     if path in ("", "none") or path not in modules:
         if key in ("mlp", "mixer") and path in ("", "none"):
             return ""
