@@ -18,14 +18,14 @@ from outlier_hydra.pipeline import run
 PLANTED = {"olmoe": (2, 5), "qwen3_moe": (1, 3), "mixtral": (3, 0)}  # (layer, expert)
 
 
-def _build(family, folder, super_expert=None, super_weight=None, dense=False):
+def _build(family, folder, super_expert=None, super_weight=None, plant_dim=None):
     """A tiny model (tiny.py) with, optionally, one expert's down_proj scaled x3000 and one
     down_proj weight set to 40: (layer, expert, row, col), expert None for a dense MLP."""
     from transformers import AutoModel
 
     from outlier_hydra.models.tiny import build
 
-    build(family, folder, plant_dim=None)
+    build(family, folder, plant_dim=plant_dim)
     model = AutoModel.from_pretrained(folder)
     with torch.no_grad():
         if super_expert is not None:
@@ -215,3 +215,28 @@ def test_reanalyze_changes_the_super_expert_constants(tmp_path):
     cut = np.percentile(routed, 50)
     assert len(again["super_experts"]) == sum(m > cut for m in routed) > 1
     assert again["units"] == first["units"]  # the statistics are the same; only the rule changed
+
+
+def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):
+    """With an outlier planted in the embeddings (dim 13 at every 7th token id, a systematic feature
+    at every MLP input): the share of those outlier positions at the super expert's layer that the
+    router sent to it, against the routing recomputed from plain hooks."""
+    from helpers import module_input_tables
+
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5), plant_dim=13)
+    results = _run(folder, tmp_path)
+    dims = [r["feature_dim"] for r in results["systematic_outliers"]]
+    assert 13 in dims
+    (s,) = results["experts"]["super_experts"]
+    ids = np.load(tmp_path / "run" / "token_ids.npy")
+    _, tables = module_input_tables(folder, [], {2: ("layers.2.mlp", "layers.2.mlp.gate", "layers.2.mlp.experts")}, ids, 4)
+    x, idx = tables[2]["x"], tables[2]["idx"]
+    positions = chosen = 0
+    for d in dims:
+        hit = np.abs(x[:, d]) >= 6.0
+        positions += int(hit.sum())
+        chosen += int((idx[hit] == 5).sum())
+    assert positions > 0
+    assert s["systematic_outlier_positions"] == positions
+    assert s["systematic_outlier_positions_routed_to_it"] == chosen
+    assert s["systematic_outlier_positions_share"] == chosen / positions

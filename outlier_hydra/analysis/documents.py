@@ -28,7 +28,7 @@ def document(
     doc = {**header, **analyzer.analyze(stats, list(batches))}
     for stage in stages:
         if stage.name in stats.extras:
-            ctx = ReportContext(records=doc["systematic_outliers"], **context)
+            ctx = ReportContext(records=doc["systematic_outliers"], extras=stats.extras, **context)
             doc[stage.name] = stage.report(stats.extras[stage.name], ctx)
     return doc
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -45,6 +45,7 @@ class ReportContext:
     tokenizer: Any = None
     token_ids: Any = None  # the run's token ids [sequences, length] (None: not available)
     first_sequence: int = 0  # global index of token_ids[0]
+    extras: dict = field(default_factory=dict)  # every collect stage's statistics for the same document
 
 
 @dataclass

@@ -532,6 +532,7 @@ class Experts(Stage):
                 if u["max_output"] > cut and u["max_output"] > cfg.super_fraction * largest
             ]
             supers.sort(key=lambda u: -u["max_output"])
+            self._positions_share(supers, ctx)
         candidates = sorted(
             (
                 u
@@ -560,6 +561,27 @@ class Experts(Stage):
             ],
             "units": units,
         }
+
+    @staticmethod
+    def _positions_share(supers: list[dict], ctx: ReportContext) -> None:
+        """For each super expert, with the moe_routing statistics of the same document: the share of
+        the systematic features' outlier positions at its layer's MLP input that were routed to it
+        (choices of it / outlier positions, summed over the systematic dims)."""
+        router = ctx.extras.get("moe_routing")
+        if router is None:
+            return
+        dims = {r["feature_dim"] for r in ctx.records}
+        rows = {int(layer): i for i, layer in enumerate(router.layers.tolist())}
+        for s in supers:
+            row = rows.get(s["layer"])
+            chosen = positions = 0
+            for j, (r, d) in enumerate(router.feat_keys.tolist()):
+                if r == row and d in dims:
+                    chosen += int(router.feat_counts[j][s["expert"]])
+                    positions += int(router.feat_positions[j])
+            s["systematic_outlier_positions"] = positions
+            s["systematic_outlier_positions_routed_to_it"] = chosen
+            s["systematic_outlier_positions_share"] = chosen / positions if positions else None
 
     # ---- outputs ----------------------------------------------------------------------------
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
