@@ -316,7 +316,9 @@ class Experts(Stage):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             y = output.detach().reshape(-1, output.shape[-1])
             zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            self._update(unit, x, y, zeros, torch.arange(x.shape[0], device=x.device))
+            # a dense or shared MLP reads every token in order; one expert of a list only its own
+            token = None if unit.kind == 0 else torch.arange(x.shape[0], device=x.device)
+            self._update(unit, x, y, zeros, token)
 
         return hook
 
@@ -453,7 +455,8 @@ class Experts(Stage):
         offset = self.first_sequence * getattr(self, "length", 0)
         for unit in self.units:
             rows = slice(unit.row0, unit.row0 + unit.experts)
-            keys[rows] = [(unit.layer, unit.kind, unit.index, e) for e in range(unit.experts)]
+            # routed: the expert id (a bank's row, or the position in a list of expert modules)
+            keys[rows] = [(unit.layer, unit.kind, unit.index, unit.index + e) for e in range(unit.experts)]
             arrays["median_abs_weight"][rows] = self.median[unit.path]
             if not unit.acc:
                 continue
