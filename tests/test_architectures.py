@@ -185,3 +185,26 @@ def test_model_structure_overrides_discovery(tmp_path):
     ids = np.load(tmp_path / "run" / "token_ids.npy")
     acts, _ = module_input_tables(folder, paths, {}, ids, batch_size=4)
     assert mismatches(results, acts, {}) == []
+
+
+def test_jetmoe_needs_and_takes_an_override(tmp_path):
+    """JetMoE's attention is itself a mixture of experts: both blocks look like MoE blocks, so
+    discovery stops naming model.structure.mixer; the two paths from the command line analyse it,
+    features and routing equal to the recomputation."""
+    from outlier_hydra.errors import OutlierHydraError
+    from outlier_hydra.models.tiny import build
+    from outlier_hydra.pipeline.job import prepare
+
+    folder = build("jetmoe", tmp_path / "model", plant_dim=PLANT)
+    base = tiny_overrides(folder, f"model.tokenizer={folder / 'tokenizer'}", "plots=false")
+    with pytest.raises(OutlierHydraError, match=r"every block .* looks like an MLP .*model\.structure\.mixer"):
+        prepare(make_cfg(*base))
+    paths = ["model.structure.mixer=layers.*.self_attention", "model.structure.mlp=layers.*.mlp"]
+    results = run(make_cfg(*base, *paths), tmp_path / "run")
+    moe = {i: (f"layers.{i}.mlp", f"layers.{i}.mlp.router.layer", None) for i in range(4)}
+    points = [p["module"] for p in results["model"]["structure"]["hook_points"]]
+    assert points[:2] == ["layers.0.self_attention", "layers.0.mlp"]
+    ids = np.load(tmp_path / "run" / "token_ids.npy")
+    acts, tables = module_input_tables(folder, points, moe, ids, batch_size=4, top_k=2)
+    assert mismatches(results, acts, tables) == []
+    assert results["experts"]["unobserved_layers"] == [0, 1, 2, 3]

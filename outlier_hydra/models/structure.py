@@ -301,6 +301,11 @@ def _layer_parts(model, modules, layer, path, i, hidden, get, model_name) -> Lay
     mixer = _override_path(modules, get, "mixer", i)
     mlp = _override_path(modules, get, "mlp", i)
     mlp_like = [b for b, m in blocks if b != mixer and (_experts(m, hidden) or _is_mlp_shaped(m, hidden))]
+    if mixer is None and mlp is None and len(blocks) >= 2 and len(mlp_like) == len(blocks):
+        # every block holds experts or looks like an MLP (JetMoE's mixture-of-attention): which one
+        # mixes tokens is not decidable from shapes
+        names = ", ".join(b for b, _ in blocks)
+        raise _hint(model_name, "mixer", f"layer {i}: every block ({names}) looks like an MLP or MoE block")
     if mlp is None:
         # the MLP is the last block shaped like one; failing that, the last of two or more blocks
         rest = [b for b, _ in blocks if b != mixer]
