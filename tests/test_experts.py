@@ -215,6 +215,24 @@ def test_reanalyze_changes_the_super_expert_constants(tmp_path):
     cut = np.percentile(routed, 50)
     assert len(again["super_experts"]) == sum(m > cut for m in routed) > 1
     assert again["units"] == first["units"]  # the statistics are the same; only the rule changed
+    # a setting that changes what is collected needs a new run: one line, exit code 2
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outlier_hydra",
+            "reanalyze",
+            str(tmp_path / "run"),
+            "analysis.stages.experts.magnitude_threshold=3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("outlier-hydra reanalyze: error: analysis.stages.experts.magnitude_threshold: reanalysis")
+    assert "analysis.stages.experts.super_fraction" in line
 
 
 def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):

@@ -35,14 +35,20 @@ def reanalyze(run_dir: Path, overrides: list[str], out: Path | None = None) -> t
     """overrides: Hydra-style `analysis.KEY=VALUE` for the analysis-only keys, and allowed_targets."""
     given = settings(overrides)
     allowed = list(given.pop("allowed_targets", []))
+
+    def refuse(key: str, stage_keys: list[str]):
+        keys = [f"analysis.{k}" for k in ANALYSIS_ONLY] + stage_keys
+        return OutlierHydraError(f"{key}: reanalysis changes only {', '.join(keys)}; anything else needs a new run")
+
+    for key in given:  # before reading the run: anything but these keys is refused outright
+        analysis_only = key.startswith("analysis.") and key.removeprefix("analysis.") in ANALYSIS_ONLY
+        if not analysis_only and not key.startswith("analysis.stages."):
+            raise refuse(key, [])
     run = load_run(Path(run_dir), list(allowed))
     report_only = {f"analysis.stages.{s.name}.{k}" for s in run.stages for k in s.report_only}
     for key in given:
-        if key not in report_only and (
-            not key.startswith("analysis.") or key.removeprefix("analysis.") not in ANALYSIS_ONLY
-        ):
-            keys = [f"analysis.{k}" for k in ANALYSIS_ONLY] + sorted(report_only)
-            raise OutlierHydraError(f"{key}: reanalysis changes only {', '.join(keys)}; anything else needs a new run")
+        if key.startswith("analysis.stages.") and key not in report_only:
+            raise refuse(key, sorted(report_only))
     changed = dict(run.config)
     new_values = {k.removeprefix("analysis."): v for k, v in given.items() if k not in report_only}
     stage_nodes = {name: dict(node) if node else node for name, node in run.config["analysis"]["stages"].items()}
