@@ -84,7 +84,8 @@ def test_super_expert_presets_follow_the_paper(name, model):
     assert cfg.model.name == model and (cfg.dataset.num_sequences, cfg.dataset.sequence_length) == (100, 2048)
     e = cfg.analysis.stages.experts
     assert e.enabled and (e.super_percentile, e.super_fraction) == (99.5, 0.1)
-    assert cfg.analysis.stages.massive_activations.enabled and cfg.analysis.layers is None
+    assert cfg.analysis.stages.massive_activations.enabled and cfg.analysis.stages.massive_routing.enabled
+    assert cfg.analysis.layers is None
 
 
 def test_issue_command_line_composes():

@@ -258,3 +258,35 @@ def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):
     assert s["systematic_outlier_positions"] == positions
     assert s["systematic_outlier_positions_routed_to_it"] == chosen
     assert s["systematic_outlier_positions_share"] == chosen / positions
+
+
+def test_massive_activations_routed_to_the_super_expert(tmp_path):
+    """A super expert planted at layer 2 makes massive activations in the residual stream after it;
+    massive_routing counts the distinct massive positions whose token chose that expert at layer 2,
+    against the choices read with a plain pre-hook."""
+    from helpers import module_input_tables
+
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    results = _run(
+        folder,
+        tmp_path,
+        "analysis.stages.massive_activations.enabled=true",
+        "analysis.stages.massive_routing.enabled=true",
+        "analysis.stages.massive_activations.min_magnitude=5",
+        "analysis.stages.massive_activations.min_ratio_to_median=10",
+    )
+    found = {
+        (m["sequence"], m["position"])
+        for entry in results["massive_activations"]["layers"]
+        if entry["layer"] >= 2
+        for m in entry["massive"]
+    }
+    assert found, "the planted expert makes massive activations"
+    (row,) = results["massive_routing"]["super_experts"]
+    ids = np.load(tmp_path / "run" / "token_ids.npy")
+    _, tables = module_input_tables(folder, [], {2: ("layers.2.mlp", "layers.2.mlp.gate", "layers.2.mlp.experts")}, ids, 4)
+    idx = tables[2]["idx"].reshape(ids.shape[0], ids.shape[1], -1)
+    routed = sum(1 for seq, pos in found if 5 in idx[seq, pos])
+    assert (row["layer"], row["expert"], row["positions"]) == (2, 5, len(found))
+    assert row["positions_routed_to_it"] == routed > 0
+    assert row["share"] == routed / len(found)

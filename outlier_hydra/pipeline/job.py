@@ -90,6 +90,11 @@ class Plan:
         """The hook points (where each reads its input is known once the probe forward ran)."""
         return self.structure.hook_points(self.layers)
 
+    def sequence_ids(self, device, sequences: list[int]) -> torch.Tensor:
+        """The token ids of the given (global) sequence indices, on the device."""
+        rows = [s - self.first_sequence for s in sequences]
+        return torch.from_numpy(self.token_ids[rows]).to(device)
+
     def batch_ids(self, device, limit: int | None = None) -> list[torch.Tensor]:
         bs = self.cfg.analysis.batch_size
         starts = range(0, len(self.token_ids), bs)
@@ -249,7 +254,14 @@ def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path)
     )
     for stage in plan.stages:
         if stage.phase == "post":
-            ctx = PostContext(model=lazy.get, points=lambda: plan.points, batches=plan.batch_ids, results=results)
+            ctx = PostContext(
+                model=lazy.get,
+                points=lambda: plan.points,
+                batches=plan.batch_ids,
+                results=results,
+                structure=plan.structure,
+                sequences=plan.sequence_ids,
+            )
             results[stage.name] = stage.measure(ctx)
     rundir.write_documents(out, per_batch, results, total)
     return results, total

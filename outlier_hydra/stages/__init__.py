@@ -56,6 +56,8 @@ class PostContext:
     points: Callable[[], list]  # () -> the hook points (call it after model())
     batches: Callable[[Any, int], list]  # (device, n) -> the run's first n batches of token ids there
     results: dict  # the final document so far
+    structure: Any = None  # models.structure.Structure (where the routers and experts are)
+    sequences: Callable[[Any, list[int]], Any] | None = None  # (device, global sequence indices) -> token ids
 
 
 class Stage:
