@@ -208,3 +208,30 @@ def test_jetmoe_needs_and_takes_an_override(tmp_path):
     acts, tables = module_input_tables(folder, points, moe, ids, batch_size=4, top_k=2)
     assert mismatches(results, acts, tables) == []
     assert results["experts"]["unobserved_layers"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "preset,mixer,mlp,moe_layers,dense,router,experts,shared",
+    [
+        ("qwen3_30b", "self_attn", "mlp", 48, [], "mlp.gate", 128, []),
+        ("gpt_oss_120b", "self_attn", "mlp", 36, [], "mlp.router", 128, []),  # intermediate = hidden = 2880
+        ("deepseek_v2_lite", "self_attn", "mlp", 26, [0], "mlp.gate", 64, ["mlp.shared_experts"]),
+        ("qwen3_next_80b", "linear_attn", "mlp", 48, [], "mlp.gate", 512, ["mlp.shared_expert"]),
+    ],
+)
+def test_discovery_on_the_real_shapes(preset, mixer, mlp, moe_layers, dense, router, experts, shared):
+    """The presets' real shapes, built on the meta device from their architecture blocks (offline):
+    hook points, dense-first layers, routers, expert counts and shared experts where the papers say."""
+    from outlier_hydra.launch.vram import hf_config
+    from outlier_hydra.models.structure import model_structure
+
+    cfg = make_cfg(f"model={preset}")
+    config, _ = hf_config(cfg.model)
+    structure = model_structure(cfg.model, config)
+    d = structure.describe(list(range(len(structure.layers))))
+    assert [p["module"] for p in d["hook_points"][:2]] == [f"layers.0.{mixer}", f"layers.0.{mlp}"]
+    assert len(d["moe_layers"]) == moe_layers and d["dense_mlp_layers"] == dense
+    r = d["routers"][str(d["moe_layers"][0])]
+    i = d["moe_layers"][0]
+    assert (r["router"], r["num_experts"]) == (f"layers.{i}.{router}", experts)
+    assert r["shared_experts_always_on"] == [f"layers.{i}.{s}" for s in shared]
