@@ -189,25 +189,22 @@ def test_model_output_is_bit_identical_with_the_stage(tmp_path):
     assert not torch._C._is_torch_function_mode_enabled()
 
 
+def _reanalyze(run_dir, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
 def test_reanalyze_changes_the_super_expert_constants(tmp_path):
     folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
     first = _run(folder, tmp_path)["experts"]
     assert len(first["super_experts"]) == 1
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outlier_hydra",
-            "reanalyze",
-            str(tmp_path / "run"),
-            "analysis.stages.experts.super_percentile=50",
-            "analysis.stages.experts.super_fraction=0.0",
-            "--out",
-            str(tmp_path / "re"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    proc = _reanalyze(
+        tmp_path / "run",
+        "analysis.stages.experts.super_percentile=50",
+        "analysis.stages.experts.super_fraction=0.0",
+        "--out",
+        str(tmp_path / "re"),
     )
     assert proc.returncode == 0, proc.stderr[-1500:]
     again = json.loads((tmp_path / "re" / "final_analysis_results.json").read_text())["experts"]
@@ -216,19 +213,7 @@ def test_reanalyze_changes_the_super_expert_constants(tmp_path):
     assert len(again["super_experts"]) == sum(m > cut for m in routed) > 1
     assert again["units"] == first["units"]  # the statistics are the same; only the rule changed
     # a setting that changes what is collected needs a new run: one line, exit code 2
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outlier_hydra",
-            "reanalyze",
-            str(tmp_path / "run"),
-            "analysis.stages.experts.magnitude_threshold=3",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    proc = _reanalyze(tmp_path / "run", "analysis.stages.experts.magnitude_threshold=3")
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("outlier-hydra reanalyze: error: analysis.stages.experts.magnitude_threshold: reanalysis")

@@ -74,7 +74,6 @@ class LayerParts:
     mlp: str | None  # None: a layer without one (Mamba)
     mlp_class: str | None
     moe: MoeLayer | None = None
-    parallel: bool = False  # the mixer and the MLP read the same tensor (found by the probe)
 
 
 @dataclass
@@ -84,7 +83,6 @@ class Structure:
     layers: list[LayerParts]
     source: str  # "discovered" or "model.structure"
     inputs: dict[str, int | str] = field(default_factory=dict)  # module path -> argument holding the hidden state
-    probed: bool = False
 
     def part(self, i: int) -> LayerParts:
         return self.layers[i]
@@ -138,32 +136,31 @@ class Structure:
 # ---- reading the module tree ---------------------------------------------------------------------
 
 
-def _conv1d_class():
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's transposed linear (weight [in, out])."""
     try:
         from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
     except ImportError:  # pragma: no cover
-        return ()
+        return False
+    return isinstance(module, Conv1D)
 
 
-def _matrix(module: nn.Module) -> tuple[int, int] | None:
+def matrix_dims(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a module that multiplies the last dim by a matrix it owns, else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, _conv1d_class()):  # GPT-2's transposed linear
-        w = module.weight
-        return int(w.shape[0]), int(w.shape[1])
     if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)):
         return None
     w = module._parameters.get("weight")
-    if w is not None and w.dim() == 2:  # a router that owns its weight (OLMoE, Mixtral, ...)
-        return int(w.shape[1]), int(w.shape[0])
-    return None
+    if w is None or w.dim() != 2:
+        return None
+    if is_conv1d(module):  # GPT-2's transposed linear
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[1]), int(w.shape[0])  # e.g. a router that owns its weight (OLMoE, Mixtral, ...)
 
 
 def _matrices(module: nn.Module) -> list[tuple[int, int]]:
-    return [mat for mat in map(_matrix, module.modules()) if mat is not None]
+    return [mat for mat in map(matrix_dims, module.modules()) if mat is not None]
 
 
 def _has_3d(module: nn.Module) -> bool:
@@ -174,14 +171,14 @@ def _has_3d(module: nn.Module) -> bool:
 
 def _first_input_width(block: nn.Module) -> int | None:
     for m in block.modules():
-        mat = _matrix(m)
+        mat = matrix_dims(m)
         if mat is not None:
             return mat[0]
     return None
 
 
 def _is_block(module: nn.Module) -> bool:
-    return any(_matrix(m) is not None or _has_3d(m) for m in module.modules())
+    return any(matrix_dims(m) is not None or _has_3d(m) for m in module.modules())
 
 
 def _experts(block: nn.Module, hidden: int) -> tuple[str, int] | None:
@@ -224,7 +221,7 @@ def _moe(block: nn.Module, path: str, hidden: int) -> MoeLayer | None:
     for name, m in block.named_modules():
         if experts and (name == experts or name.startswith(experts + ".")):
             continue
-        mat = _matrix(m)
+        mat = matrix_dims(m)
         if mat is not None and mat[0] == hidden and e <= mat[1] != hidden:
             candidates.append((mat[1] - e, name))
     if not candidates:
@@ -246,8 +243,9 @@ def _hint(model_name: str, key: str, why: str) -> OutlierHydraError:
     )
 
 
-def _find_stack(model: nn.Module, n: int, hidden: int, override: str | None, model_name: str) -> tuple[str, nn.ModuleList]:
-    modules = dict(model.named_modules())
+def _find_stack(
+    model: nn.Module, modules: dict[str, nn.Module], n: int, hidden: int, override: str | None, model_name: str
+) -> tuple[str, nn.ModuleList]:
     if override:
         stack = modules.get(override)
         if not isinstance(stack, nn.ModuleList) or len(stack) != n:
@@ -268,8 +266,8 @@ def discover(model: nn.Module, num_layers: int, hidden: int, overrides: Any, mod
     """The structure of `model` (any device, meta included), overrides applied."""
     overrides = overrides or {}
     get = overrides.get if hasattr(overrides, "get") else lambda k: getattr(overrides, k, None)
-    stack_path, stack = _find_stack(model, num_layers, hidden, get("layers"), model_name)
     modules = dict(model.named_modules())
+    stack_path, stack = _find_stack(model, modules, num_layers, hidden, get("layers"), model_name)
     layers = []
     for i, layer in enumerate(stack):
         path = _join(stack_path, str(i))
@@ -342,13 +340,6 @@ def _layer_parts(model, modules, layer, path, i, hidden, get, model_name) -> Lay
 # ---- the probe forward ---------------------------------------------------------------------------
 
 
-def hidden_input(args: tuple, kwargs: dict, at: int | str) -> torch.Tensor:
-    """The hidden state a hooked module receives (``at``: its position or keyword, from the probe)."""
-    if isinstance(at, int):
-        return args[at]
-    return kwargs[at]
-
-
 def _locate(args: tuple, kwargs: dict, hidden: int) -> int | str | None:
     def fits(x):
         return torch.is_tensor(x) and x.dim() >= 2 and x.shape[-1] == hidden and x.is_floating_point()
@@ -402,8 +393,7 @@ def probe(structure: Structure, model: nn.Module, device, model_name: str, top_k
         def fn(module, args, kwargs):
             if path not in seen:
                 at = _locate(args, kwargs, h)
-                x = hidden_input(args, kwargs, at) if at is not None else None
-                seen[path] = (order[0], at, x.data_ptr() if x is not None else None)
+                seen[path] = (order[0], at)
                 order[0] += 1
 
         return fn
@@ -438,18 +428,15 @@ def probe(structure: Structure, model: nn.Module, device, model_name: str, top_k
                 continue
             if path not in seen:
                 raise _hint(model_name, key, f"{path} never ran in a probe forward")
-            step, at, ptr = seen[path]
+            step, at = seen[path]
             if at is None:
                 raise _hint(model_name, key, f"{path} receives no tensor of the hidden size {h}")
             if step < last:
                 raise _hint(model_name, key, f"{path} runs before the module hooked ahead of it")
             last = step
             structure.inputs[path] = at
-        if part.mlp and part.mixer and seen[part.mlp][2] is not None:
-            part.parallel = seen[part.mlp][2] == seen[part.mixer][2]
         if part.moe is not None:
             _probe_routing(part, routed, expert_args, top_k, model_name)
-    structure.probed = True
 
 
 def _probe_routing(part: LayerParts, routed: dict, expert_args: dict, top_k: int | None, model_name: str) -> None:

@@ -38,6 +38,7 @@ import torch
 from omegaconf import MISSING
 from torch.overrides import TorchFunctionMode
 
+from outlier_hydra.models.structure import is_conv1d, matrix_dims
 from outlier_hydra.stages import ReportContext, Stage
 
 KINDS = ("routed", "shared", "dense")
@@ -132,11 +133,9 @@ def _down_bank(module: torch.nn.Module, hidden: int) -> tuple[str, bool] | None:
 
 def _down_linear(block: torch.nn.Module, hidden: int) -> str | None:
     """The relative path of an MLP's down projection: its last matmul from another width to hidden."""
-    from outlier_hydra.models.structure import _matrix
-
     found = None
     for name, m in block.named_modules():
-        mat = _matrix(m)
+        mat = matrix_dims(m)
         if mat is not None and mat[1] == hidden and mat[0] != hidden:
             found = name
     return found
@@ -163,8 +162,8 @@ class _Watch(TorchFunctionMode):
         if name in ("linear", "matmul", "__matmul__", "mm") and len(args) >= 2 and self._is_bank(args[1]):
             e = args[1].storage_offset() // self.per_expert  # eager: one expert's slice
             rows = (self.index == e).t().nonzero()  # (slot, token) in the order transformers takes them
-            token = rows[:, 1] if len(rows) == args[0].reshape(-1, args[0].shape[-1]).shape[0] else None
             n = args[0].reshape(-1, args[0].shape[-1]).shape[0]
+            token = rows[:, 1] if len(rows) == n else None
             self.stage._update(self.unit, args[0], out, torch.full((n,), e, device=out.device), token)
         elif name in ("_grouped_mm", "grouped_mm") and len(args) >= 2 and self._is_bank(args[1]):
             offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
@@ -394,7 +393,7 @@ class Experts(Stage):
     def _weight_rows(self, unit: _Unit, dims: torch.Tensor) -> torch.Tensor:
         module = self.module_of[unit.path]
         if unit.bank is None:  # a Linear: weight [H, I] (GPT-2's Conv1D: [I, H])
-            w = module.weight.t() if _is_conv1d(module) else module.weight
+            w = module.weight.t() if is_conv1d(module) else module.weight
             return w[dims.to(w.device)]
         bank = getattr(module, unit.bank)
         e = torch.arange(unit.experts, device=bank.device)
@@ -642,11 +641,3 @@ class Experts(Stage):
             return lines + ["no super experts"]
         named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in supers[:6])
         return lines + [f"super experts: {named}"]
-
-
-def _is_conv1d(module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, Conv1D)
