@@ -167,3 +167,21 @@ def test_chunked_statistics_come_from_one_forward_pass(chunk_layers):
     whole = OutlierCollector(6.0, 5, None).collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
     _assert_identical(chunked, whole)
     assert chunked.occurrences().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equal_magnitudes_keep_the_earlier_module_and_positive_first(backend):
+    # one position holds -7 in module 0 and +7 in module 1: its value is the earlier module's, -7
+    a, b = torch.zeros(1, 4, 2), torch.zeros(1, 4, 2)
+    a[0, 0, 0], b[0, 0, 0] = -7.0, 7.0
+    stats = _collect([[a, b]], k=1, backend=backend)
+    assert stats.top_values[:, 0].tolist() == [-7.0]
+    assert stats.positions_hit().tolist() == [1, 0]
+    # two positions of equal magnitude and opposite sign: the example is the positive one, also
+    # below 1 (a threshold of 0.8 makes 0.8 the lowest edge)
+    c = torch.zeros(1, 4, 2)
+    c[0, 0, 1], c[0, 1, 1] = 0.8, -0.8
+    model = ReplayModel([[c, torch.zeros(1, 4, 2)]])
+    collector = OutlierCollector(0.8, 1, None, backend=backend)
+    stats = collector.collect_batch(model, ReplayModel.points([0]), torch.zeros(1, 1, dtype=torch.long))
+    assert stats.top_values[:, 1].tolist() == [np.float32(0.8)]

@@ -65,12 +65,29 @@ def test_save_load_round_trip(tmp_path_factory, stats):
     _same(stats, OutlierStats.load(path))
 
 
+def _empty() -> OutlierStats:
+    m = len(NAMES)
+    return OutlierStats(
+        module_names=list(NAMES),
+        edges=EDGES,
+        threshold=6.0,
+        num_tokens=0,
+        ge_counts=np.zeros((m, D, len(EDGES)), np.int64),
+        pos_ge_counts=np.zeros((D, len(EDGES)), np.int64),
+        max_abs=np.zeros((m, D), np.float32),
+        top_values=np.full((K, D), np.nan, np.float32),
+        nonfinite=np.zeros(m, np.int64),
+        num_batches=0,
+    )
+
+
 def test_merge_with_empty_is_identity():
-    s = OutlierStats.empty(NAMES, D, EDGES, 6.0, K)
+    s = _empty()
     s.num_tokens, s.num_batches = 10, 1
     s.ge_counts[1, 2] = [4, 3, 1]
     s.top_values[0, 2] = -9.0
-    _same(OutlierStats.empty(NAMES, D, EDGES, 6.0, K).merge(s), s)
+    _same(_empty().merge(s), s)
+    _same(s.merge(_empty()), s)
 
 
 def test_merged_statistics_equal_statistics_of_the_concatenated_data():
@@ -95,3 +112,47 @@ def test_merged_statistics_equal_statistics_of_the_concatenated_data():
         merged = collect(slice(0, cut)).merge(collect(slice(cut, 5)))
         _same(merged.__class__(**{**merged.__dict__, "num_batches": 1}), whole)
     assert whole.pos_ge_counts[:, 1].sum() > 0 and whole.ge_counts.sum() > whole.pos_ge_counts.sum()
+
+
+def test_a_file_with_a_pickled_array_is_refused_unread(tmp_path):
+    import pytest
+
+    from outlier_hydra.stats import DamagedStats
+
+    path = tmp_path / "batch_000.npz"
+    np.savez(path, meta=np.array([{"format_version": 4}], dtype=object))  # an object array: a pickle
+    with pytest.raises(DamagedStats) as err:
+        OutlierStats.load(path)
+    assert str(err.value).startswith(f"{path}: damaged statistics file (ValueError: ")
+    assert "allow_pickle" in str(err.value)
+
+
+def test_damaged_or_foreign_files_are_refused_with_what_is_wrong(tmp_path):
+    import json
+
+    import pytest
+
+    from outlier_hydra.stats import DamagedStats
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a statistics file " * 4)
+    with pytest.raises(DamagedStats) as err:
+        OutlierStats.load(garbage)
+    with pytest.raises(ValueError) as numpy_err:  # numpy's own words, cut to 80 characters
+        np.load(garbage, allow_pickle=False)
+    assert len(str(numpy_err.value)) > 80
+    assert str(err.value) == f"{garbage}: damaged statistics file (ValueError: {str(numpy_err.value)[:80]})"
+
+    # another format version: named with the one this version reads
+    stats = _empty()
+    path = tmp_path / "old.npz"
+    path.write_bytes(stats.to_bytes())
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["format_version"] = 3
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(DamagedStats) as err:
+        OutlierStats.load(path)
+    assert str(err.value) == f"{path}: statistics format 3, this version reads 4"

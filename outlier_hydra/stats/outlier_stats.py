@@ -99,22 +99,6 @@ class OutlierStats:
         e = self.edge_index(self.threshold if threshold is None else threshold)
         return self.pos_ge_counts[:, e]
 
-    @classmethod
-    def empty(cls, module_names: list[str], num_features: int, edges, threshold: float, num_examples: int) -> OutlierStats:
-        m, d, e = len(module_names), num_features, len(edges)
-        return cls(
-            module_names=list(module_names),
-            edges=np.asarray(edges, np.float64),
-            threshold=float(threshold),
-            num_tokens=0,
-            ge_counts=np.zeros((m, d, e), np.int64),
-            pos_ge_counts=np.zeros((d, e), np.int64),
-            max_abs=np.zeros((m, d), np.float32),
-            top_values=np.full((num_examples, d), np.nan, np.float32),
-            nonfinite=np.zeros(m, np.int64),
-            num_batches=0,
-        )
-
     # ---- merge -------------------------------------------------------------------------------
     def merge(self, other: OutlierStats) -> OutlierStats:
         if self.module_names != other.module_names:

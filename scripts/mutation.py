@@ -1,0 +1,116 @@
+"""`make mutation`: mutmut over stats/, analysis/, collect/ and stages/, and the score.
+
+    scripts/mutation.py                      run every module, then report
+    scripts/mutation.py stats collect        only these (package folders under outlier_hydra/)
+    scripts/mutation.py --report             report what mutants/ holds, run nothing
+
+mutmut (configured in pyproject.toml, [tool.mutmut]) copies the package to mutants/, and for each
+mutant runs only the tests that reach the mutated function, from the fast test files listed there.
+Its results stay in mutants/ (git-ignored): a second run checks only what changed.
+
+Score = killed / (mutants - equivalent - GPU-only), per module and in all. A mutant that no selected
+test reaches ("no tests") counts as not killed. Equivalent mutants (the program's behaviour is the
+same) are listed in tests/mutation_equivalent.txt, one per line: the mutant's name, then why; a reason
+starting "gpu:" marks code only a CUDA device runs (counted in its own column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("stats", "analysis", "collect", "stages")
+EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
+TARGET = 90.0
+
+
+def mutmut(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("mutmut")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([str(exe), *args], cwd=ROOT, env=env, text=True, capture_output=args[0] == "results")
+
+
+def equivalents() -> dict[str, str]:
+    out = {}
+    if EQUIVALENT.is_file():
+        for line in EQUIVALENT.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, why = line.strip().partition(" ")
+                if not why.strip():
+                    sys.exit(f"{EQUIVALENT.name}: {name} has no reason")
+                out[name] = why.strip()
+    return out
+
+
+def module_of(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "outlier_hydra" else "?"
+
+
+def report(modules: list[str]) -> float:
+    res = mutmut("results", "--all", "true")
+    status: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        name, sep, st = line.strip().rpartition(": ")
+        if sep and name.startswith("outlier_hydra."):
+            status[name] = st.strip()
+    if not status:
+        sys.exit("no mutmut results in mutants/: run `make mutation` first")
+    equiv = equivalents()
+    for name in sorted(set(equiv) - set(status)):
+        print(f"note: {EQUIVALENT.name} lists {name}, which mutmut no longer makes")
+    counts: dict[str, Counter] = defaultdict(Counter)
+    survivors = []
+    for name, st in status.items():
+        mod = module_of(name)
+        if mod not in modules:
+            continue
+        if name in equiv:
+            if st == "killed":
+                print(f"note: {name} is listed as equivalent but a test kills it")
+            st = "gpu only" if equiv[name].startswith("gpu:") else "equivalent"
+        counts[mod][st] += 1
+        if st in ("survived", "no tests", "suspicious"):
+            survivors.append(f"{st:>10}  {name}")
+    total: Counter = Counter()
+    head = ("mutants", "killed", "timeout", "survived", "no tests", "equiv.", "gpu", "unrun", "score")
+    print(f"\n{'module':<10} " + " ".join(f"{h:>8}" for h in head))
+    for mod in [*modules, "all"]:
+        c = total if mod == "all" else counts[mod]
+        if mod != "all":
+            total.update(c)
+        n = sum(c.values())
+        judged = n - c["equivalent"] - c["gpu only"] - c["not checked"] - c["skipped"]
+        killed = c["killed"] + c["timeout"] + c["caught by type check"]
+        score = 100.0 * killed / judged if judged else float("nan")
+        row = (n, c["killed"], c["timeout"], c["survived"] + c["suspicious"], c["no tests"], c["equivalent"], c["gpu only"])
+        print(f"{mod:<10} " + " ".join(f"{v:>8}" for v in (*row, c["not checked"])) + f" {score:>7.1f}%")
+    if survivors:
+        print(f"\nnot killed ({len(survivors)}; `.venv/bin/mutmut show NAME` prints the change):")
+        print("\n".join(sorted(survivors)))
+    return score
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("modules", nargs="*", help=f"package folders: {', '.join(MODULES)} (default: all four)")
+    p.add_argument("--report", action="store_true", help="only report the results mutants/ holds")
+    args = p.parse_args()
+    modules = args.modules or list(MODULES)
+    if unknown := sorted(set(modules) - set(MODULES)):
+        p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")
+    if not args.report:
+        rc = mutmut("run", *[f"outlier_hydra.{m}.*" for m in modules]).returncode
+        if rc != 0:
+            sys.exit(f"mutmut run failed (exit {rc})")
+    score = report(modules)
+    print(f"\nscore {score:.1f}% (target {TARGET:.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
