@@ -83,6 +83,15 @@ def test_threshold_sweep_from_one_collection_is_exact():
     for t in (3.0, 4.0, 5.0, 6.0, 8.0, 12.0):
         assert stats.occurrences(t).tolist() == (a >= t).sum(1).tolist()
         assert stats.positions_hit(t).tolist() == (a.amax(0) >= t).sum(0).tolist()
+        # the analysis at t from statistics collected for 6: every field of every record at t
+        for r in SystematicOutlierAnalysis(t, 0.0, 0.0, num_examples=3).records(stats):
+            d = r["feature_dim"]
+            hits = (a[:, :, d] >= t).sum(1)
+            assert r["total_occurrences"] == int(hits.sum())
+            assert r["layers_affected"] == [f"layer_0_ln_{k}" for k, h in zip(("attn", "mlp"), hits) if h]
+            assert r["layer_percentage"] == int((hits > 0).sum()) / 2
+            assert r["seq_percentage"] == int((a[:, :, d].amax(0) >= t).sum()) / 400
+            assert all(abs(v) >= t for v in r["example_values"])
     from outlier_hydra.stats import ThresholdNotAnEdge
 
     with pytest.raises(ThresholdNotAnEdge, match="6.5 is not a histogram edge"):

@@ -61,8 +61,14 @@ def test_merge_is_independent_of_order_and_grouping(batches, rnd: random.Random)
 @given(batch_stats())
 def test_save_load_round_trip(tmp_path_factory, stats):
     path = tmp_path_factory.mktemp("rt") / "s.npz"
+    stats.meta = {"batch": 3, "sequences": [0, 7]}
     path.write_bytes(stats.to_bytes())
-    _same(stats, OutlierStats.load(path))
+    back = OutlierStats.load(path)
+    _same(stats, back)
+    assert (back.module_names, back.threshold, back.meta, back.extras) == (NAMES, 6.0, stats.meta, {})
+    assert back.edges.tolist() == EDGES.tolist()
+    for f in ("edges", "ge_counts", "pos_ge_counts", "max_abs", "top_values", "nonfinite"):
+        assert getattr(back, f).dtype == getattr(stats, f).dtype, f
 
 
 def _empty() -> OutlierStats:
@@ -156,3 +162,78 @@ def test_damaged_or_foreign_files_are_refused_with_what_is_wrong(tmp_path):
     with pytest.raises(DamagedStats) as err:
         OutlierStats.load(path)
     assert str(err.value) == f"{path}: statistics format 3, this version reads 4"
+
+
+class _Extra:
+    """A stage's statistics as OutlierStats carries them: to_arrays / from_arrays."""
+
+    def __init__(self, x):
+        self.x = np.asarray(x)
+
+    def to_arrays(self):
+        return {"x": self.x}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        return cls(arrays["x"])
+
+
+def _arrays_and_meta(path):
+    import json
+
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, json.loads(bytes(arrays.pop("meta")).decode())
+
+
+def _rewrite(path, arrays, meta):
+    import json
+
+    np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+
+def test_a_changed_file_or_an_unconfigured_stage_is_refused(tmp_path):
+    import pytest
+
+    from outlier_hydra.errors import OutlierHydraError
+    from outlier_hydra.stats import DamagedStats
+
+    stats = _empty()
+    stats.extras = {"probe": _Extra([1.5, 2.5])}
+    path = tmp_path / "s.npz"
+    path.write_bytes(stats.to_bytes())
+    for configured, listed in (({}, "none"), ({"other": _Extra, "zeta": _Extra}, "other, zeta")):
+        with pytest.raises(OutlierHydraError) as err:
+            OutlierStats.load(path, configured)
+        assert (
+            str(err.value)
+            == f"{path}: holds statistics of the stage 'probe', which is not configured (configured: {listed})"
+        )
+    assert OutlierStats.load(path, {"probe": _Extra}).extras["probe"].x.tolist() == [1.5, 2.5]
+
+    arrays, meta = _arrays_and_meta(path)
+    del meta["extras"], meta["meta"]  # a file that names no stage carries none; provenance is optional
+    _rewrite(path, arrays, meta)
+    assert (OutlierStats.load(path).extras, OutlierStats.load(path).meta) == ({}, {})
+    arrays["max_abs"][0, 0] = 1.0  # one value changed after writing
+    _rewrite(path, arrays, meta)
+    with pytest.raises(DamagedStats) as err:
+        OutlierStats.load(path, {"probe": _Extra})
+    assert str(err.value) == f"{path}: checksum mismatch, the file changed after it was written"
+
+
+def test_counts_are_stored_as_int32_while_they_fit_and_read_back_exactly(tmp_path):
+    stats = _empty()
+    stats.num_tokens, stats.ge_counts[0, 0, 0] = 2**31 - 1, 2**31 - 1
+    path = tmp_path / "small.npz"
+    path.write_bytes(stats.to_bytes())
+    arrays, _ = _arrays_and_meta(path)
+    assert arrays["ge_counts"].dtype == arrays["pos_ge_counts"].dtype == np.int32
+    back = OutlierStats.load(path)
+    assert back.ge_counts.dtype == np.int64 and back.ge_counts[0, 0, 0] == 2**31 - 1
+    stats.num_tokens, stats.ge_counts[0, 0, 0], stats.pos_ge_counts[0, 0] = 2**31, 2**31, 2**31
+    path.write_bytes(stats.to_bytes())
+    arrays, _ = _arrays_and_meta(path)
+    assert arrays["ge_counts"].dtype == arrays["pos_ge_counts"].dtype == np.int64
+    back = OutlierStats.load(path)
+    assert back.ge_counts[0, 0, 0] == back.pos_ge_counts[0, 0] == 2**31 and back.num_tokens == 2**31

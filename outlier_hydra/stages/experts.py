@@ -335,8 +335,7 @@ class Experts(Stage):
         if token is None:  # rows whose tokens are not known: the maximum is kept without its position
             token = torch.full((x.shape[0],), UNKNOWN_TOKEN, dtype=torch.long, device=dev)
         expert, token = expert.to(dev).long(), token.to(dev).long()
-        y_row = torch.nan_to_num(torch.maximum(y.amax(1), -y.amin(1)).float(), nan=-1.0)  # no |y| temporary
-        x_row = torch.nan_to_num(torch.maximum(x.amax(1), -x.amin(1)).float(), nan=-1.0)
+        y_row, x_row = self._row_absmax(y), self._row_absmax(x)
         if valid is not None:
             y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
             weight_of_row = valid.long()
@@ -372,6 +371,12 @@ class Experts(Stage):
             "counts": counts,
         }
         self._accumulate(unit, new)
+
+    @staticmethod
+    def _row_absmax(t: torch.Tensor) -> torch.Tensor:
+        """max |t| per row in one read and no |t| temporary (float32; NaN rows: -1)."""
+        lo, hi = torch.aminmax(t, dim=1)
+        return torch.nan_to_num(torch.maximum(hi, -lo).float(), nan=-1.0)
 
     @staticmethod
     def _segment_max(values, segment, token, n):
