@@ -237,3 +237,24 @@ def test_counts_are_stored_as_int32_while_they_fit_and_read_back_exactly(tmp_pat
     assert arrays["ge_counts"].dtype == arrays["pos_ge_counts"].dtype == np.int64
     back = OutlierStats.load(path)
     assert back.ge_counts[0, 0, 0] == back.pos_ge_counts[0, 0] == 2**31 and back.num_tokens == 2**31
+
+
+def test_statistics_of_other_modules_edges_or_shapes_are_not_merged():
+    import pytest
+
+    other_modules, other_edges, other_shape = _empty(), _empty(), _empty()
+    other_modules.module_names = [*NAMES[:2], "layer_1_ln_mlp"]
+    other_edges.edges = np.array([2.0, 6.0, 9.0])
+    other_shape.top_values = np.full((K + 1, D), np.nan, np.float32)
+    other_width = _empty()
+    other_width.max_abs = np.zeros((len(NAMES), D + 1), np.float32)
+    for other, why in (
+        (other_width, "cannot merge statistics of different shapes"),
+        (other_modules, "cannot merge statistics of different hooked modules"),
+        (other_edges, "cannot merge statistics with different histogram edges"),
+        (other_shape, "cannot merge statistics of different shapes"),
+    ):
+        for a, b in ((_empty(), other), (other, _empty())):
+            with pytest.raises(ValueError) as err:
+                a.merge(b)
+            assert str(err.value) == why
