@@ -61,7 +61,7 @@ def test_merge_is_independent_of_order_and_grouping(batches, rnd: random.Random)
 @given(batch_stats())
 def test_save_load_round_trip(tmp_path_factory, stats):
     path = tmp_path_factory.mktemp("rt") / "s.npz"
-    stats.meta = {"batch": 3, "sequences": [0, 7]}
+    stats.meta, stats.num_batches = {"batch": 3, "sequences": [0, 7]}, 4
     path.write_bytes(stats.to_bytes())
     back = OutlierStats.load(path)
     _same(stats, back)
