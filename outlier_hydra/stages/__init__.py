@@ -7,7 +7,7 @@ so nothing else names it) plus its YAML file ``conf/analysis/stages/<name>.yaml`
 the ``.npz`` files. Everything else that concerns it is a method of the class:
 
   Config          typed settings (a dataclass; ``enabled`` switches the stage)
-  Stats           its mergeable statistics (merge, to_arrays, from_arrays)
+  Stats           its mergeable statistics (merge, to_arrays, from_arrays; ArrayStats gives the last two)
   phase           "collect": hooks on the same forward passes as the outlier statistics
                   "post": runs once the systematic features are known (one extra forward)
   bind            whether it applies to this model (e.g. MoE only), and which layers it reads
@@ -29,12 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import numpy as np
+
 Hook = Callable[..., Any]  # a forward hook (module, args, output), or a pre-hook (module, args, kwargs)
 
 
 @dataclass
 class StageConfig:
     enabled: bool = True
+
+
+class ArrayStats:
+    """For a stage's statistics dataclass whose every field is an array: saved field by field, read
+    back as arrays (to_arrays / from_arrays of the Stats protocol); the subclass writes merge()."""
+
+    def to_arrays(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict):
+        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
 
 @dataclass

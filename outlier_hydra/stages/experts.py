@@ -39,7 +39,7 @@ from omegaconf import MISSING
 from torch.overrides import TorchFunctionMode
 
 from outlier_hydra.models.structure import is_conv1d, matrix_dims
-from outlier_hydra.stages import ReportContext, Stage
+from outlier_hydra.stages import ArrayStats, ReportContext, Stage
 
 KINDS = ("routed", "shared", "dense")
 RECORD = ("out_max", "out_dim", "out_token", "col", "weight", "contribution")  # moves with out_max
@@ -48,7 +48,7 @@ UNKNOWN_TOKEN = 2**60  # rows whose token the experts implementation does not re
 
 
 @dataclass
-class ExpertStats:
+class ExpertStats(ArrayStats):
     keys: np.ndarray  # [R, 4] int64: layer, kind (0 routed, 1 shared, 2 dense), unit index, expert
     tokens: np.ndarray  # [R] int64
     out_max: np.ndarray  # [R] float64 (-1: never ran)
@@ -85,13 +85,6 @@ class ExpertStats:
             count_keys=np.asarray(keys, np.int64).reshape(-1, 2),
             counts=np.asarray([counts[k] for k in keys], np.int64),
         )
-
-    def to_arrays(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict) -> ExpertStats:
-        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
 
 @dataclass

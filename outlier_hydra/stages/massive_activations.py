@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
-from outlier_hydra.stages import ReportContext, Stage
+from outlier_hydra.stages import ArrayStats, ReportContext, Stage
 
 LOG_MIN, LOG_MAX, BINS_PER_DECADE = -6.0, 6.0, 10
 NUM_BINS = int((LOG_MAX - LOG_MIN) * BINS_PER_DECADE)
 
 
 @dataclass
-class MassiveStats:
+class MassiveStats(ArrayStats):
     layers: np.ndarray  # [L]
     log_hist: np.ndarray  # [L, NUM_BINS + 2] int64 (first: below 1e-6 incl. 0, last: above 1e6)
     top: np.ndarray  # [L, k, 4] float64: value, sequence, position, dim (NaN rows = none)
@@ -39,13 +39,6 @@ class MassiveStats:
             order = np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], -mag))
             out[i] = rows[order[:k]]
         return MassiveStats(self.layers, self.log_hist + other.log_hist, out)
-
-    def to_arrays(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict) -> MassiveStats:
-        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
     def median(self, row: int) -> float:
         h = self.log_hist[row]

@@ -22,11 +22,11 @@ import torch
 from omegaconf import MISSING
 
 from outlier_hydra.collect.hooks import on_input
-from outlier_hydra.stages import ReportContext, Stage
+from outlier_hydra.stages import ArrayStats, ReportContext, Stage
 
 
 @dataclass
-class RouterStats:
+class RouterStats(ArrayStats):
     layers: np.ndarray  # [L] analysed MoE layer indices
     expert_counts: np.ndarray  # [L, E] int64
     tokens: np.ndarray  # [L] int64
@@ -63,13 +63,6 @@ class RouterStats:
             feat_entropy_sum=np.asarray([rows[k][2] for k in keys], np.float64),
             feat_share_sum=np.asarray([rows[k][3] for k in keys], np.float64),
         )
-
-    def to_arrays(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict) -> RouterStats:
-        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
 
 
 @dataclass
