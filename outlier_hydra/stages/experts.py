@@ -367,9 +367,9 @@ class Experts(Stage):
 
     @staticmethod
     def _row_absmax(t: torch.Tensor) -> torch.Tensor:
-        """max |t| per row in one read and no |t| temporary (float32; NaN rows: -1)."""
-        lo, hi = torch.aminmax(t, dim=1)
-        return torch.nan_to_num(torch.maximum(hi, -lo).float(), nan=-1.0)
+        """max |t| per row without a |t| temporary (float32; NaN rows: -1). amax and amin, not
+        aminmax: on the CPU aminmax over dim 1 is about 4x slower than the two (torch 2.13)."""
+        return torch.nan_to_num(torch.maximum(t.amax(1), -t.amin(1)).float(), nan=-1.0)
 
     @staticmethod
     def _segment_max(values, segment, token, n):
