@@ -1,13 +1,16 @@
 """Property-based: statistics merged in any order and any grouping give the same result."""
 
+import json
 import random
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outlier_hydra.analysis import SystematicOutlierAnalysis
-from outlier_hydra.stats import OutlierStats, merge_all
+from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.stats import DamagedStats, OutlierStats, merge_all
 
 NAMES = ["layer_0_ln_attn", "layer_0_ln_mlp", "layer_1_ln_attn"]
 D, K = 5, 3
@@ -121,10 +124,6 @@ def test_merged_statistics_equal_statistics_of_the_concatenated_data():
 
 
 def test_a_file_with_a_pickled_array_is_refused_unread(tmp_path):
-    import pytest
-
-    from outlier_hydra.stats import DamagedStats
-
     path = tmp_path / "batch_000.npz"
     np.savez(path, meta=np.array([{"format_version": 4}], dtype=object))  # an object array: a pickle
     with pytest.raises(DamagedStats) as err:
@@ -134,12 +133,6 @@ def test_a_file_with_a_pickled_array_is_refused_unread(tmp_path):
 
 
 def test_damaged_or_foreign_files_are_refused_with_what_is_wrong(tmp_path):
-    import json
-
-    import pytest
-
-    from outlier_hydra.stats import DamagedStats
-
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a statistics file " * 4)
     with pytest.raises(DamagedStats) as err:
@@ -179,25 +172,16 @@ class _Extra:
 
 
 def _arrays_and_meta(path):
-    import json
-
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     return arrays, json.loads(bytes(arrays.pop("meta")).decode())
 
 
 def _rewrite(path, arrays, meta):
-    import json
-
     np.savez(path, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
 
 
 def test_a_changed_file_or_an_unconfigured_stage_is_refused(tmp_path):
-    import pytest
-
-    from outlier_hydra.errors import OutlierHydraError
-    from outlier_hydra.stats import DamagedStats
-
     stats = _empty()
     stats.extras = {"probe": _Extra([1.5, 2.5])}
     path = tmp_path / "s.npz"
@@ -240,8 +224,6 @@ def test_counts_are_stored_as_int32_while_they_fit_and_read_back_exactly(tmp_pat
 
 
 def test_statistics_of_other_modules_edges_or_shapes_are_not_merged():
-    import pytest
-
     other_modules, other_edges, other_shape = _empty(), _empty(), _empty()
     other_modules.module_names = [*NAMES[:2], "layer_1_ln_mlp"]
     other_edges.edges = np.array([2.0, 6.0, 9.0])
