@@ -80,7 +80,7 @@ def test_threshold_sweep_from_one_collection_is_exact():
     x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
     stats = _collect([[x, x * 2]], backend="sparse")
     a = torch.stack([x, x * 2]).abs().reshape(2, 400, 6)
-    for t in (3.0, 4.0, 5.0, 6.0, 8.0, 12.0):
+    for t in (3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 20.0):
         assert stats.occurrences(t).tolist() == (a >= t).sum(1).tolist()
         assert stats.positions_hit(t).tolist() == (a.amax(0) >= t).sum(0).tolist()
         # the analysis at t from statistics collected for 6: every field of every record at t

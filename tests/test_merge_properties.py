@@ -240,3 +240,13 @@ def test_statistics_of_other_modules_edges_or_shapes_are_not_merged():
             with pytest.raises(ValueError) as err:
                 a.merge(b)
             assert str(err.value) == why
+
+
+def test_the_collector_section_names_the_reductions_of_the_batches():
+    from outlier_hydra.analysis.documents import collector_section
+
+    sparse, dense, unnamed = _empty(), _empty(), _empty()
+    sparse.meta, dense.meta = {"backend": "sparse"}, {"backend": "dense"}
+    assert collector_section([sparse, sparse]) == {"backend": "sparse"}
+    assert collector_section([sparse, dense, sparse]) == {"backend": ["dense", "sparse"]}
+    assert collector_section([unnamed]) == {"backend": "unknown"}  # statistics written without it
