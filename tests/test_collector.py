@@ -194,3 +194,16 @@ def test_equal_magnitudes_keep_the_earlier_module_and_positive_first(backend):
     collector = OutlierCollector(0.8, 1, None, backend=backend)
     stats = collector.collect_batch(model, ReplayModel.points([0]), torch.zeros(1, 1, dtype=torch.long))
     assert stats.top_values[:, 1].tolist() == [np.float32(0.8)]
+
+
+def test_documents_of_statistics_collected_at_another_threshold():
+    from outlier_hydra.analysis.documents import build_documents
+
+    x = torch.randn(1, 200, 6, generator=torch.Generator().manual_seed(2)) * 4
+    stats = _collect([[x, x * 2]], backend="sparse")  # collected for 6
+    analyzer = SystematicOutlierAnalysis(8.0, 0.25, 0.06)
+    per_batch, final, total = build_documents({"run": "r"}, analyzer, [stats], [])
+    assert total.threshold == 8.0 and np.array_equal(total.occurrences(), stats.occurrences(8.0))
+    assert final["criteria"]["magnitude_threshold"] == 8.0 and final["run"] == "r"
+    assert final["systematic_outliers"] == analyzer.analyze(stats, [stats])["systematic_outliers"]
+    assert [d["systematic_outliers"] for d in per_batch] == [analyzer.analyze(stats, [stats])["systematic_outliers"]]
