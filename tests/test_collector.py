@@ -185,6 +185,9 @@ def test_equal_magnitudes_keep_the_earlier_module_and_positive_first(backend):
     a[0, 0, 0], b[0, 0, 0] = -7.0, 7.0
     stats = _collect([[a, b]], k=1, backend=backend)
     assert stats.top_values[:, 0].tolist() == [-7.0]
+    # the documented dtypes (stats/outlier_stats.py), whichever reduction made them
+    assert (stats.top_values.dtype, stats.max_abs.dtype) == (np.float32, np.float32)
+    assert stats.ge_counts.dtype == stats.pos_ge_counts.dtype == stats.nonfinite.dtype == np.int64
     assert stats.positions_hit().tolist() == [1, 0]
     # two positions of equal magnitude and opposite sign: the example is the positive one, also
     # below 1 (a threshold of 0.8 makes 0.8 the lowest edge)
