@@ -95,8 +95,9 @@ def test_merge_with_empty_is_identity():
     s.num_tokens, s.num_batches = 10, 1
     s.ge_counts[1, 2] = [4, 3, 1]
     s.top_values[0, 2] = -9.0
-    _same(_empty().merge(s), s)
-    _same(s.merge(_empty()), s)
+    for merged in (_empty().merge(s), s.merge(_empty())):
+        _same(merged, s)
+        assert (merged.threshold, merged.module_names, merged.edges.tolist()) == (6.0, NAMES, EDGES.tolist())
 
 
 def test_merged_statistics_equal_statistics_of_the_concatenated_data():
@@ -240,6 +241,11 @@ def test_statistics_of_other_modules_edges_or_shapes_are_not_merged():
             with pytest.raises(ValueError) as err:
                 a.merge(b)
             assert str(err.value) == why
+    with_stage = _empty()
+    with_stage.extras = {"probe": _Extra([1.0])}
+    with pytest.raises(ValueError) as err:
+        _empty().merge(with_stage)
+    assert str(err.value) == "cannot merge statistics of different stages ([] vs ['probe'])"
 
 
 def test_the_collector_section_names_the_reductions_of_the_batches():
