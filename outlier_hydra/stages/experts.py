@@ -584,6 +584,7 @@ class Experts(Stage):
             s["systematic_outlier_positions_share"] = chosen / positions if positions else None
 
     # ---- outputs ----------------------------------------------------------------------------
+    # pragma: no mutate start (drawing only: the numbers drawn are the section's, tested there)
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
         """expert_max_output.png: layer x expert heat map of max |down_proj output|, super experts marked."""
         routed = [u for u in section["units"] if u["kind"] == "routed" and u["max_output"] is not None]
@@ -608,6 +609,7 @@ class Experts(Stage):
         ax.set_title("Max |down_proj output| per expert (red circles: super experts)", fontsize=9)
         return {"expert_max_output": save_figure(fig, folder / "expert_max_output.png")}
 
+    # pragma: no mutate end
     def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
         supers = [
             [s["layer"], s["expert"], s["max_output"], s["max_output_dim"], s["max_output_at"].get("token", "")]

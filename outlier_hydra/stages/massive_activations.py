@@ -140,6 +140,7 @@ class MassiveActivations(Stage):
         return {"criteria": {"min_magnitude": self.min_magnitude, "min_ratio_to_median": self.min_ratio}, "layers": out}
 
     # ---- outputs ----------------------------------------------------------------------------
+    # pragma: no mutate start (drawing only: the numbers drawn are the section's, tested there)
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
         """massive_activations.png: largest and median |x| per layer against the criteria."""
         from outlier_hydra.output.plots import pyplot, save_figure
@@ -178,6 +179,7 @@ class MassiveActivations(Stage):
         ax.set_title("Massive activations across depth (annotated: dim and token of the largest)", fontsize=9)
         return {"massive_activations": save_figure(fig, folder / "massive_activations.png")}
 
+    # pragma: no mutate end
     def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
         rows = [
             [e["layer"], m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")]

@@ -259,6 +259,7 @@ class MoeRouting(Stage):
         return {"layers": per_layer, "features": features}
 
     # ---- outputs ----------------------------------------------------------------------------
+    # pragma: no mutate start (drawing only: the numbers drawn are the section's, tested there)
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
         """moe_expert_load.png: per layer, the share of a feature's outlier positions routed to its
         top expert against that expert's share of all tokens."""
@@ -289,6 +290,7 @@ class MoeRouting(Stage):
         fig.suptitle("Expert load at outlier positions vs overall (annotated: the top expert)", fontsize=9)
         return {"moe_expert_load": save_figure(fig, folder / "moe_expert_load.png")}
 
+    # pragma: no mutate end
     def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
         top = [
             [f["feature_dim"], e["layer"], e["outlier_positions"], t["expert"], t["position_share"], t["share"]]
