@@ -205,7 +205,9 @@ def test_documents_of_statistics_collected_at_another_threshold():
     x = torch.randn(1, 200, 6, generator=torch.Generator().manual_seed(2)) * 4
     stats = _collect([[x, x * 2]], backend="sparse")  # collected for 6
     analyzer = SystematicOutlierAnalysis(8.0, 0.25, 0.06)
-    per_batch, final, total = build_documents({"run": "r"}, analyzer, [stats], [])
+    per_batch, final, total = build_documents(
+        {"run": "r"}, analyzer, [stats], [], tokenizer=None, token_ids=None, first_sequence=0
+    )
     assert total.threshold == 8.0 and np.array_equal(total.occurrences(), stats.occurrences(8.0))
     assert final["criteria"]["magnitude_threshold"] == 8.0 and final["run"] == "r"
     assert final["systematic_outliers"] == analyzer.analyze(stats, [stats])["systematic_outliers"]

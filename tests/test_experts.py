@@ -275,3 +275,142 @@ def test_massive_activations_routed_to_the_super_expert(tmp_path):
     assert (row["layer"], row["expert"], row["positions"]) == (2, 5, len(found))
     assert row["positions_routed_to_it"] == routed > 0
     assert row["share"] == routed / len(found)
+
+
+def _unit_truth(h, y, token, w, threshold):
+    """Independent numbers of one unit from its down-projection rows: h [n, I] in, y [n, H] out,
+    token [n] global flat token index, w [H, I] its matrix (numpy float32)."""
+    ay, ah = np.abs(y), np.abs(h)
+    y_row, h_row = ay.max(1), ah.max(1)
+    r = int(np.flatnonzero(y_row == y_row.max())[np.argmin(token[y_row == y_row.max()])])  # ties: earliest token
+    dim = int(ay[r].argmax())
+    contrib = w[dim] * h[r]  # float32, as the weight meets the input
+    col = int(np.abs(contrib).argmax())
+    flat = np.sort(np.abs(w).ravel())
+    median = float(flat[(flat.size - 1) // 2])  # torch.median: the lower middle of an even count
+    counts = (ay >= threshold).sum(0)
+    return {
+        "tokens": len(y),
+        "max_output": float(y_row.max()),
+        "max_output_dim": dim,
+        "token_index": int(token[r]),
+        "max_input": float(h_row.max()),
+        "max_input_channel": int(ah[int(h_row.argmax())].argmax()),
+        "outlier_dims": sorted(((int(c), d) for d, c in enumerate(counts) if c), key=lambda t: (-t[0], t[1]))[:5],
+        "super_weight_candidate": {
+            "row": dim,
+            "col": col,
+            "weight": float(w[dim, col]),
+            "ratio_to_median_abs_weight": abs(float(w[dim, col])) / median,
+            "contribution": float(contrib[col]),
+        },
+    }
+
+
+def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
+    """A Qwen2-MoE with a dense layer 1 (mlp_only_layers) and a shared expert in each MoE layer,
+    the first two windows skipped: every unit's tokens, maxima, dims, channels, outlier counts,
+    position (token index, sequence, position, token id) and super-weight candidate equal plain
+    hooks on the down projections and a Python loop over the routed experts; the candidates are
+    ordered by |contribution|."""
+    from transformers import AutoModel
+
+    from outlier_hydra.models.tiny import tiny_config
+
+    folder = tmp_path / "model"
+    _build("qwen2_moe", folder)  # tokenizer and weights; rebuilt below with a dense layer
+    config = tiny_config("qwen2_moe")
+    config.mlp_only_layers = [1]
+    torch.manual_seed(1)
+    AutoModel.from_config(config).eval().save_pretrained(folder)
+    threshold, skip, length = 0.004, 2, 32
+    results = _run(
+        folder,
+        tmp_path,
+        f"analysis.stages.experts.magnitude_threshold={threshold}",
+        "analysis.stages.experts.top_units=100",
+        f"dataset.skip_sequences={skip}",
+    )
+    section = results["experts"]
+    ids = np.load(tmp_path / "run" / "token_ids.npy")
+    assert ids.shape == (8, length)
+
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    seen: dict = {}
+    handles = []
+    for i, layer in enumerate(model.layers):
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            handles.append(
+                mlp.experts.register_forward_pre_hook(
+                    lambda m, a, k, i=i: seen.setdefault((i, "routed"), []).append((a[0].clone(), a[1].clone())),
+                    with_kwargs=True,
+                )
+            )
+            down, kind = mlp.shared_expert.down_proj, "shared"
+        else:
+            down, kind = mlp.down_proj, "dense"
+        handles.append(
+            down.register_forward_hook(
+                lambda m, a, o, key=(i, kind): seen.setdefault(key, []).append((a[0].clone(), o.clone()))
+            )
+        )
+    with torch.no_grad():
+        for s in range(0, len(ids), 4):
+            model(input_ids=torch.from_numpy(ids[s : s + 4]))
+    for handle in handles:
+        handle.remove()
+
+    def flat_tokens(batch, n):  # global flat index of each row of batch b: (skip + sequence) * length + position
+        return (skip + 4 * batch) * length + np.arange(n)
+
+    truth = {}
+    with torch.no_grad():
+        for (i, kind), calls in seen.items():
+            if kind != "routed":
+                h = np.concatenate([a.reshape(-1, a.shape[-1]).numpy() for a, _ in calls])
+                y = np.concatenate([o.reshape(-1, o.shape[-1]).numpy() for _, o in calls])
+                token = np.concatenate([flat_tokens(b, a[..., 0].numel()) for b, (a, _) in enumerate(calls)])
+                w = (model.layers[i].mlp.shared_expert if kind == "shared" else model.layers[i].mlp).down_proj.weight
+                truth[(i, kind, 0)] = _unit_truth(h, y, token, w.numpy(), threshold)
+                continue
+            ex = model.layers[i].mlp.experts
+            for e in range(ex.down_proj.shape[0]):
+                hs, ys, ts = [], [], []
+                for b, (x, idx) in enumerate(calls):
+                    rows = (idx == e).any(-1).nonzero()[:, 0]
+                    gate, up = torch.nn.functional.linear(x[rows], ex.gate_up_proj[e]).chunk(2, dim=-1)
+                    hs.append(ex.act_fn(gate) * up)
+                    ys.append(torch.nn.functional.linear(hs[-1], ex.down_proj[e]))
+                    ts.append(flat_tokens(b, len(x))[rows.numpy()])
+                h, y = torch.cat(hs).numpy(), torch.cat(ys).numpy()
+                truth[(i, "routed", e)] = _unit_truth(h, y, np.concatenate(ts), ex.down_proj[e].numpy(), threshold)
+
+    units = {(u["layer"], u["kind"], u["expert"]): u for u in section["units"]}
+    assert set(units) == set(truth) and len(truth) == 3 * 9 + 1
+    assert {k for k in truth if k[1] != "routed"} == {(0, "shared", 0), (1, "dense", 0), (2, "shared", 0), (3, "shared", 0)}
+    for key, want in truth.items():
+        u = units[key]
+        exact = key[1] != "routed"  # the same tensors; routed: grouped_mm and F.linear round apart
+        close = (lambda v: v) if exact else (lambda v: pytest.approx(v, rel=1e-5))
+        assert u["tokens"] == want["tokens"], key
+        assert u["max_output"] == close(want["max_output"]), key
+        assert u["max_input"] == close(want["max_input"]), key
+        assert (u["max_output_dim"], u["max_input_channel"]) == (want["max_output_dim"], want["max_input_channel"]), key
+        assert [(o["count"], o["dim"]) for o in u["outlier_dims"]] == want["outlier_dims"], key
+        seq, pos = divmod(want["token_index"], length)
+        assert u["max_output_at"] == {
+            "token_index": want["token_index"],
+            "sequence": seq,
+            "position": pos,
+            "token_id": int(ids[seq - skip, pos]),
+            "token": u["max_output_at"]["token"],
+        }, key
+        cand, w_cand = u["super_weight_candidate"], want["super_weight_candidate"]
+        assert (cand["row"], cand["col"], cand["weight"]) == (w_cand["row"], w_cand["col"], w_cand["weight"]), key
+        assert cand["ratio_to_median_abs_weight"] == w_cand["ratio_to_median_abs_weight"], key
+        assert cand["contribution"] == close(w_cand["contribution"]), key
+    assert any(u["outlier_dims"] for u in units.values()) and not section["unobserved_layers"]
+    order = [(c["layer"], c["kind"], c["expert"]) for c in section["super_weight_candidates"]]
+    assert sorted(order) == sorted(truth)
+    assert order == sorted(truth, key=lambda k: -abs(units[k]["super_weight_candidate"]["contribution"]))

@@ -246,6 +246,10 @@ def test_statistics_of_other_modules_edges_or_shapes_are_not_merged():
     with pytest.raises(ValueError) as err:
         _empty().merge(with_stage)
     assert str(err.value) == "cannot merge statistics of different stages ([] vs ['probe'])"
+    with pytest.raises(ValueError) as err:
+        merge_all([])
+    assert str(err.value) == "no statistics to merge"
+    assert merge_all([with_stage]) is with_stage
 
 
 def test_the_collector_section_names_the_reductions_of_the_batches():

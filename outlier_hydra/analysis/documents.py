@@ -38,11 +38,14 @@ def build_documents(
     analyzer,
     batches: Sequence[OutlierStats],
     stages: Sequence[Stage],
-    tokenizer: Any = None,
-    token_ids: Any = None,
-    first_sequence: int = 0,
+    *,
+    tokenizer: Any,
+    token_ids: Any,
+    first_sequence: int,
 ) -> tuple[list[dict], dict, OutlierStats]:
     """(per-batch documents, final document, merged statistics at the analyzer's threshold).
+    token_ids (with the global index of its first row, first_sequence) and the tokenizer let stage
+    reports name tokens; None for both where they are not at hand.
     "post" stages are not run here: they need the model (pipeline/job.py adds their sections)."""
     context = {"tokenizer": tokenizer, "token_ids": token_ids, "first_sequence": first_sequence}
     collect_stages = [s for s in stages if s.phase == "collect"]

@@ -250,7 +250,13 @@ def gather(plan: Plan, out: Path, lazy: LazyModel) -> tuple[list[OutlierStats], 
 
 def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path) -> tuple[dict, OutlierStats]:
     per_batch, results, total = build_documents(
-        plan.header(batches), plan.analyzer, batches, plan.stages, plan.tokenizer, plan.token_ids, plan.first_sequence
+        plan.header(batches),
+        plan.analyzer,
+        batches,
+        plan.stages,
+        tokenizer=plan.tokenizer,
+        token_ids=plan.token_ids,
+        first_sequence=plan.first_sequence,
     )
     for stage in plan.stages:
         if stage.phase == "post":

@@ -136,7 +136,9 @@ def reanalysed(run: SavedRun, overrides: dict) -> tuple[dict, Any]:
     cfg = typed_config(changed, list(run.cfg.allowed_targets), run.path / rundir.CONFIG_JSON)
     analyzer = run.analyzer(cfg.analysis.analyzer)
     header = {k: run.results[k] for k in ("model", "dataset", "collector") if k in run.results}
-    _, results, total = build_documents(header, analyzer, run.batches, run.stages)
+    _, results, total = build_documents(
+        header, analyzer, run.batches, run.stages, tokenizer=None, token_ids=None, first_sequence=0
+    )
     return results, total
 
 
