@@ -159,6 +159,16 @@ def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_
     ] == pytest.approx(k0, rel=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["hunyuan_v1_moe", "llama4_text"])
+def test_choices_read_at_the_experts_or_taken_from_the_logits_equal_the_recomputation(model_type, tmp_path):
+    """HunYuan-MoE's router returns only its logits: the choices are read at the experts' input.
+    Llama-4's experts are not given them: the top-k of the softmax of the logits. Every routing
+    number against the recomputation (test_architectures.check_family)."""
+    from test_architectures import check_family
+
+    check_family(model_type, tmp_path)
+
+
 @pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
 def test_every_routing_number_equals_an_independent_recomputation(family, routed_models, tmp_path):
     """Per layer: tokens per expert, mean router entropy, mean top-1 share; per systematic feature and
