@@ -414,3 +414,33 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
     order = [(c["layer"], c["kind"], c["expert"]) for c in section["super_weight_candidates"]]
     assert sorted(order) == sorted(truth)
     assert order == sorted(truth, key=lambda k: -abs(units[k]["super_weight_candidate"]["contribution"]))
+
+
+def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_path):
+    """Each stage's statistics go to the batch files (to_arrays) and come back (from_arrays): read
+    in-process and analysed again, every collect stage's section and every batch document equal the
+    run's (allowed_targets empty: the project's own stages need none)."""
+    from outlier_hydra.analysis import build_documents
+    from outlier_hydra.pipeline import rundir
+    from outlier_hydra.tools.saved_run import load_run, report_context
+
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    results = _run(
+        folder,
+        tmp_path,
+        "analysis.stages.massive_activations.enabled=true",
+        "analysis.stages.massive_activations.min_magnitude=5",
+        "analysis.stages.massive_activations.min_ratio_to_median=10",
+    )
+    assert any(entry["massive"] for entry in results["massive_activations"]["layers"])
+    saved = load_run(tmp_path / "run", [])
+    assert len(saved.batches) == results["num_batches"] == 2
+    header = {k: results[k] for k in ("model", "dataset", "collector")}
+    per_batch, final, _ = build_documents(header, saved.analyzer(), saved.batches, saved.stages, **report_context(saved))
+    collect = [s.name for s in saved.stages if s.phase == "collect"]
+    assert collect == ["moe_routing", "massive_activations", "experts"]
+    for name in collect:
+        assert final[name] == results[name], name
+        for b, doc in enumerate(per_batch):
+            assert doc[name] == rundir.read_json(tmp_path / "run" / rundir.batch_results_name(b))[name], (name, b)
+    assert final["systematic_outliers"] == results["systematic_outliers"]
