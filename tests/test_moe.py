@@ -157,6 +157,22 @@ def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_
     assert m0["relative_error_all_int8"] == pytest.approx(a0, rel=1e-4) and m0[
         "relative_error_outliers_kept"
     ] == pytest.approx(k0, rel=1e-4)
+    # what the W&B logger is given: the two overall errors, and one row per module from the section
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.int8_error import Int8Error
+
+    stage = Int8Error(make_cfg("analysis.stages.int8_error.enabled=true").analysis.stages.int8_error)
+    table = SimpleNamespace(Table=lambda columns, data: (columns, data))
+    assert stage.tables(section, table) == {
+        "int8/relative_error_all_int8": section["relative_error_all_int8"],
+        "int8/relative_error_outliers_kept": section["relative_error_outliers_kept"],
+        "int8_error/modules": (
+            ["module", "relative_error_all_int8", "relative_error_outliers_kept"],
+            [[n, e["relative_error_all_int8"], e["relative_error_outliers_kept"]] for n, e in section["modules"].items()],
+        ),
+    }
+    assert list(section["modules"]) == [f"layer_{i}_ln_{p}" for i in range(LAYERS) for p in ("attn", "mlp")]
 
 
 @pytest.mark.parametrize("model_type", ["hunyuan_v1_moe", "llama4_text"])
