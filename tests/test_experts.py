@@ -444,3 +444,16 @@ def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_
         for b, doc in enumerate(per_batch):
             assert doc[name] == rundir.read_json(tmp_path / "run" / rundir.batch_results_name(b))[name], (name, b)
     assert final["systematic_outliers"] == results["systematic_outliers"]
+
+
+def test_an_mlp_without_a_projection_back_to_the_hidden_size_has_no_down_projection():
+    """The down projection is the MLP's last matmul from another width to the hidden size; a block
+    whose matmuls all keep the hidden size has none (the stage skips it rather than guess)."""
+    from torch import nn
+
+    from outlier_hydra.stages.experts import _down_linear
+
+    assert _down_linear(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), 64) is None
+    mlp = nn.ModuleDict({"up": nn.Linear(64, 192), "down": nn.Linear(192, 64), "out": nn.Linear(64, 64)})
+    assert _down_linear(mlp, 64) == "down"
+    assert _down_linear(nn.ModuleDict({"a": nn.Linear(96, 64), "b": nn.Linear(192, 64)}), 64) == "b"
