@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_cfg, tiny_overrides
 from helpers import (
     LAYERS,
@@ -211,3 +212,33 @@ def test_every_routing_number_equals_an_independent_recomputation(family, routed
             assert got["entropy_mean"] == pytest.approx(exp["entropy_mean"], rel=1e-5, abs=1e-6)
             assert got["top1_share_mean"] == pytest.approx(exp["top1_share_mean"], rel=1e-5, abs=1e-6)
     assert any(x["layers"] for x in moe["features"]), "some feature has outlier positions at an MLP input"
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "hunyuan_v1_moe", "llama4_text"])
+def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path):
+    """MoeLayer.choices_hook (what massive_routing reads) where the router returns the choices (OLMoE),
+    where only the experts module is given them (HunYuan-MoE) and where no module is (Llama-4): per
+    token, the same experts as the plain hooks of the recomputation."""
+    from helpers import module_input_tables
+    from test_architectures import LAYOUTS, _expected
+    from transformers import AutoModel
+
+    from outlier_hydra.collect.hooks import attached
+    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.models.tiny import build
+
+    folder = build(model_type, tmp_path / "model")
+    model = AutoModel.from_pretrained(folder).eval()
+    text = model.config.get_text_config()
+    structure = discover(model, text.num_hidden_layers, text.hidden_size, None, "test")
+    probe(structure, model, torch.device("cpu"), "test", config_top_k(text))
+    _, moe = _expected(model, model_type, text.num_hidden_layers)
+    assert model_type in LAYOUTS and moe
+    got: dict = {i: [] for i in moe}
+    hooks = [structure.moe(i).choices_hook(lambda idx, i=i: got[i].append(idx.reshape(-1, idx.shape[-1]))) for i in moe]
+    ids = np.random.default_rng(0).integers(1000, 20000, (4, 16))
+    with attached(model, hooks), torch.no_grad():
+        model(input_ids=torch.from_numpy(ids))
+    _, tables = module_input_tables(folder, [], moe, ids, batch_size=4, top_k=config_top_k(text))
+    for i in moe:
+        assert [sorted(r) for r in torch.cat(got[i]).tolist()] == [sorted(r) for r in tables[i]["idx"].tolist()], i

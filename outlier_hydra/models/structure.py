@@ -64,6 +64,28 @@ class MoeLayer:
     weights_at: int | str | None = None
     top_k: int = 0
 
+    def choices_hook(self, receive) -> tuple:
+        """(module path, hook[, "pre"]) for collect.hooks.attached that hands receive(index) the
+        model's own expert choices [..., k] at each forward, where the probe found them: the router's
+        output, the experts module's arguments, or (given to no module, Llama-4) the top-k of the
+        softmax of the router's logits."""
+        if self.choices == "experts":
+            at = self.index_at
+
+            def pre(module, args, kwargs):
+                receive((args[at] if isinstance(at, int) else kwargs[at]).detach())
+
+            return self.experts, pre, "pre"
+
+        def post(module, args, output):
+            if self.choices == "router":
+                receive(output[self.index_at].detach())
+            else:
+                logits = (output if self.logits_at is None else output[self.logits_at]).detach().float()
+                receive(torch.softmax(logits, -1).topk(self.top_k, -1).indices)
+
+        return self.router, post
+
 
 @dataclass
 class LayerParts:

@@ -3,10 +3,10 @@
 Su et al. 2025 find that a few super experts make the massive activations. Once the run knows both
 (the experts stage's `super_experts`, the massive_activations stage's `massive` entries), this "post"
 stage runs one forward over the sequences that hold massive activations and reads, at each super
-expert's layer, the expert choices the model makes for those tokens (the experts module's arguments,
-as the experts stage reads them). Per super expert (layer l, expert e): the massive activations in
-the residual stream after layer l or later, their distinct token positions, how many of those
-positions chose e at layer l, and the share. It needs both stages on (massive_activations is off by
+expert's layer, the expert choices the model makes for those tokens (where the structure's probe
+found them: MoeLayer.choices_hook in models/structure.py). Per super expert (layer l, expert e): the
+massive activations in the residual stream after layer l or later, their distinct token positions,
+how many of those positions chose e at layer l, and the share. It needs both stages on (massive_activations is off by
 default); otherwise its section says which is missing and nothing runs.
 """
 
@@ -67,25 +67,15 @@ class MassiveRouting(Stage):
         return {"super_experts": out}
 
     def _choices(self, ctx: PostContext, layers: list[int], sequences: list[int]) -> dict:
-        """(layer, sequence, position) -> the experts chosen there, from the experts modules' inputs."""
+        """(layer, sequence, position) -> the experts chosen there."""
         assert ctx.sequences is not None and ctx.structure is not None
         model, device = ctx.model()
         out: dict[tuple[int, int, int], tuple[int, ...]] = {}
         current: list[int] = []
         length = [0]
 
-        def hook(layer):
-            def fn(module, args, kwargs):
-                index = next(
-                    (
-                        v
-                        for v in [*args, *kwargs.values()]
-                        if torch.is_tensor(v) and not v.is_floating_point() and v.dim() >= 2
-                    ),
-                    None,
-                )
-                if index is None:
-                    return
+        def receive(layer):
+            def fn(index):
                 index = index.reshape(len(current), length[0], -1).cpu()
                 for b, seq in enumerate(current):
                     for pos in range(length[0]):
@@ -93,11 +83,8 @@ class MassiveRouting(Stage):
 
             return fn
 
-        hooks = []
-        for layer in layers:
-            moe = ctx.structure.moe(layer)
-            if moe is not None:
-                hooks.append((moe.experts, hook(layer), "pre"))
+        moes = {layer: ctx.structure.moe(layer) for layer in layers}
+        hooks = [moe.choices_hook(receive(layer)) for layer, moe in moes.items() if moe is not None]
         with attached(model, hooks):
             for start in range(0, len(sequences), self.config.batch_size):
                 current[:] = sequences[start : start + self.config.batch_size]
