@@ -242,3 +242,39 @@ def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path
     _, tables = module_input_tables(folder, [], moe, ids, batch_size=4, top_k=config_top_k(text))
     for i in moe:
         assert [sorted(r) for r in torch.cat(got[i]).tolist()] == [sorted(r) for r in tables[i]["idx"].tolist()], i
+
+
+def test_a_stage_node_naming_no_stage_or_another_is_refused_naming_its_key():
+    """The stage registry (stages/__init__.py) in-process: one message naming the key, for a name
+    no stage has, a _target_ that is not a Stage, a Stage configured under another stage's name and a
+    setting of the wrong type; a null node or enabled=false builds nothing."""
+    from omegaconf import OmegaConf
+
+    from outlier_hydra.errors import OutlierHydraError
+    from outlier_hydra.stages import build_stages
+
+    experts = dict(OmegaConf.to_container(make_cfg().analysis.stages.experts))
+    cases = [
+        (
+            {"no_such": {"enabled": True}},
+            "analysis.stages.no_such: no stage named 'no_such' (stages: experts, int8_error, massive_activations, "
+            "massive_routing, moe_routing; a stage of your own needs _target_)",
+        ),
+        (
+            {"probe": {"_target_": "outlier_hydra.stats.OutlierStats", "enabled": True}},
+            "analysis.stages.probe._target_: outlier_hydra.stats.OutlierStats is not a Stage (outlier_hydra.stages.Stage)",
+        ),
+        (
+            {"probe": {"_target_": "outlier_hydra.stages.experts.Experts", **experts}},
+            "analysis.stages.probe: outlier_hydra.stages.experts.Experts is the stage 'experts'; configure it as "
+            "analysis.stages.experts",
+        ),
+        ({"experts": {**experts, "top_units": "many"}}, "analysis.stages.experts.top_units: "),
+    ]
+    for node, message in cases:
+        with pytest.raises(OutlierHydraError) as err:
+            build_stages(OmegaConf.create(node), [])
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    assert build_stages(OmegaConf.create({"experts": None, "moe_routing": {"enabled": False}}), []) == []
+    (stage,) = build_stages(OmegaConf.create({"experts": experts}), [])
+    assert stage.name == "experts" and stage.config.top_units == experts["top_units"]
