@@ -312,7 +312,7 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
     the first two windows skipped: every unit's tokens, maxima, dims, channels, outlier counts,
     position (token index, sequence, position, token id) and super-weight candidate equal plain
     hooks on the down projections and a Python loop over the routed experts; the candidates are
-    ordered by |contribution|."""
+    ordered by |contribution|, the top 10 (top_units)."""
     from transformers import AutoModel
 
     from outlier_hydra.models.tiny import tiny_config
@@ -328,7 +328,7 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
         folder,
         tmp_path,
         f"analysis.stages.experts.magnitude_threshold={threshold}",
-        "analysis.stages.experts.top_units=100",
+        "analysis.stages.experts.top_units=10",
         f"dataset.skip_sequences={skip}",
     )
     section = results["experts"]
@@ -412,8 +412,11 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
         assert cand["contribution"] == close(w_cand["contribution"]), key
     assert any(u["outlier_dims"] for u in units.values()) and not section["unobserved_layers"]
     order = [(c["layer"], c["kind"], c["expert"]) for c in section["super_weight_candidates"]]
-    assert sorted(order) == sorted(truth)
-    assert order == sorted(truth, key=lambda k: -abs(units[k]["super_weight_candidate"]["contribution"]))
+    assert order == sorted(truth, key=lambda k: -abs(truth[k]["super_weight_candidate"]["contribution"]))[:10]
+    for c in section["super_weight_candidates"]:
+        assert {k: v for k, v in c.items() if k not in ("layer", "kind", "expert")} == units[
+            (c["layer"], c["kind"], c["expert"])
+        ]["super_weight_candidate"]
 
 
 def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_path):
@@ -436,7 +439,7 @@ def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_
     saved = load_run(tmp_path / "run", [])
     assert len(saved.batches) == results["num_batches"] == 2
     header = {k: results[k] for k in ("model", "dataset", "collector")}
-    per_batch, final, _ = build_documents(header, saved.analyzer(), saved.batches, saved.stages, **report_context(saved))
+    per_batch, final, total = build_documents(header, saved.analyzer(), saved.batches, saved.stages, **report_context(saved))
     collect = [s.name for s in saved.stages if s.phase == "collect"]
     assert collect == ["moe_routing", "massive_activations", "experts"]
     for name in collect:
@@ -444,6 +447,28 @@ def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_
         for b, doc in enumerate(per_batch):
             assert doc[name] == rundir.read_json(tmp_path / "run" / rundir.batch_results_name(b))[name], (name, b)
     assert final["systematic_outliers"] == results["systematic_outliers"]
+
+    # the super-expert rule at other constants, on the same statistics: above the percentile of all
+    # routed experts' maxima and above the fraction of the largest, largest first; fields as the unit's
+    from outlier_hydra.stages import ReportContext
+
+    stage = next(s for s in saved.stages if s.name == "experts")
+    ctx = ReportContext(records=final["systematic_outliers"], extras=total.extras, **report_context(saved))
+    routed = [u for u in results["experts"]["units"] if u["kind"] == "routed" and u["max_output"] is not None]
+    maxima = np.asarray([u["max_output"] for u in routed])
+    assert results["experts"]["criteria"] == {"magnitude_threshold": 6.0, "super_percentile": 99.5, "super_fraction": 0.1}
+    for percentile, fraction in ((99.5, 0.1), (100.0, 0.0), (0.0, 1.0), (0.0, 0.0), (50.0, 0.0), (0.0, 0.05)):
+        stage.config.super_percentile, stage.config.super_fraction = percentile, fraction
+        section = stage.report(total.extras["experts"], ctx)
+        assert section["criteria"]["super_percentile"] == percentile and section["criteria"]["super_fraction"] == fraction
+        cut, big = np.percentile(maxima, percentile), fraction * maxima.max()
+        want = sorted((u for u in routed if u["max_output"] > cut and u["max_output"] > big), key=lambda u: -u["max_output"])
+        got = section["super_experts"]
+        assert [(g["layer"], g["expert"]) for g in got] == [(u["layer"], u["expert"]) for u in want], (percentile, fraction)
+        for g, u in zip(got, want):
+            assert {k: g[k] for k in ("max_output", "max_output_dim", "max_output_at", "tokens")} == {
+                k: u[k] for k in ("max_output", "max_output_dim", "max_output_at", "tokens")
+            }
 
 
 def test_an_mlp_without_a_projection_back_to_the_hidden_size_has_no_down_projection():
