@@ -259,6 +259,7 @@ def test_massive_activations_routed_to_the_super_expert(tmp_path):
         "analysis.stages.massive_routing.enabled=true",
         "analysis.stages.massive_activations.min_magnitude=5",
         "analysis.stages.massive_activations.min_ratio_to_median=10",
+        "analysis.stages.massive_routing.batch_size=1",  # one forward per sequence: every one is read
     )
     found = {
         (m["sequence"], m["position"])
@@ -266,7 +267,7 @@ def test_massive_activations_routed_to_the_super_expert(tmp_path):
         if entry["layer"] >= 2
         for m in entry["massive"]
     }
-    assert found, "the planted expert makes massive activations"
+    assert len({seq for seq, _ in found}) > 1, "the planted expert makes massive activations in several sequences"
     (row,) = results["massive_routing"]["super_experts"]
     ids = np.load(tmp_path / "run" / "token_ids.npy")
     _, tables = module_input_tables(folder, [], {2: ("layers.2.mlp", "layers.2.mlp.gate", "layers.2.mlp.experts")}, ids, 4)
@@ -275,6 +276,8 @@ def test_massive_activations_routed_to_the_super_expert(tmp_path):
     assert (row["layer"], row["expert"], row["positions"]) == (2, 5, len(found))
     assert row["positions_routed_to_it"] == routed > 0
     assert row["share"] == routed / len(found)
+    entries = [m for entry in results["massive_activations"]["layers"] if entry["layer"] >= 2 for m in entry["massive"]]
+    assert row["massive_activations"] == len(entries) >= len(found)
 
 
 def _unit_truth(h, y, token, w, threshold):
