@@ -218,7 +218,8 @@ def test_every_routing_number_equals_an_independent_recomputation(family, routed
 def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path):
     """MoeLayer.choices_hook (what massive_routing reads) where the router returns the choices (OLMoE),
     where only the experts module is given them (HunYuan-MoE) and where no module is (Llama-4): per
-    token, the same experts as the plain hooks of the recomputation."""
+    token, the same experts with the same weights as the plain hooks of the recomputation; and an
+    experts module given them by keyword."""
     from helpers import module_input_tables
     from test_architectures import LAYOUTS, _expected
     from transformers import AutoModel
@@ -235,13 +236,26 @@ def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path
     _, moe = _expected(model, model_type, text.num_hidden_layers)
     assert model_type in LAYOUTS and moe
     got: dict = {i: [] for i in moe}
-    hooks = [structure.moe(i).choices_hook(lambda idx, i=i: got[i].append(idx.reshape(-1, idx.shape[-1]))) for i in moe]
+    hooks = [structure.moe(i).choices_hook(lambda idx, w, i=i: got[i].append((idx, w))) for i in moe]
     ids = np.random.default_rng(0).integers(1000, 20000, (4, 16))
     with attached(model, hooks), torch.no_grad():
         model(input_ids=torch.from_numpy(ids))
     _, tables = module_input_tables(folder, [], moe, ids, batch_size=4, top_k=config_top_k(text))
     for i in moe:
-        assert [sorted(r) for r in torch.cat(got[i]).tolist()] == [sorted(r) for r in tables[i]["idx"].tolist()], i
+        (idx, w), k = got[i][0], tables[i]["idx"].shape[-1]
+        weights = np.ones(idx.shape) if w is None else w.reshape(-1, k).double().numpy()
+        mine = [dict(zip(r, v)) for r, v in zip(idx.reshape(-1, k).tolist(), weights.tolist())]
+        want = [dict(zip(r, v)) for r, v in zip(tables[i]["idx"].tolist(), tables[i]["w"].tolist())]
+        assert [sorted(m) for m in mine] == [sorted(m) for m in want], i
+        assert all(m[e] == pytest.approx(v, rel=1e-6) for m, x in zip(mine, want) for e, v in x.items()), i
+    from outlier_hydra.models.structure import MoeLayer
+
+    by_name = MoeLayer("b", "b.r", "b.e", 8, choices="experts", index_at="top_k_index", weights_at="top_k_weights")
+    path, pre, kind = by_name.choices_hook(lambda idx, w: got.update(named=(idx, w)))
+    index, weights = torch.tensor([[1, 3]]), torch.tensor([[0.7, 0.3]])
+    pre(None, (torch.zeros(1, 64),), {"top_k_index": index, "top_k_weights": weights})
+    assert (path, kind) == ("b.e", "pre") and got["named"][0] is not index
+    assert torch.equal(got["named"][0], index) and torch.equal(got["named"][1], weights)
 
 
 def test_a_stage_node_naming_no_stage_or_another_is_refused_naming_its_key():

@@ -65,26 +65,33 @@ class MoeLayer:
     top_k: int = 0
 
     def choices_hook(self, receive) -> tuple:
-        """(module path, hook[, "pre"]) for collect.hooks.attached that hands receive(index) the
-        model's own expert choices [..., k] at each forward, where the probe found them: the router's
-        output, the experts module's arguments, or (given to no module, Llama-4) the top-k of the
-        softmax of the router's logits."""
+        """(module path, hook[, "pre"]) for collect.hooks.attached that calls receive(index, weights)
+        with the model's own expert choices [..., k] (and their weights, None where the model gives
+        none) at each forward, where the probe found them: the router's output, the experts module's
+        arguments, or (given to no module, Llama-4) the top-k of the softmax of the router's logits."""
         if self.choices == "experts":
-            at = self.index_at
 
             def pre(module, args, kwargs):
-                receive((args[at] if isinstance(at, int) else kwargs[at]).detach())
+                weights = None if self.weights_at is None else _argument(args, kwargs, self.weights_at).detach()
+                receive(_argument(args, kwargs, self.index_at).detach(), weights)
 
             return self.experts, pre, "pre"
 
         def post(module, args, output):
             if self.choices == "router":
-                receive(output[self.index_at].detach())
+                weights = None if self.weights_at is None else output[self.weights_at].detach()
+                receive(output[self.index_at].detach(), weights)
             else:
                 logits = (output if self.logits_at is None else output[self.logits_at]).detach().float()
-                receive(torch.softmax(logits, -1).topk(self.top_k, -1).indices)
+                weights, index = torch.softmax(logits.reshape(-1, logits.shape[-1]), -1).topk(self.top_k, -1)
+                receive(index, weights)
 
         return self.router, post
+
+
+def _argument(args: tuple, kwargs: dict, at: int | str | None):
+    """A hook's argument by position or keyword."""
+    return args[at] if isinstance(at, int) else kwargs[at]
 
 
 @dataclass

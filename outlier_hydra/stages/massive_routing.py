@@ -75,7 +75,7 @@ class MassiveRouting(Stage):
         length = [0]
 
         def receive(layer):
-            def fn(index):
+            def fn(index, weights):
                 index = index.reshape(len(current), length[0], -1).cpu()
                 for b, seq in enumerate(current):
                     for pos in range(length[0]):

@@ -118,9 +118,8 @@ class MoeRouting(Stage):
             if moe is None or layer not in self.row:
                 continue
             out.append(on_input(moe.block, self.structure.inputs.get(moe.block, 0), self._mlp_input_hook(layer)))
-            out.append((moe.router, self._router_hook(layer, moe)))
-            if moe.choices == "experts":
-                out.append((moe.experts, self._experts_hook(layer, moe), "pre"))
+            out.append((moe.router, self._logits_hook(layer, moe)))
+            out.append(moe.choices_hook(self._choices_receiver(layer)))  # after the logits
         return out
 
     def _mlp_input_hook(self, layer: int):
@@ -130,33 +129,18 @@ class MoeRouting(Stage):
 
         return hook
 
-    def _router_hook(self, layer: int, moe):
+    def _logits_hook(self, layer: int, moe):
         def hook(module, args, output):
             logits = output if moe.logits_at is None else output[moe.logits_at]
-            logits = logits.detach().reshape(-1, logits.shape[-1]).float()
-            if moe.choices == "router":
-                idx = output[moe.index_at].detach()
-                weights = None if moe.weights_at is None else output[moe.weights_at].detach()
-                self._update(layer, logits, idx, weights)
-            elif moe.choices == "topk":  # the family's choices are not visible: top-k of the logits
-                probs = torch.softmax(logits, -1)
-                weights, idx = probs.topk(moe.top_k, dim=-1)
-                self._update(layer, logits, idx, weights)
-            else:
-                self.pending_logits[layer] = logits
+            self.pending_logits[layer] = logits.detach().reshape(-1, logits.shape[-1]).float()
 
         return hook
 
-    def _experts_hook(self, layer: int, moe):
-        def pick(args, kwargs, at):
-            return args[at] if isinstance(at, int) else kwargs[at]
-
-        def hook(module, args, kwargs):
-            idx = pick(args, kwargs, moe.index_at).detach()
-            weights = None if moe.weights_at is None else pick(args, kwargs, moe.weights_at).detach()
+    def _choices_receiver(self, layer: int):
+        def receive(idx, weights):
             self._update(layer, self.pending_logits.pop(layer), idx, weights)
 
-        return hook
+        return receive
 
     def _update(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> None:
         idx = idx.reshape(-1, idx.shape[-1])
