@@ -278,6 +278,19 @@ def test_massive_activations_routed_to_the_super_expert(tmp_path):
     assert row["share"] == routed / len(found)
     entries = [m for entry in results["massive_activations"]["layers"] if entry["layer"] >= 2 for m in entry["massive"]]
     assert row["massive_activations"] == len(entries) >= len(found)
+    # the W&B table and the summary line
+    from outlier_hydra.stages.massive_routing import MassiveRouting
+
+    stage = MassiveRouting(make_cfg().analysis.stages.massive_routing)
+    assert stage.rows(results["massive_routing"]) == {
+        "super_experts": (
+            ["layer", "expert", "massive_positions", "routed_to_it", "share"],
+            [[2, 5, len(found), routed, routed / len(found)]],
+        )
+    }
+    assert stage.summary(results["massive_routing"]) == [
+        f"layer 2 expert 5 received {routed} of the {len(found)} massive-activation positions after it"
+    ]
 
 
 def _unit_truth(h, y, token, w, threshold):
@@ -430,7 +443,7 @@ def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_
     from outlier_hydra.pipeline import rundir
     from outlier_hydra.tools.saved_run import load_run, report_context
 
-    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5), plant_dim=13)
     results = _run(
         folder,
         tmp_path,
@@ -460,6 +473,7 @@ def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_
     routed = [u for u in results["experts"]["units"] if u["kind"] == "routed" and u["max_output"] is not None]
     maxima = np.asarray([u["max_output"] for u in routed])
     assert results["experts"]["criteria"] == {"magnitude_threshold": 6.0, "super_percentile": 99.5, "super_fraction": 0.1}
+    _tables_and_summaries_carry_the_sections(saved.stages, results)
     for percentile, fraction in ((99.5, 0.1), (100.0, 0.0), (0.0, 1.0), (0.0, 0.0), (50.0, 0.0), (0.0, 0.05)):
         stage.config.super_percentile, stage.config.super_fraction = percentile, fraction
         section = stage.report(total.extras["experts"], ctx)
@@ -485,3 +499,76 @@ def test_an_mlp_without_a_projection_back_to_the_hidden_size_has_no_down_project
     mlp = nn.ModuleDict({"up": nn.Linear(64, 192), "down": nn.Linear(192, 64), "out": nn.Linear(64, 64)})
     assert _down_linear(mlp, 64) == "down"
     assert _down_linear(nn.ModuleDict({"a": nn.Linear(96, 64), "b": nn.Linear(192, 64)}), 64) == "b"
+
+
+def _tables_and_summaries_carry_the_sections(stages, results):
+    """What W&B's tables (rows) and the summary table show, field by field from the sections."""
+    stage = {s.name: s for s in stages}
+    moe, massive, experts = results["moe_routing"], results["massive_activations"], results["experts"]
+    feats = [f for f in moe["features"] if f["layers"]]
+    assert feats, moe["features"]
+    assert massive["layers"] and experts["super_experts"]
+    assert stage["moe_routing"].rows(moe) == {
+        "feature_top_expert": (
+            ["feature_dim", "layer", "outlier_positions", "top_expert", "position_share", "choice_share"],
+            [
+                [f["feature_dim"], e["layer"], e["outlier_positions"], t["expert"], t["position_share"], t["share"]]
+                for f in moe["features"]
+                for e in f["layers"]
+                for t in e["top_experts"][:1]
+            ],
+        ),
+        "layers": (
+            ["layer", "entropy_mean", "top1_share_mean", "tokens_per_expert"],
+            [[e["layer"], e["entropy_mean"], e["top1_share_mean"], str(e["tokens_per_expert"])] for e in moe["layers"]],
+        ),
+    }
+    assert stage["moe_routing"].summary(moe) == [
+        f"dim {f['feature_dim']}: outlier positions go most to expert {f['top_experts_all_layers'][0]['expert']} "
+        f"({100 * f['top_experts_all_layers'][0]['share']:.0f}% of their top-k choices, over {len(f['layers'])} MoE layers)"
+        for f in moe["features"]
+        if f["top_experts_all_layers"]
+    ]
+    found = [(e["layer"], m) for e in massive["layers"] for m in e["massive"]]
+    assert stage["massive_activations"].rows(massive) == {
+        "massive": (
+            ["layer", "value", "dim", "sequence", "position", "token"],
+            [[layer, m["value"], m["dim"], m["sequence"], m["position"], m.get("token", "")] for layer, m in found],
+        )
+    }
+    assert stage["massive_activations"].summary(massive) == [
+        f"{len(found)} massive activations in {len({layer for layer, _ in found})} layers, "
+        f"dims {sorted({m['dim'] for _, m in found})}"
+    ]
+    assert stage["massive_activations"].summary({"layers": [{"layer": 0, "massive": []}]}) == ["no massive activations"]
+    top = sorted((u for u in experts["units"] if u["max_output"] is not None), key=lambda u: -u["max_output"])
+    assert len(top) > stage["experts"].config.top_units
+    assert stage["experts"].rows(experts) == {
+        "super_experts": (
+            ["layer", "expert", "max_output", "dim", "token"],
+            [
+                [s["layer"], s["expert"], s["max_output"], s["max_output_dim"], s["max_output_at"]["token"]]
+                for s in experts["super_experts"]
+            ],
+        ),
+        "super_weight_candidates": (
+            ["layer", "kind", "expert", "row", "col", "weight", "ratio_to_median"],
+            [
+                [w["layer"], w["kind"], w["expert"], w["row"], w["col"], w["weight"], w["ratio_to_median_abs_weight"]]
+                for w in experts["super_weight_candidates"]
+            ],
+        ),
+        "largest_outputs": (
+            ["layer", "kind", "expert", "tokens", "max_output", "dim", "max_input"],
+            [
+                [u["layer"], u["kind"], u["expert"], u["tokens"], u["max_output"], u["max_output_dim"], u["max_input"]]
+                for u in top[: stage["experts"].config.top_units]
+            ],
+        ),
+    }
+    named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in experts["super_experts"])
+    assert stage["experts"].summary(experts) == [f"super experts: {named}"]
+    assert stage["experts"].summary({**experts, "super_experts": [], "unobserved_layers": [1, 3]}) == [
+        "routed experts not observable in layers [1, 3]",
+        "no super experts",
+    ]
