@@ -572,3 +572,52 @@ def _tables_and_summaries_carry_the_sections(stages, results):
         "routed experts not observable in layers [1, 3]",
         "no super experts",
     ]
+
+
+def test_expert_statistics_merge_keeps_each_record_with_its_maximum_earlier_token_on_ties():
+    """ExpertStats.merge, field by field: tokens and outlier counts add (sparse keys sorted); each
+    maximum brings its record (dim, token, column, weight, contribution; channel and token for the
+    input) from the side that holds it, the earlier token on equal values, never from a side that did
+    not run (-1); units must match."""
+    from outlier_hydra.stages.experts import ExpertStats
+
+    def stats(out_max, out_token, in_max, in_token, tag, median, count_keys, counts):
+        n = len(out_max)
+        return ExpertStats(
+            keys=np.asarray([(1, 0, 0, e) for e in range(n)], np.int64),
+            tokens=np.arange(n, dtype=np.int64) + 10 * tag,
+            out_max=np.asarray(out_max, float),
+            out_dim=np.full(n, tag, np.int64),
+            out_token=np.asarray(out_token, np.int64),
+            col=np.full(n, 100 + tag, np.int64),
+            weight=np.full(n, 0.5 * tag),
+            contribution=np.full(n, -0.25 * tag),
+            in_max=np.asarray(in_max, float),
+            in_channel=np.full(n, 200 + tag, np.int64),
+            in_token=np.asarray(in_token, np.int64),
+            median_abs_weight=np.asarray(median, float),
+            count_keys=np.asarray(count_keys, np.int64).reshape(-1, 2),
+            counts=np.asarray(counts, np.int64),
+        )
+
+    big = 2**62
+    a = stats([5, 5, -1, 4, -1], [10, 3, big, 1, big], [2, 2, 7, -1, -1], [4, 4, 9, big, big], 1,
+              [0.5, -1, 0.2, -1, 0.1], [(0, 1), (2, 0)], [2, 1])  # fmt: skip
+    b = stats([5, 5, 2, -1, -1], [3, 10, 7, 0, 0], [2, 1, 7, -1, -1], [1, 1, 2, 0, 0], 2,
+              [0.5, 0.3, 0.2, 0.4, 0.3], [(0, 1), (1, 5)], [3, 4])  # fmt: skip
+    m = a.merge(b)
+    out_from = [2, 1, 2, 1, 1]  # row 0 tie, b earlier; row 1 tie, a earlier; row 2 only b ran; 3, 4: a
+    assert m.out_dim.tolist() == out_from and m.col.tolist() == [100 + t for t in out_from]
+    assert m.out_max.tolist() == [5, 5, 2, 4, -1] and m.out_token.tolist() == [3, 3, 7, 1, big]
+    assert m.weight.tolist() == [0.5 * t for t in out_from] and m.contribution.tolist() == [-0.25 * t for t in out_from]
+    in_from = [2, 1, 2, 1, 1]  # row 0 tie, b earlier; row 1 a larger; row 2 tie, b earlier; 3, 4: neither ran
+    assert m.in_channel.tolist() == [200 + t for t in in_from]
+    assert m.in_max.tolist() == [2, 2, 7, -1, -1] and m.in_token.tolist() == [1, 4, 2, big, big]
+    assert m.tokens.tolist() == (a.tokens + b.tokens).tolist()
+    assert m.median_abs_weight.tolist() == [0.5, 0.3, 0.2, 0.4, 0.1]
+    assert m.count_keys.tolist() == [[0, 1], [1, 5], [2, 0]] and m.counts.tolist() == [5, 4, 1]
+    assert m.count_keys.dtype == np.int64 and m.counts.dtype == np.int64 and np.array_equal(m.keys, a.keys)
+    other = stats([1], [0], [1], [0], 1, [0.1], [], [])
+    with pytest.raises(ValueError) as err:
+        a.merge(other)
+    assert str(err.value) == "expert statistics of different units"
