@@ -292,3 +292,54 @@ def test_a_stage_node_naming_no_stage_or_another_is_refused_naming_its_key():
     assert build_stages(OmegaConf.create({"experts": None, "moe_routing": {"enabled": False}}), []) == []
     (stage,) = build_stages(OmegaConf.create({"experts": experts}), [])
     assert stage.name == "experts" and stage.config.top_units == experts["top_units"]
+
+
+def test_router_and_massive_statistics_merge_field_by_field():
+    """RouterStats.merge: every count and sum adds, per-feature rows joined by (layer row, dim) and
+    sorted, layers must match. MassiveStats.merge: per layer the k largest |value| of both sides, on
+    equal magnitude the earlier (sequence, position, dim), empty (NaN) rows last; histograms add."""
+    from outlier_hydra.stages.massive_activations import MassiveStats
+    from outlier_hydra.stages.moe_routing import RouterStats
+
+    def router(layers, keys, seed):
+        rng = np.random.default_rng(seed)
+        n, e = len(keys), 3
+        return RouterStats(
+            layers=np.asarray(layers, np.int64),
+            expert_counts=rng.integers(0, 9, (len(layers), e)),
+            tokens=rng.integers(0, 9, len(layers)),
+            entropy_sum=rng.random(len(layers)),
+            top1_share_sum=rng.random(len(layers)),
+            feat_keys=np.asarray(keys, np.int64).reshape(-1, 2),
+            feat_counts=rng.integers(0, 9, (n, e)),
+            feat_positions=rng.integers(0, 9, n),
+            feat_entropy_sum=rng.random(n),
+            feat_share_sum=rng.random(n),
+        )
+
+    a, b = router([1, 2], [(0, 7), (1, 3)], 0), router([1, 2], [(0, 2), (1, 3)], 1)
+    m = a.merge(b)
+    assert m.feat_keys.tolist() == [[0, 2], [0, 7], [1, 3]] and m.layers.tolist() == [1, 2]
+    for k in ("expert_counts", "tokens", "entropy_sum", "top1_share_sum"):
+        assert np.array_equal(getattr(m, k), getattr(a, k) + getattr(b, k)), k
+    for k in ("feat_counts", "feat_positions", "feat_entropy_sum", "feat_share_sum"):
+        want = [
+            getattr(b, k)[0],
+            getattr(a, k)[0],
+            getattr(a, k)[1] + getattr(b, k)[1],
+        ]
+        assert np.array_equal(getattr(m, k), np.asarray(want)), k
+        assert getattr(m, k).dtype == getattr(a, k).dtype, k
+    with pytest.raises(ValueError) as err:
+        a.merge(router([1, 3], [], 2))
+    assert str(err.value) == "router statistics of different layers"
+
+    nan = [np.nan] * 4
+    top_a = np.asarray([[[900.0, 3, 5, 1], [-700.0, 0, 2, 4], nan]])
+    top_b = np.asarray([[[-900.0, 1, 0, 0], [700.0, 0, 2, 3], nan]])
+    hist_a, hist_b = np.arange(6).reshape(1, 6), np.ones((1, 6), np.int64)
+    merged = MassiveStats(np.asarray([4]), hist_a, top_a).merge(MassiveStats(np.asarray([4]), hist_b, top_b))
+    assert merged.top[0].tolist() == [[-900.0, 1, 0, 0], [900.0, 3, 5, 1], [700.0, 0, 2, 3]]
+    assert merged.log_hist.tolist() == [[1, 2, 3, 4, 5, 6]] and merged.layers.tolist() == [4]
+    few = MassiveStats(np.asarray([4]), hist_a, np.asarray([[nan, nan, nan]]))
+    assert np.array_equal(few.merge(MassiveStats(np.asarray([4]), hist_b, top_b)).top, top_b, equal_nan=True)
