@@ -128,8 +128,9 @@ def _summary(results):
 
 @pytest.mark.parametrize("impl", ["eager", "batched_mm"])
 def test_every_experts_implementation_gives_the_same_statistics(impl, tmp_path):
-    """grouped_mm (the CPU default), eager and batched_mm: the same tokens, dims, channels and
-    counts; maxima to float32 rounding (the matmuls differ)."""
+    """grouped_mm (the CPU default), eager and batched_mm: the same tokens, dims, channels, counts,
+    positions and super-weight candidates; maxima and contributions to float32 rounding (the
+    matmuls differ)."""
     folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
     grouped = _run(folder, tmp_path, name="grouped")["experts"]
     config = json.loads((folder / "config.json").read_text())
@@ -141,7 +142,14 @@ def test_every_experts_implementation_gives_the_same_statistics(impl, tmp_path):
             assert a[key] == b[key], (key, a["layer"], a["expert"])
         if a["max_output"] is not None:
             assert a["max_output"] == pytest.approx(b["max_output"], rel=1e-5)
+            assert a["max_input"] == pytest.approx(b["max_input"], rel=1e-5)
             assert a["max_output_at"] == b["max_output_at"]
+            ca, cb = a["super_weight_candidate"], b["super_weight_candidate"]
+            assert {k: ca[k] for k in ("row", "col", "weight")} == {k: cb[k] for k in ("row", "col", "weight")}
+            assert ca["contribution"] == pytest.approx(cb["contribution"], rel=1e-5)
+        else:
+            assert b["max_output"] is None and "max_output_at" not in b
+    assert len(grouped["units"]) == len(other["units"]) == 4 * 8
     assert grouped["super_experts"][0]["expert"] == other["super_experts"][0]["expert"] == 5
 
 
