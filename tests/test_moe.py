@@ -343,3 +343,40 @@ def test_router_and_massive_statistics_merge_field_by_field():
     assert merged.log_hist.tolist() == [[1, 2, 3, 4, 5, 6]] and merged.layers.tolist() == [4]
     few = MassiveStats(np.asarray([4]), hist_a, np.asarray([[nan, nan, nan]]))
     assert np.array_equal(few.merge(MassiveStats(np.asarray([4]), hist_b, top_b)).top, top_b, equal_nan=True)
+
+
+def test_int8_arithmetic_equals_a_float32_numpy_mirror_bit_for_bit():
+    """absmax_int8 and squared_errors on rows of every magnitude (1e-3 to 1e3, a zero row, one with
+    an outlier), against the same float32 steps in numpy (round half to even in both): quantized values
+    bit for bit, the float64 sums of the float32 squared errors to 1e-12; a module whose inputs are all
+    zero has error 0, not NaN."""
+    from outlier_hydra.stages.int8_error import Int8Error, absmax_int8, squared_errors
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, 32)) * np.asarray([1e-3, 0.05, 1.0, 30.0, 1e3, 0.0])[:, None]).astype(np.float32)
+    x[2, 5] = 60.0  # an outlier in a row of unit scale
+
+    def q(a):
+        scale = np.maximum(np.abs(a).max(-1, keepdims=True), np.float32(1e-12)) / np.float32(127)
+        return np.clip(np.round(a / scale), -127, 127) * scale
+
+    assert np.array_equal(absmax_int8(torch.from_numpy(x)).numpy(), q(x))
+    keep = [5, 9]
+    rest = x.copy()
+    rest[:, keep] = 0
+    want = (
+        ((x - q(x)) ** 2).astype(np.float64).sum(),
+        ((rest - q(rest)) ** 2).astype(np.float64).sum()
+        + ((x[:, keep] - x[:, keep].astype(np.float16).astype(np.float32)) ** 2).astype(np.float64).sum(),
+        (x.astype(np.float64) ** 2).sum(),
+    )
+    got = squared_errors(torch.from_numpy(x), keep)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert squared_errors(torch.from_numpy(x), [])[1] == pytest.approx(want[0], rel=1e-12)
+    section = Int8Error.errors({"a": np.asarray(got), "zero": np.zeros(3)}, keep, 12)
+    assert section["modules"]["zero"] == {"relative_error_all_int8": 0.0, "relative_error_outliers_kept": 0.0}
+    assert section["relative_error_all_int8"] == np.sqrt(got[0] / got[2]) and section["tokens"] == 12
+    assert section["kept_dims"] == keep and section["modules"]["a"]["relative_error_outliers_kept"] == np.sqrt(
+        got[1] / got[2]
+    )
+    assert Int8Error.errors({"zero": np.zeros(3)}, [], 0)["relative_error_all_int8"] == 0.0
