@@ -126,12 +126,12 @@ def _summary(results):
     return Experts(make_cfg().analysis.stages.experts).summary(results["experts"])
 
 
-@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
-def test_every_experts_implementation_gives_the_same_statistics(impl, tmp_path):
-    """grouped_mm (the CPU default), eager and batched_mm: the same tokens, dims, channels, counts,
-    positions and super-weight candidates; maxima and contributions to float32 rounding (the
-    matmuls differ)."""
-    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+@pytest.mark.parametrize("family,impl", [("olmoe", "eager"), ("olmoe", "batched_mm"), ("gpt_oss", "eager")])
+def test_every_experts_implementation_gives_the_same_statistics(family, impl, tmp_path):
+    """grouped_mm (the CPU default), eager (F.linear on an expert's slice; gpt-oss: `h @ W[e]`, a matmul,
+    on its transposed bank) and batched_mm: the same tokens, dims, channels, counts, positions and
+    super-weight candidates; maxima and contributions to float32 rounding (the matmuls differ)."""
+    folder = _build(family, tmp_path / "model", super_expert=(2, 5))
     grouped = _run(folder, tmp_path, name="grouped")["experts"]
     config = json.loads((folder / "config.json").read_text())
     config["experts_implementation"] = impl

@@ -22,9 +22,10 @@ add; each maximum keeps its record from the batch that holds it (equal values: t
 
 Fused experts (transformers 5: 3-D gate_up_proj / down_proj banks) have no per-expert module to hook.
 The stage watches the experts module's forward with a TorchFunctionMode and reads the matmuls that
-take the down_proj bank: F.linear on one expert's slice (eager), torch._grouped_mm with the bank and
-its offsets (grouped_mm, the CPU default), the gathered bank in torch.bmm (batched_mm). The model
-computes exactly what it would without the stage: the mode only reads arguments and results.
+take the down_proj bank: F.linear or a matmul (gpt-oss: h @ W[e]) on one expert's slice (eager),
+torch._grouped_mm with the bank and its offsets (grouped_mm, the CPU default), the gathered bank in
+torch.bmm (batched_mm). The model computes exactly what it would without the stage: the mode only
+reads arguments and results.
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ class _Watch(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
-        if name in ("linear", "matmul", "__matmul__", "mm") and len(args) >= 2 and self._is_bank(args[1]):
-            e = args[1].storage_offset() // self.per_expert  # eager: one expert's slice
+        if name in ("linear", "matmul") and len(args) >= 2 and self._is_bank(args[1]):
+            e = args[1].storage_offset() // self.per_expert  # eager: one expert's slice (F.linear; h @ W[e] is matmul)
             rows = (self.index == e).t().nonzero()  # (slot, token) in the order transformers takes them
             n = args[0].reshape(-1, args[0].shape[-1]).shape[0]
             token = rows[:, 1] if len(rows) == n else None
