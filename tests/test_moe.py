@@ -380,3 +380,47 @@ def test_int8_arithmetic_equals_a_float32_numpy_mirror_bit_for_bit():
         got[1] / got[2]
     )
     assert Int8Error.errors({"zero": np.zeros(3)}, [], 0)["relative_error_all_int8"] == 0.0
+
+
+def test_massive_criteria_and_the_histogram_median_at_their_boundaries():
+    """The median is the geometric centre of the histogram bin (0.1 decade wide, from 1e-6; the first
+    bin holds everything below) where the cumulative count reaches half: an exact half stops at the
+    lower bin. A value is massive when |value| is strictly above min_magnitude and strictly above
+    min_ratio_to_median x the median; the report keeps the signed value, position and dim."""
+    from outlier_hydra.stages import ReportContext
+    from outlier_hydra.stages.massive_activations import MassiveActivations, MassiveStats
+
+    bins = 120 + 2
+    hist = np.zeros((3, bins), np.int64)
+    hist[0, 61] = 10  # all in the bin [1e0, 1e0.1): centre 10**0.05
+    hist[1, [41, 81]] = 5  # an exact half in the bin [1e-2, 1e-1.9): the lower one
+    hist[2, 0] = 7  # everything below 1e-6
+    centre = 10**0.05
+    top = np.full((3, 4, 4), np.nan)
+    top[0, :4] = [
+        [-1000 * centre * (1 + 1e-15), 0, 3, 1],  # above both (by rounding's width)
+        [1000 * centre, 1, 0, 2],  # exactly the ratio: not above it
+        [100.0, 2, 5, 3],  # exactly min_magnitude
+        [99.0, 3, 1, 4],
+    ]
+    top[1, 0] = [150.0, 0, 0, 0]  # median 10**-1.95: 150 is above both
+    stats = MassiveStats(np.asarray([0, 1, 2]), hist, top)
+    assert stats.median(0) == pytest.approx(centre, rel=1e-12)
+    assert stats.median(1) == pytest.approx(10**-1.95, rel=1e-12)
+    assert stats.median(2) == 0.0
+    cfg = make_cfg("analysis.stages.massive_activations.enabled=true").analysis.stages.massive_activations
+    stage = MassiveActivations(cfg)  # min_magnitude 100, min_ratio_to_median 1000
+    ids = np.arange(40).reshape(4, 10) + 100
+    section = stage.report(stats, ReportContext(records=[], token_ids=ids, first_sequence=0))
+    assert section["criteria"] == {"min_magnitude": 100.0, "min_ratio_to_median": 1000.0}
+    first = section["layers"][0]
+    assert first["median_abs"] == stats.median(0) and first["layer"] == 0
+    assert [t["massive"] for t in first["top"]] == [True, False, False, False]
+    assert first["massive"] == [first["top"][0]]
+    assert first["top"][0] == {
+        "value": top[0, 0, 0], "sequence": 0, "position": 3, "dim": 1, "token_id": int(ids[0, 3]), "massive": True,
+    }  # fmt: skip
+    assert [t["token_id"] for t in first["top"]] == [ids[0, 3], ids[1, 0], ids[2, 5], ids[3, 1]]
+    assert [len(e["top"]) for e in section["layers"]] == [4, 1, 0] and section["layers"][1]["massive"]
+    later = stage.report(stats, ReportContext(records=[], token_ids=ids[2:], first_sequence=2))["layers"][0]["top"]
+    assert ["token_id" in t for t in later] == [False, False, True, True] and later[2]["token_id"] == ids[2, 5]
