@@ -201,6 +201,7 @@ def test_every_routing_number_equals_an_independent_recomputation(family, routed
         expected = routing_expected(tables, f["feature_dim"])
         for got, exp in zip(moe["layers"], expected["layers"], strict=True):
             assert got["tokens_per_expert"] == exp["tokens_per_expert"] and got["tokens"] == exp["tokens"]
+            assert (got["layer"], got["magnitude_threshold"]) == (exp["layer"], 6.0)
             assert got["entropy_mean"] == pytest.approx(exp["entropy_mean"], rel=1e-5, abs=1e-6)
             assert got["top1_share_mean"] == pytest.approx(exp["top1_share_mean"], rel=1e-5, abs=1e-6)
         feature = next(x for x in moe["features"] if x["feature_dim"] == f["feature_dim"])
