@@ -425,3 +425,57 @@ def test_massive_criteria_and_the_histogram_median_at_their_boundaries():
     assert [len(e["top"]) for e in section["layers"]] == [4, 1, 0] and section["layers"][1]["massive"]
     later = stage.report(stats, ReportContext(records=[], token_ids=ids[2:], first_sequence=2))["layers"][0]["top"]
     assert ["token_id" in t for t in later] == [False, False, True, True] and later[2]["token_id"] == ids[2, 5]
+
+
+@pytest.mark.parametrize("model_type", ["falcon", "bloom"])
+def test_massive_activations_of_layers_that_return_tuples(model_type, tmp_path):
+    """Falcon's and BLOOM's layers return a tuple (hidden state first): the top values and their
+    positions equal the residual stream read with plain forward hooks, a value set to inf in the
+    stream (by a hook of the test) is never reported, and the largest finite values are."""
+    from transformers import AutoModel
+
+    from outlier_hydra.models.tiny import build
+
+    folder = build(model_type, tmp_path / "model", plant_dim=13)
+    results = run(
+        make_cfg(
+            *tiny_overrides(
+                folder, f"model.tokenizer={folder / 'tokenizer'}", "analysis.stages.massive_activations.enabled=true"
+            )
+        ),
+        tmp_path / "run",
+    )
+    token_ids = np.load(tmp_path / "run" / "token_ids.npy")
+    model = AutoModel.from_pretrained(folder).eval()
+    layers = [m for n, m in model.named_modules() if n.count(".") == 1 and n.startswith("h.")]
+    assert len(layers) == len(results["massive_activations"]["layers"]) == 4
+    stream: dict = {i: [] for i in range(len(layers))}
+    handles = [
+        layer.register_forward_hook(lambda m, a, o, i=i: stream[i].append(o[0].detach().double().numpy()))
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        for s in range(0, len(token_ids), 4):
+            model(input_ids=torch.from_numpy(token_ids[s : s + 4]))
+    for h in handles:
+        h.remove()
+    for entry in results["massive_activations"]["layers"]:
+        x = np.concatenate(stream[entry["layer"]])
+        largest = np.sort(np.abs(x).ravel())[::-1][: len(entry["top"])]
+        assert [abs(t["value"]) for t in entry["top"]] == pytest.approx(largest.tolist(), rel=1e-6)
+        for t in entry["top"]:
+            assert t["value"] == pytest.approx(x[t["sequence"], t["position"], t["dim"]], rel=1e-6)
+
+    # an inf in the stream: the stage takes it as 0 (like NaN), the next values come in its place
+    from outlier_hydra.stages.massive_activations import MassiveActivations
+
+    stage = MassiveActivations(
+        make_cfg("analysis.stages.massive_activations.enabled=true").analysis.stages.massive_activations
+    )
+    stage.layers, stage.k = [0], 3
+    stage.start_batch(first_sequence=2)
+    out = torch.zeros(2, 3, 4)
+    out[0, 1, 2], out[1, 2, 3], out[1, 0, 0], out[0, 0, 1] = float("inf"), -9.0, 7.0, float("nan")
+    stage._hook(0)(None, (), (out, None))
+    top = stage.finish_batch().top[0]
+    assert top[:2].tolist() == [[-9.0, 3, 2, 3], [7.0, 3, 0, 0]] and top[2, 0] == 0.0
