@@ -479,3 +479,35 @@ def test_massive_activations_of_layers_that_return_tuples(model_type, tmp_path):
     stage._hook(0)(None, (), (out, None))
     top = stage.finish_batch().top[0]
     assert top[:2].tolist() == [[-9.0, 3, 2, 3], [7.0, 3, 0, 0]] and top[2, 0] == 0.0
+
+
+def test_massive_activations_hook_on_crafted_streams():
+    """The hook and finish_batch on streams built by hand: the (sequence, position, dim) of a value
+    beyond 2**24 elements into the batch is exact (integer division, not float32); zeros and values
+    below 1e-6 fall in the first histogram bin and values above 1e6 in the last (none dropped), so
+    the median follows them; counts are int64; a layer the forward did not reach stays empty."""
+    from outlier_hydra.stages.massive_activations import MassiveActivations
+
+    cfg = make_cfg("analysis.stages.massive_activations.enabled=true").analysis.stages.massive_activations
+    stage = MassiveActivations(cfg)
+    stage.layers, stage.k = [0, 1, 2], 2
+    stage.start_batch(first_sequence=5)
+    b, t, d = 2**21 + 16, 2, 4  # 2**24 + 128 elements
+    big = torch.zeros(b, t, d)
+    idx = 2**24 + 7  # past float32's integers: in float32 it would read as 2**24 + 8, another position
+    big.view(-1)[idx] = -1000.0
+    stage._hook(1)(None, (), big)
+    mostly_zero = torch.zeros(1, 10, 1)
+    mostly_zero[0, :4, 0] = 1.0
+    stage._hook(0)(None, (), mostly_zero)
+    stats = stage.finish_batch()
+    assert stats.log_hist.dtype == np.int64 and stats.log_hist.sum(1).tolist() == [10, b * t * d, 0]
+    assert stats.top[1, 0].tolist() == [-1000.0, 5 + idx // (t * d), (idx // d) % t, idx % d]
+    assert np.isnan(stats.top[2]).all()  # layer 2: never reached
+    assert stats.median(0) == 0.0 and stats.median(1) == 0.0
+    stage.start_batch(first_sequence=0)
+    huge = torch.full((1, 10, 1), 1e8)
+    huge[0, :4, 0] = 1.0  # 6 of 10 above 1e6: the median is the last bin's centre
+    stage._hook(0)(None, (), huge)
+    stats = stage.finish_batch()
+    assert stats.log_hist[0].sum() == 10 and stats.median(0) == pytest.approx(10**6.05, rel=1e-12)

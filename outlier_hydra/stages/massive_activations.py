@@ -93,14 +93,13 @@ class MassiveActivations(Stage):
             vals, flat = a.reshape(-1).topk(k)
             signed = x.reshape(-1)[flat].float()
             rows = torch.stack([signed, (flat // (t * d)).float(), ((flat // d) % t).float(), (flat % d).float()], 1)
+            # clamped into the two outer bins (histc drops what lies outside its range); histc counts
+            # in float32, exact up to 2**24: per part of at most that many values, summed as integers
             logs = torch.log10(a.clamp_min(1e-30)).reshape(-1)
-            hist = torch.histc(
-                logs.clamp(LOG_MIN - 1, LOG_MAX + 1),
-                bins=NUM_BINS + 2,
-                min=LOG_MIN - 1 / BINS_PER_DECADE,
-                max=LOG_MAX + 1 / BINS_PER_DECADE,
-            )
-            self.state[layer] = (rows.double(), hist.double())
+            logs = logs.clamp(LOG_MIN - 0.5 / BINS_PER_DECADE, LOG_MAX + 0.5 / BINS_PER_DECADE)
+            lo, hi = LOG_MIN - 1 / BINS_PER_DECADE, LOG_MAX + 1 / BINS_PER_DECADE
+            hist = sum(torch.histc(part, bins=NUM_BINS + 2, min=lo, max=hi).long() for part in logs.split(2**24))
+            self.state[layer] = (rows.double(), hist)
 
         return hook
 
@@ -114,7 +113,7 @@ class MassiveActivations(Stage):
             rows, h = (v.cpu().numpy() for v in self.state[layer])
             rows[:, 1] += self.first  # batch-local sequence -> global sequence index
             top[i, : len(rows)] = rows
-            hist[i] = np.rint(h).astype(np.int64)
+            hist[i] = h
         self.state = {}
         empty = MassiveStats(np.asarray(self.layers), np.zeros_like(hist), np.full_like(top, np.nan))
         return empty.merge(MassiveStats(np.asarray(self.layers), hist, top))  # canonical order
