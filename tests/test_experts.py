@@ -629,3 +629,83 @@ def test_expert_statistics_merge_keeps_each_record_with_its_maximum_earlier_toke
     with pytest.raises(ValueError) as err:
         a.merge(other)
     assert str(err.value) == "expert statistics of different units"
+
+
+class _ListExperts(torch.nn.ModuleList):
+    """Experts as a list of MLP modules, as remote-code MoE models keep them: a loop over the routing
+    with the fused bank's weights copied into one gate_up and one down Linear per expert."""
+
+    def __init__(self, fused):
+        n, two_i, hidden = fused.gate_up_proj.shape
+        experts = []
+        for e in range(n):
+            m = torch.nn.Module()
+            m.gate_up = torch.nn.Linear(hidden, two_i, bias=False)
+            m.down = torch.nn.Linear(two_i // 2, hidden, bias=False)
+            m.gate_up.weight.data, m.down.weight.data = fused.gate_up_proj[e].clone(), fused.down_proj[e].clone()
+            experts.append(m)
+        super().__init__(experts)
+        self.__dict__["act"] = fused.act_fn  # not a child: the list holds only its experts
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for e, ex in enumerate(self):
+            rows, slot = torch.where(top_k_index == e)
+            if len(rows):
+                gate, up = ex.gate_up(hidden[rows]).chunk(2, -1)
+                out.index_add_(0, rows, ex.down(self.act(gate) * up) * top_k_weights[rows, slot, None])
+        return out
+
+
+def test_experts_kept_as_a_list_of_modules_are_read_through_their_down_linears(tmp_path):
+    """A MoE whose experts are a ModuleList (no 3-D bank): each expert's down Linear is a unit; its
+    tokens, max |output| with its dim, max |input| with its channel and outlier counts equal plain
+    hooks on those Linears; where the maximum occurs is unknown (a list expert sees only its own
+    rows), so no token is reported for it."""
+    from doubles import structure_points
+    from transformers import AutoModel
+
+    from outlier_hydra.collect import OutlierCollector
+    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.stages import ReportContext
+    from outlier_hydra.stages.experts import Experts
+
+    model = AutoModel.from_pretrained(_build("olmoe", tmp_path / "model", super_expert=(2, 5))).eval()
+    for layer in model.layers:
+        layer.mlp.experts = _ListExperts(layer.mlp.experts)
+    structure = discover(model, 4, 64, None, "test")
+    probe(structure, model, torch.device("cpu"), "test", config_top_k(model.config))
+    stage = Experts(make_cfg().analysis.stages.experts)
+    assert stage.bind(structure, [0, 1, 2, 3])
+    ids = torch.randint(1000, 20000, (2, 24), generator=torch.Generator().manual_seed(0))
+    stats = OutlierCollector(6.0, early_stop=False).collect_batch(
+        model, structure_points(model, [0, 1, 2, 3]), ids, stages=[stage]
+    )
+    section = stage.report(stats.extras["experts"], ReportContext(records=[]))
+    seen: dict = {}
+    handles = [
+        ex.down.register_forward_hook(lambda m, a, o, key=(i, e): seen.setdefault(key, []).append((a[0], o)))
+        for i, layer in enumerate(model.layers)
+        for e, ex in enumerate(layer.mlp.experts)
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    units = {(u["layer"], u["expert"]): u for u in section["units"]}
+    assert set(units) == {(i, e) for i in range(4) for e in range(8)}
+    assert all(u["kind"] == "routed" for u in units.values())
+    for key, u in units.items():
+        if key not in seen:
+            assert u["tokens"] == 0 and u["max_output"] is None
+            continue
+        h = torch.cat([a for a, _ in seen[key]]).numpy()
+        y = torch.cat([o for _, o in seen[key]]).numpy()
+        assert u["tokens"] == len(y), key
+        assert (u["max_output"], u["max_output_dim"]) == (float(np.abs(y).max()), int(np.abs(y).max(0).argmax())), key
+        assert (u["max_input"], u["max_input_channel"]) == (float(np.abs(h).max()), int(np.abs(h).max(0).argmax())), key
+        counts = (np.abs(y) >= 6.0).sum(0)
+        top = sorted(((int(c), d) for d, c in enumerate(counts) if c), key=lambda t: (-t[0], t[1]))[:5]
+        assert [(o["count"], o["dim"]) for o in u["outlier_dims"]] == top, key
+        assert u["max_output_at"] == {"token_index": None}, key
+    assert [(s["layer"], s["expert"]) for s in section["super_experts"]] == [(2, 5)]
