@@ -342,6 +342,11 @@ def test_router_and_massive_statistics_merge_field_by_field():
     merged = MassiveStats(np.asarray([4]), hist_a, top_a).merge(MassiveStats(np.asarray([4]), hist_b, top_b))
     assert merged.top[0].tolist() == [[-900.0, 1, 0, 0], [900.0, 3, 5, 1], [700.0, 0, 2, 3]]
     assert merged.log_hist.tolist() == [[1, 2, 3, 4, 5, 6]] and merged.layers.tolist() == [4]
+    # equal magnitude: the earlier sequence first, then the earlier position, then the lower dim
+    ties_a = np.asarray([[[500.0, 1, 4, 0], [-500.0, 2, 0, 0], nan]])
+    ties_b = np.asarray([[[500.0, 1, 2, 9], [500.0, 0, 5, 1], nan]])
+    merged = MassiveStats(np.asarray([4]), hist_a, ties_a).merge(MassiveStats(np.asarray([4]), hist_b, ties_b))
+    assert merged.top[0].tolist() == [[500.0, 0, 5, 1], [500.0, 1, 2, 9], [500.0, 1, 4, 0]]
     few = MassiveStats(np.asarray([4]), hist_a, np.asarray([[nan, nan, nan]]))
     assert np.array_equal(few.merge(MassiveStats(np.asarray([4]), hist_b, top_b)).top, top_b, equal_nan=True)
 
@@ -402,9 +407,10 @@ def test_massive_criteria_and_the_histogram_median_at_their_boundaries():
         [-1000 * centre * (1 + 1e-15), 0, 3, 1],  # above both (by rounding's width)
         [1000 * centre, 1, 0, 2],  # exactly the ratio: not above it
         [100.0, 2, 5, 3],  # exactly min_magnitude
-        [99.0, 3, 1, 4],
+        [99.0, 4, 1, 4],  # sequence 4: past the 4 rows of token ids given
     ]
     top[1, 0] = [150.0, 0, 0, 0]  # median 10**-1.95: 150 is above both
+    top[1, 1] = [100.0, 0, 1, 0]  # exactly min_magnitude: not above it, though far above the ratio
     stats = MassiveStats(np.asarray([0, 1, 2]), hist, top)
     assert stats.median(0) == pytest.approx(centre, rel=1e-12)
     assert stats.median(1) == pytest.approx(10**-1.95, rel=1e-12)
@@ -421,10 +427,14 @@ def test_massive_criteria_and_the_histogram_median_at_their_boundaries():
     assert first["top"][0] == {
         "value": top[0, 0, 0], "sequence": 0, "position": 3, "dim": 1, "token_id": int(ids[0, 3]), "massive": True,
     }  # fmt: skip
-    assert [t["token_id"] for t in first["top"]] == [ids[0, 3], ids[1, 0], ids[2, 5], ids[3, 1]]
-    assert [len(e["top"]) for e in section["layers"]] == [4, 1, 0] and section["layers"][1]["massive"]
+    assert [t.get("token_id") for t in first["top"]] == [ids[0, 3], ids[1, 0], ids[2, 5], None]
+    assert [len(e["top"]) for e in section["layers"]] == [4, 2, 0]
+    assert [t["massive"] for t in section["layers"][1]["top"]] == [True, False]
     later = stage.report(stats, ReportContext(records=[], token_ids=ids[2:], first_sequence=2))["layers"][0]["top"]
-    assert ["token_id" in t for t in later] == [False, False, True, True] and later[2]["token_id"] == ids[2, 5]
+    assert ["token_id" in t for t in later] == [False, False, True, False] and later[2]["token_id"] == ids[2, 5]
+    assert stage.rows({"layers": [{"layer": 7, "massive": [{"value": -2.0, "dim": 1, "sequence": 3, "position": 4}]}]}) == {
+        "massive": (["layer", "value", "dim", "sequence", "position", "token"], [[7, -2.0, 1, 3, 4, ""]])
+    }  # no tokenizer: an empty token
 
 
 @pytest.mark.parametrize("model_type", ["falcon", "bloom"])
@@ -496,15 +506,15 @@ def test_massive_activations_hook_on_crafted_streams():
     big = torch.zeros(b, t, d)
     idx = 2**24 + 7  # past float32's integers: in float32 it would read as 2**24 + 8, another position
     big.view(-1)[idx] = -1000.0
-    stage._hook(1)(None, (), big)
+    stage._hook(2)(None, (), big)
     mostly_zero = torch.zeros(1, 10, 1)
     mostly_zero[0, :4, 0] = 1.0
     stage._hook(0)(None, (), mostly_zero)
     stats = stage.finish_batch()
-    assert stats.log_hist.dtype == np.int64 and stats.log_hist.sum(1).tolist() == [10, b * t * d, 0]
-    assert stats.top[1, 0].tolist() == [-1000.0, 5 + idx // (t * d), (idx // d) % t, idx % d]
-    assert np.isnan(stats.top[2]).all()  # layer 2: never reached
-    assert stats.median(0) == 0.0 and stats.median(1) == 0.0
+    assert stats.log_hist.dtype == np.int64 and stats.log_hist.sum(1).tolist() == [10, 0, b * t * d]
+    assert stats.top[2, 0].tolist() == [-1000.0, 5 + idx // (t * d), (idx // d) % t, idx % d]
+    assert np.isnan(stats.top[1]).all()  # layer 1: never reached
+    assert stats.median(0) == 0.0 and stats.median(2) == 0.0
     stage.start_batch(first_sequence=0)
     huge = torch.full((1, 10, 1), 1e8)
     huge[0, :4, 0] = 1.0  # 6 of 10 above 1e6: the median is the last bin's centre
