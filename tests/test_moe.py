@@ -521,3 +521,19 @@ def test_massive_activations_hook_on_crafted_streams():
     stage._hook(0)(None, (), huge)
     stats = stage.finish_batch()
     assert stats.log_hist[0].sum() == 10 and stats.median(0) == pytest.approx(10**6.05, rel=1e-12)
+
+
+def test_top_experts_by_choices_with_single_choices_and_ties():
+    """_top: the k experts with most choices, ties by lower expert id, experts never chosen left out
+    (one choice is still a choice); share of all choices and, given positions, position_share."""
+    from outlier_hydra.stages.moe_routing import _top
+
+    counts = np.asarray([0, 1, 5, 1, 0, 3])
+    assert _top(counts, 3) == [
+        {"expert": 2, "choices": 5, "share": 0.5},
+        {"expert": 5, "choices": 3, "share": 0.3},
+        {"expert": 1, "choices": 1, "share": 0.1},
+    ]
+    assert [t["expert"] for t in _top(counts, 10)] == [2, 5, 1, 3]
+    assert _top(counts, 2, positions=4)[1] == {"expert": 5, "choices": 3, "share": 0.3, "position_share": 0.75}
+    assert _top(np.zeros(4, np.int64), 3) == []
