@@ -2,7 +2,12 @@
 
     scripts/mutation.py                      run every module, then report
     scripts/mutation.py stats collect        only these (package folders under outlier_hydra/)
+    scripts/mutation.py --limit 200          judge at most 200 mutants this time, then report
     scripts/mutation.py --report             report what mutants/ holds, run nothing
+
+The mutants not yet judged, and the survivors (a test added since may kill them), run by name in
+chunks, those of the functions with the cheapest tests first, so a run stopped at any point leaves
+the most verdicts (one `mutmut run` over a whole package can stall for minutes on end).
 
 mutmut (configured in pyproject.toml, [tool.mutmut]) copies the package to mutants/, and for each
 mutant runs only the tests that reach the mutated function, from the fast test files listed there.
@@ -17,6 +22,7 @@ starting "gpu:" marks code only a CUDA device runs (counted in its own column).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("stats", "analysis", "collect", "stages")
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
 TARGET = 90.0
+CHUNK = 120  # mutants per `mutmut run`: each run first lists and checks the tests (about a minute)
+TO_RUN = ("not checked", "survived", "no tests", "suspicious")
 
 
 def mutmut(*args: str) -> subprocess.CompletedProcess:
@@ -47,18 +55,52 @@ def equivalents() -> dict[str, str]:
     return out
 
 
+def statuses() -> dict[str, str]:
+    res = mutmut("results", "--all", "true")
+    out = {}
+    for line in res.stdout.splitlines():
+        name, sep, st = line.strip().rpartition(": ")
+        if sep and name.startswith("outlier_hydra."):
+            out[name] = st.strip()
+    return out
+
+
+def test_seconds() -> dict[str, float]:
+    """Per mutated function, the seconds of the tests mutmut runs for it (mutmut's own stats file)."""
+    path = ROOT / "mutants" / "mutmut-stats.json"
+    if not path.is_file():
+        return {}
+    stats = json.loads(path.read_text())
+    durations = stats.get("duration_by_test", {})
+    return {
+        f: sum(durations.get(t, 0.0) for t in tests) for f, tests in stats.get("tests_by_mangled_function_name", {}).items()
+    }
+
+
+def run(modules: list[str], limit: int | None) -> None:
+    if not statuses():  # first run: mutmut makes the mutants and maps the tests (no mutant matches)
+        if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:
+            sys.exit("mutmut run failed (making the mutants)")
+    equiv = equivalents()
+    todo = [n for n, st in statuses().items() if module_of(n) in modules and st in TO_RUN and n not in equiv]
+    seconds = test_seconds()
+    todo.sort(key=lambda n: (seconds.get(n.split("__mutmut_")[0], 0.0), n))
+    todo = todo[:limit] if limit is not None else todo
+    print(f"{len(todo)} mutants to judge", flush=True)
+    for i in range(0, len(todo), CHUNK):
+        part = todo[i : i + CHUNK]
+        if mutmut("run", *part).returncode != 0:
+            sys.exit(f"mutmut run failed (mutants {i + 1}-{i + len(part)})")
+        print(f"{i + len(part)}/{len(todo)} judged", flush=True)
+
+
 def module_of(name: str) -> str:
     parts = name.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "outlier_hydra" else "?"
 
 
 def report(modules: list[str]) -> float:
-    res = mutmut("results", "--all", "true")
-    status: dict[str, str] = {}
-    for line in res.stdout.splitlines():
-        name, sep, st = line.strip().rpartition(": ")
-        if sep and name.startswith("outlier_hydra."):
-            status[name] = st.strip()
+    status = statuses()
     if not status:
         sys.exit("no mutmut results in mutants/: run `make mutation` first")
     equiv = equivalents()
@@ -100,14 +142,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("modules", nargs="*", help=f"package folders: {', '.join(MODULES)} (default: all four)")
     p.add_argument("--report", action="store_true", help="only report the results mutants/ holds")
+    p.add_argument("--limit", type=int, default=None, help="judge at most this many mutants this time")
     args = p.parse_args()
     modules = args.modules or list(MODULES)
     if unknown := sorted(set(modules) - set(MODULES)):
         p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")
     if not args.report:
-        rc = mutmut("run", *[f"outlier_hydra.{m}.*" for m in modules]).returncode
-        if rc != 0:
-            sys.exit(f"mutmut run failed (exit {rc})")
+        run(modules, args.limit)
     score = report(modules)
     print(f"\nscore {score:.1f}% (target {TARGET:.0f}%)")
 
