@@ -78,11 +78,13 @@ def test_seconds() -> dict[str, float]:
 
 
 def run(modules: list[str], limit: int | None) -> None:
-    if not statuses():  # first run: mutmut makes the mutants and maps the tests (no mutant matches)
+    status = statuses()
+    if not status:  # first run: mutmut makes the mutants and maps the tests (no mutant matches)
         if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:
             sys.exit("mutmut run failed (making the mutants)")
+        status = statuses()
     equiv = equivalents()
-    todo = [n for n, st in statuses().items() if module_of(n) in modules and st in TO_RUN and n not in equiv]
+    todo = [n for n, st in status.items() if module_of(n) in modules and st in TO_RUN and n not in equiv]
     seconds = test_seconds()
     todo.sort(key=lambda n: (seconds.get(n.split("__mutmut_")[0], 0.0), n))
     todo = todo[:limit] if limit is not None else todo

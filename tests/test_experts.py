@@ -73,14 +73,8 @@ def per_expert_loop(folder, token_ids, batch_size, threshold=6.0):
         n_exp = ex.down_proj.shape[0]
         per = {}
         for e in range(n_exp):
-            hs, ys = [], []
-            for x, idx in batches:
-                tokens = (idx == e).any(-1).nonzero()[:, 0]
-                gate, up = torch.nn.functional.linear(x[tokens], ex.gate_up_proj[e]).chunk(2, dim=-1)
-                h = ex.act_fn(gate) * up
-                hs.append(h)
-                ys.append(torch.nn.functional.linear(h, ex.down_proj[e]))
-            h, y = torch.cat(hs).double().numpy(), torch.cat(ys).double().numpy()
+            h, y, _ = expert_rows(ex, batches, e)
+            h, y = h.double().numpy(), y.double().numpy()
             if len(y) == 0:
                 per[e] = (0, None, None, None, None, np.zeros(y.shape[1], np.int64))
                 continue
@@ -89,6 +83,18 @@ def per_expert_loop(folder, token_ids, batch_size, threshold=6.0):
         out[i] = per
     torch.set_grad_enabled(True)
     return out
+
+
+def expert_rows(ex, calls, e):
+    """Expert e of a fused experts module over recorded calls (hidden [N, H], choices [N, k]): its
+    down_proj inputs h and outputs y by F.linear on its own weights, and per call the rows it took."""
+    hs, ys, rows = [], [], []
+    for x, idx in calls:
+        rows.append((idx == e).any(-1).nonzero()[:, 0])
+        gate, up = torch.nn.functional.linear(x[rows[-1]], ex.gate_up_proj[e]).chunk(2, dim=-1)
+        hs.append(ex.act_fn(gate) * up)
+        ys.append(torch.nn.functional.linear(hs[-1], ex.down_proj[e]))
+    return torch.cat(hs), torch.cat(ys), rows
 
 
 @pytest.mark.parametrize("family", sorted(PLANTED))
@@ -400,15 +406,9 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
                 continue
             ex = model.layers[i].mlp.experts
             for e in range(ex.down_proj.shape[0]):
-                hs, ys, ts = [], [], []
-                for b, (x, idx) in enumerate(calls):
-                    rows = (idx == e).any(-1).nonzero()[:, 0]
-                    gate, up = torch.nn.functional.linear(x[rows], ex.gate_up_proj[e]).chunk(2, dim=-1)
-                    hs.append(ex.act_fn(gate) * up)
-                    ys.append(torch.nn.functional.linear(hs[-1], ex.down_proj[e]))
-                    ts.append(flat_tokens(b, len(x))[rows.numpy()])
-                h, y = torch.cat(hs).numpy(), torch.cat(ys).numpy()
-                truth[(i, "routed", e)] = _unit_truth(h, y, np.concatenate(ts), ex.down_proj[e].numpy(), threshold)
+                h, y, rows = expert_rows(ex, calls, e)
+                token = np.concatenate([flat_tokens(b, len(x))[r.numpy()] for b, ((x, _), r) in enumerate(zip(calls, rows))])
+                truth[(i, "routed", e)] = _unit_truth(h.numpy(), y.numpy(), token, ex.down_proj[e].numpy(), threshold)
 
     units = {(u["layer"], u["kind"], u["expert"]): u for u in section["units"]}
     assert set(units) == set(truth) and len(truth) == 3 * 9 + 1

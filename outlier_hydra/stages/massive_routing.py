@@ -6,8 +6,9 @@ stage runs one forward over the sequences that hold massive activations and read
 expert's layer, the expert choices the model makes for those tokens (where the structure's probe
 found them: MoeLayer.choices_hook in models/structure.py). Per super expert (layer l, expert e): the
 massive activations in the residual stream after layer l or later, their distinct token positions,
-how many of those positions chose e at layer l, and the share. It needs both stages on (massive_activations is off by
-default); otherwise its section says which is missing and nothing runs.
+how many of those positions chose e at layer l, and the share. It needs both stages on
+(massive_activations is off by default); otherwise its section says which is missing and nothing
+runs.
 """
 
 from __future__ import annotations
@@ -83,8 +84,7 @@ class MassiveRouting(Stage):
 
             return fn
 
-        moes = {layer: ctx.structure.moe(layer) for layer in layers}
-        hooks = [moe.choices_hook(receive(layer)) for layer, moe in moes.items() if moe is not None]
+        hooks = [moe.choices_hook(receive(layer)) for layer in layers if (moe := ctx.structure.moe(layer))]
         with attached(model, hooks):
             for start in range(0, len(sequences), self.config.batch_size):
                 current[:] = sequences[start : start + self.config.batch_size]
