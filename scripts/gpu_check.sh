@@ -34,7 +34,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUF
 if ! "$PY" -c "import hydra, omegaconf, transformers, rich" 2>/dev/null; then
   if [ -n "${WHEELS:-}" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/outlier_hydra_site "$WHEELS"/*.whl
-    export PYTHONPATH="$PYTHONPATH:/tmp/outlier_hydra_site"
+    export PYTHONPATH="$PYTHONPATH:/tmp/outlier_hydra_site${WHEELS:+:$PWD/$WHEELS/site}"
   else
     "$PY" -m pip install -q -e '.[test]'
   fi
@@ -43,7 +43,7 @@ fi
 
 WORK=$(mktemp -d)
 echo "== CUDA tests (they skip without a GPU)"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_benchmark.py -k gpu_backends_match_the_reference || echo "gpu_check: CUDA tests FAILED"
+"$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_benchmark.py tests/test_experts.py || echo "gpu_check: CUDA tests FAILED"
 
 failed=""
 for preset in $PRESETS; do

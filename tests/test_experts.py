@@ -143,20 +143,45 @@ def test_every_experts_implementation_gives_the_same_statistics(family, impl, tm
     config["experts_implementation"] = impl
     (folder / "config.json").write_text(json.dumps(config))
     other = _run(folder, tmp_path, name=impl)["experts"]
-    for a, b in zip(grouped["units"], other["units"]):
+    _same_units(grouped, other, rel=1e-5)
+
+
+def _same_units(a_section, b_section, rel):
+    """Two experts sections of one model and tokens: the same units, tokens, dims, channels, counts,
+    positions and super-weight candidates; maxima and contributions within `rel`."""
+    for a, b in zip(a_section["units"], b_section["units"], strict=True):
         for key in ("layer", "expert", "tokens", "max_output_dim", "max_input_channel", "outlier_dims"):
             assert a[key] == b[key], (key, a["layer"], a["expert"])
         if a["max_output"] is not None:
-            assert a["max_output"] == pytest.approx(b["max_output"], rel=1e-5)
-            assert a["max_input"] == pytest.approx(b["max_input"], rel=1e-5)
+            assert a["max_output"] == pytest.approx(b["max_output"], rel=rel)
+            assert a["max_input"] == pytest.approx(b["max_input"], rel=rel)
             assert a["max_output_at"] == b["max_output_at"]
             ca, cb = a["super_weight_candidate"], b["super_weight_candidate"]
             assert {k: ca[k] for k in ("row", "col", "weight")} == {k: cb[k] for k in ("row", "col", "weight")}
-            assert ca["contribution"] == pytest.approx(cb["contribution"], rel=1e-5)
+            assert ca["contribution"] == pytest.approx(cb["contribution"], rel=rel)
         else:
             assert b["max_output"] is None and "max_output_at" not in b
-    assert len(grouped["units"]) == len(other["units"]) == 4 * 8
-    assert grouped["super_experts"][0]["expert"] == other["super_experts"][0]["expert"] == 5
+    assert len(a_section["units"]) == 4 * 8
+    assert a_section["super_experts"][0]["expert"] == b_section["super_experts"][0]["expert"] == 5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path is checked on one)")
+def test_a_run_on_cuda_gives_the_cpu_statistics(tmp_path):
+    """The whole run on the GPU (its default experts implementation, the compiled reduction, float32)
+    against the same run on the CPU: the systematic features and the routing equal, the experts
+    statistics to float32 rounding (the GPU's matmuls sum in another order)."""
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5), plant_dim=13)
+    cpu = _run(folder, tmp_path, name="cpu")
+    gpu = _run(folder, tmp_path, "model.device_map=cuda", name="cuda")
+    _same_units(cpu["experts"], gpu["experts"], rel=1e-4)
+    exact = ("feature_dim", "layer_percentage", "seq_percentage", "total_occurrences", "layers_affected")
+    assert [f["feature_dim"] for f in gpu["systematic_outliers"]] == [13]
+    for a, b in zip(cpu["systematic_outliers"], gpu["systematic_outliers"], strict=True):
+        assert {k: a[k] for k in exact} == {k: b[k] for k in exact}
+        assert a["max_magnitude"] == pytest.approx(b["max_magnitude"], rel=1e-4)
+    for a, b in zip(cpu["moe_routing"]["layers"], gpu["moe_routing"]["layers"], strict=True):
+        assert a["tokens_per_expert"] == b["tokens_per_expert"]
 
 
 @pytest.mark.parametrize("where", ["dense", "expert"])

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.config.targets import instantiate_node
@@ -51,7 +51,8 @@ def build_model(b: DictConfig, device: torch.device) -> torch.nn.Module:
     """Random weights of the preset's shape, created on the device directly (nothing downloaded)."""
     from transformers import AutoConfig, AutoModel
 
-    shape = dict(b.shape)
+    # plain lists and dicts: transformers' strict configs refuse a ListConfig
+    shape: dict = OmegaConf.to_container(b.shape, resolve=True)  # type: ignore[assignment]
     config = AutoConfig.for_model(b.model_type, **shape)
     torch.manual_seed(0)
     with torch.device(device):

@@ -1,0 +1,76 @@
+"""Where a collection's time goes, stage by stage, on one benchmark preset:
+
+    python scripts/stage_breakdown.py benchmark=olmoe_shape [more overrides]
+
+On the preset's model and batch (as `outlier-hydra benchmark`), with the whole forward run, it times
+(medians over `repeats`, interleaved): the bare forward, the collection with no stage, with each
+collect stage alone and with all of them, and prints each as x forward. Then one collection with all
+stages under torch.profiler: the ops that take the most device time and the most host time. This is
+the diagnosis behind a benchmark ratio; the ratios themselves are the benchmark's.
+"""
+
+from __future__ import annotations
+
+import statistics as st
+import sys
+
+import torch
+
+from outlier_hydra.cli import compose_config
+from outlier_hydra.config.targets import instantiate_node
+from outlier_hydra.models.structure import config_top_k, discover, probe
+from outlier_hydra.stages import build_stages
+from outlier_hydra.tools.benchmark import build_model, pick_device, sync, timed
+
+
+def main(overrides: list[str]) -> None:
+    cfg = compose_config(overrides)
+    b = cfg.benchmark
+    device = pick_device(b.device)
+    model = build_model(b, device)
+    layers = list(range(b.shape.num_hidden_layers))
+    structure = discover(model, len(layers), int(model.config.hidden_size), None, f"benchmark={b.name}")
+    probe(structure, model, device, f"benchmark={b.name}", config_top_k(model.config))
+    points = structure.hook_points(layers)
+    allowed = list(cfg.allowed_targets)
+    collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed, early_stop=False)
+    stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(structure, layers)]
+    ids = torch.randint(
+        100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=torch.Generator().manual_seed(0)
+    ).to(device)
+
+    def forward():
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    def collect(chosen):
+        return lambda: collector.collect_batch(model, points, ids, stages=chosen)
+
+    variants = {"forward": forward, "no stage": collect([])}
+    variants.update({s.name: collect([s]) for s in stages})
+    variants["all stages"] = collect(stages)
+    for fn in variants.values():
+        timed(fn, device, 0, b.warmup)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(b.repeats):
+        for k, fn in variants.items():
+            times[k] += timed(fn, device, 1, 0)
+    fwd = st.median(times["forward"])
+    print(f"{b.name} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, whole forward:")
+    for k, v in times.items():
+        print(f"  {k:<22}{st.median(v):>10.4f} s{st.median(v) / fwd:>9.3f}x")
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        variants["all stages"]()
+        sync(device)
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
