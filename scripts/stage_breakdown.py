@@ -4,15 +4,20 @@
 
 On the preset's model and batch (as `outlier-hydra benchmark`), with the whole forward run, it times
 (medians over `repeats`, interleaved): the bare forward, the collection with no stage, with each
-collect stage alone and with all of them, and prints each as x forward. Then one collection with all
-stages under torch.profiler: the ops that take the most device time and the most host time. This is
-the diagnosis behind a benchmark ratio; the ratios themselves are the benchmark's.
+collect stage alone and with all of them, and prints each as x forward. Then the device time of a
+forward and of a collection with all stages, that collection's ops by device and by host time
+(torch.profiler), and the places where it makes the host wait for the GPU (torch's sync debug mode).
+This is the diagnosis behind a benchmark ratio; the ratios themselves are the benchmark's.
 """
 
 from __future__ import annotations
 
+import collections
 import statistics as st
 import sys
+import traceback
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -60,16 +65,44 @@ def main(overrides: list[str]) -> None:
     for k, v in times.items():
         print(f"  {k:<22}{st.median(v):>10.4f} s{st.median(v) / fwd:>9.3f}x")
 
-    activities = [torch.profiler.ProfilerActivity.CPU]
+    def profile(fn):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        return prof.key_averages()
+
+    forward_profile, averages = profile(forward), profile(variants["all stages"])
     if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        variants["all stages"]()
-        sync(device)
-    averages = prof.key_averages()
-    if device.type == "cuda":
+        device_ms = [sum(e.self_device_time_total for e in a) / 1e3 for a in (forward_profile, averages)]
+        print(f"device time: forward {device_ms[0]:.1f} ms, collection with all stages {device_ms[1]:.1f} ms")
         print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+        print_sync_sites(variants["all stages"], device)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def print_sync_sites(fn, device) -> None:
+    """Where one collection makes the host wait for the GPU (torch's sync debug mode), by call site."""
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "outlier_hydra" in f.filename or "transformers" in f.filename]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-1:-4:-1]) or "(no project frame)"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            sync(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"host syncs in one collection: {sum(sites.values())}, by site:")
+    for site, n in sites.most_common(25):
+        print(f"  {n:>5}  {site}")
 
 
 if __name__ == "__main__":

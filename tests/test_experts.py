@@ -228,6 +228,58 @@ def test_model_output_is_bit_identical_with_the_stage(tmp_path):
     assert not torch._C._is_torch_function_mode_enabled()
 
 
+def test_segment_counts_against_numpy():
+    """The sync-free outlier counts (float16 one-hot products in blocks of 2048 rows): exact against
+    numpy, with whole blocks and a remainder, invalid rows left out, and one segment of 6000 rows all
+    at the threshold (counts far past float16's exact integers)."""
+    from outlier_hydra.stages.experts import segment_counts
+
+    rng = np.random.default_rng(0)
+    rows, dims, n = 2048 * 3 + 777, 40, 5
+    segment = rng.integers(0, n, rows)
+    segment[:6000] = 3
+    valid = rng.random(rows) < 0.9
+    mask = rng.random((rows, dims)) < 0.3
+    mask[:6000, 7] = True
+    want = np.zeros((n, dims), np.int64)
+    np.add.at(want, segment[valid], mask[valid].astype(np.int64))
+    got = segment_counts(torch.from_numpy(segment), torch.from_numpy(valid), torch.from_numpy(mask), n)
+    assert got.dtype == torch.int64 and np.array_equal(got.numpy(), want)
+    assert want[3, 7] >= 5400  # the long segment: sums past 2048 stay exact
+    few = segment_counts(torch.from_numpy(segment[:100]), torch.from_numpy(valid[:100]), torch.from_numpy(mask[:100]), n)
+    small = np.zeros((n, dims), np.int64)
+    np.add.at(small, segment[:100][valid[:100]], mask[:100][valid[:100]].astype(np.int64))
+    assert np.array_equal(few.numpy(), small)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_sync_free_counting_gives_the_same_statistics(impl, tmp_path):
+    """The GPU's way of counting (no host sync: |y| once, one-hot products) run on the CPU against the
+    CPU's way (only the rows at the threshold): every array of the statistics equal, bit for bit."""
+    from doubles import structure_points
+    from transformers import AutoModel
+
+    from outlier_hydra.collect import OutlierCollector
+    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.stages.experts import Experts
+
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    model = AutoModel.from_pretrained(folder, experts_implementation=impl).eval()
+    ids = torch.randint(1000, 20000, (3, 400), generator=torch.Generator().manual_seed(0))
+    structure = discover(model, 4, 64, None, "test")
+    probe(structure, model, torch.device("cpu"), "test", config_top_k(model.config))
+    points = structure_points(model, [0, 1, 2, 3])
+    got = {}
+    for sync_free in (False, True):
+        stage = Experts(make_cfg().analysis.stages.experts)
+        stage.sync_free = sync_free
+        assert stage.bind(structure, [0, 1, 2, 3])
+        got[sync_free] = OutlierCollector(6.0).collect_batch(model, points, ids, stages=[stage]).extras["experts"]
+    assert len(got[False].counts) > 0 and got[False].counts.max() > 1
+    for name in got[False].__dataclass_fields__:
+        assert np.array_equal(getattr(got[False], name), getattr(got[True], name)), name
+
+
 def _reanalyze(run_dir, *args):
     return subprocess.run(
         [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO

@@ -22,6 +22,7 @@ back their own mergeable statistics, which land in OutlierStats.extras under the
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 
@@ -40,6 +41,7 @@ from outlier_hydra.collect.reductions import (
     sparse_positions,
     sparse_reduce,
 )
+from outlier_hydra.collect.transfer import counts_to_host, to_host
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.models.structure import HookPoint
 from outlier_hydra.stats import DEFAULT_EDGES, OutlierStats, histogram_edges
@@ -58,6 +60,13 @@ def layer_chunks(points: list[HookPoint], chunk_layers: int | None) -> list[list
         return [list(points)]
     groups = [set(layers[i : i + chunk_layers]) for i in range(0, len(layers), chunk_layers)]
     return [[p for p in points if p.layer in g] for g in groups]
+
+
+@functools.lru_cache(maxsize=64)
+def edges_on(edges: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The histogram edges as a float32 tensor on the device, made once: a copy to a GPU from the
+    host waits for the GPU, so no batch should make it again in a hook. Read-only."""
+    return torch.tensor(edges, dtype=torch.float32, device=device)
 
 
 class _BatchState:
@@ -105,7 +114,7 @@ class _BatchState:
         if dev not in self.pabs:
             self.pabs[dev] = torch.zeros_like(x)
             self.pval[dev] = torch.zeros_like(x)
-            self.edges_t[dev] = torch.tensor(self.edges, dtype=torch.float32, device=dev)
+            self.edges_t[dev] = edges_on(self.edges, dev)
         if self.backend == "sparse":
             out = sparse_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
         elif self.backend == "compiled":
@@ -149,17 +158,18 @@ class _BatchState:
             rows_by_dev[t.device].append(row)
         for rows in rows_by_dev.values():  # one host copy per device and kind
             for host, kept in ((ge, self.ge), (max_abs, self.max_abs), (nonfinite, self.nonfinite)):
-                host[rows] = torch.stack([t for t in (kept[r] for r in rows) if t is not None]).cpu().numpy()
+                stacked = torch.stack([t for t in (kept[r] for r in rows) if t is not None])
+                host[rows] = counts_to_host(stacked) if kept is self.ge else to_host(stacked)  # ge: per token
         pabs, pval = self._positions()
         low = self.edges[0]
-        edges_t = torch.tensor(self.edges, dtype=torch.float32, device=pabs.device)
+        edges_t = edges_on(self.edges, pabs.device)
         if self.backend == "sparse":
             pos_ge, top = sparse_positions(pabs, pval, edges_t, self.k)
         else:
-            pos_ge = position_counts(pabs, edges_t).cpu().numpy()
+            pos_ge = counts_to_host(position_counts(pabs, edges_t))
             k = min(self.k, pabs.shape[0])
             top = pval.gather(0, example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
-            top = torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))).cpu().numpy()
+            top = to_host(torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))))
             if k < self.k:
                 top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
         return OutlierStats(

@@ -39,12 +39,15 @@ import torch
 from omegaconf import MISSING
 from torch.overrides import TorchFunctionMode
 
+from outlier_hydra.collect.transfer import to_host
 from outlier_hydra.models.structure import is_conv1d, matrix_dims
 from outlier_hydra.stages import ArrayStats, ReportContext, Stage
 
 KINDS = ("routed", "shared", "dense")
 RECORD = ("out_max", "out_dim", "out_token", "col", "weight", "contribution")  # moves with out_max
 RECORD_IN = ("in_max", "in_channel", "in_token")  # moves with in_max
+INT_KEYS = ("tokens", "out_dim", "out_token", "col", "in_channel", "in_token")  # int64 on the device
+FLOAT_KEYS = ("out_max", "weight", "contribution", "in_max")  # float32 on the device
 UNKNOWN_TOKEN = 2**60  # rows whose token the experts implementation does not reveal (sorts after all)
 
 
@@ -135,6 +138,28 @@ def _down_linear(block: torch.nn.Module, hidden: int) -> str | None:
     return found
 
 
+def segment_counts(segment: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """counts[s, d] = #rows r with segment[r] == s, valid[r] and mask[r, d]: int64 [n, D], exact and
+    without a host sync. The 0/1 products run in float16 on blocks of at most 2048 rows (float16 holds
+    every integer to 2048, so each block's sums are exact whatever the matmul's accumulation), and the
+    blocks are summed as int64."""
+    rows, d = mask.shape
+    one_hot = (torch.nn.functional.one_hot(segment, n) * valid[:, None]).to(torch.float16)  # [R, n]
+    m = mask.to(torch.float16)
+    block = min(BLOCK_ROWS, rows)
+    whole = rows // block * block if block else 0
+    counts = torch.zeros((n, d), dtype=torch.int64, device=mask.device)
+    if whole:
+        blocks = torch.bmm(one_hot[:whole].view(-1, block, n).transpose(1, 2), m[:whole].view(-1, block, d))
+        counts += blocks.sum(0, dtype=torch.int64)
+    if whole < rows:
+        counts += (one_hot[whole:].t() @ m[whole:]).long()
+    return counts
+
+
+BLOCK_ROWS = 2048  # float16 represents the integers 0..2048 exactly
+
+
 class _Watch(TorchFunctionMode):
     """Reads the matmuls that take the down_proj bank inside one experts forward."""
 
@@ -184,6 +209,9 @@ class Experts(Stage):
     Config = ExpertsConfig
     Stats = ExpertStats
     report_only = ("super_percentile", "super_fraction", "top_units")
+    # the outlier counts without a host sync (one-hot matmul) or from the rows that reach the
+    # threshold (asks the host how many); None: by device (sync-free off the CPU). Tests set it.
+    sync_free: bool | None = None
 
     def stop_after(self, layer: int) -> tuple | None:
         """The forward must finish the last layer's MLP / MoE block (rank 2.5: after its experts)."""
@@ -329,7 +357,13 @@ class Experts(Stage):
         if token is None:  # rows whose tokens are not known: the maximum is kept without its position
             token = torch.full((x.shape[0],), UNKNOWN_TOKEN, dtype=torch.long, device=dev)
         expert, token = expert.to(dev).long(), token.to(dev).long()
-        y_row, x_row = self._row_absmax(y), self._row_absmax(x)
+        sync_free = dev.type != "cpu" if self.sync_free is None else self.sync_free
+        if sync_free:  # |y| once: its row maxima and the outlier mask
+            y_abs = y.abs()
+            y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0)
+        else:  # no |y| temporary on the CPU (see _row_absmax)
+            y_row = self._row_absmax(y)
+        x_row = self._row_absmax(x)
         if valid is not None:
             y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
             weight_of_row = valid.long()
@@ -343,14 +377,13 @@ class Experts(Stage):
         wrow = self._weight_rows(unit, dim)  # [E, I]: W_e[dim_e, :]
         contrib = wrow.float() * x[safe].float()
         col = contrib.abs().argmax(1)
-        if dev.type == "cpu":  # only the rows that reach the threshold (usually none)
+        if not sync_free:  # only the rows that reach the threshold (usually none): the host knows how many
             rows = (y_row >= self.threshold).nonzero()[:, 0]
             counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
             if len(rows):
                 counts.index_add_(0, expert[rows], (y[rows].abs() >= self.threshold).long())
-        else:  # no host sync on a GPU: one-hot(expert)^T @ mask, one small matmul
-            one_hot = torch.nn.functional.one_hot(expert, e_count).t().float() * (weight_of_row > 0)
-            counts = (one_hot @ (y.abs() >= self.threshold).float()).round().long()
+        else:  # no host sync (a GPU): one-hot(expert)^T @ mask on the tensor cores, exact
+            counts = segment_counts(expert, weight_of_row > 0, y_abs >= self.threshold, e_count)
         new = {
             "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, weight_of_row),
             "out_max": torch.where(ran, out_max, -1.0),
@@ -433,7 +466,8 @@ class Experts(Stage):
         return out
 
     def finish_batch(self) -> ExpertStats:
-        """One host copy per unit; outlier counts kept only where nonzero."""
+        """One host copy per device for all units' integers, one for their floats, and the outlier
+        counts only where nonzero."""
         r = self.num_rows
         keys = np.zeros((r, 4), np.int64)
         arrays = {
@@ -449,31 +483,44 @@ class Experts(Stage):
             "in_token": np.full(r, np.iinfo(np.int64).max, np.int64),
             "median_abs_weight": np.zeros(r),
         }
-        count_keys, counts = [], []
-        offset = self.first_sequence * getattr(self, "length", 0)
         for unit in self.units:
-            rows = slice(unit.row0, unit.row0 + unit.experts)
+            span = slice(unit.row0, unit.row0 + unit.experts)
             # routed: the expert id (a bank's row, or the position in a list of expert modules)
-            keys[rows] = [(unit.layer, unit.kind, unit.index, unit.index + e) for e in range(unit.experts)]
-            arrays["median_abs_weight"][rows] = self.median[unit.path]
-            if not unit.acc:
-                continue
-            host = {k: v.cpu().numpy() for k, v in unit.acc.items()}
+            keys[span] = [(unit.layer, unit.kind, unit.index, unit.index + e) for e in range(unit.experts)]
+            arrays["median_abs_weight"][span] = self.median[unit.path]
+        by_device: dict[torch.device, list[_Unit]] = {}
+        for unit in self.units:
+            if unit.acc:
+                by_device.setdefault(unit.acc["tokens"].device, []).append(unit)
+        offset = self.first_sequence * getattr(self, "length", 0)
+        count_rows, count_dims, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for units in by_device.values():
+            rows = np.concatenate([np.arange(u.row0, u.row0 + u.experts) for u in units])
+            ints = to_host(torch.stack([torch.cat([u.acc[k] for u in units]) for k in INT_KEYS]))
+            floats = to_host(torch.stack([torch.cat([u.acc[k].double() for u in units]) for k in FLOAT_KEYS]))
+            host = {**dict(zip(INT_KEYS, ints)), **dict(zip(FLOAT_KEYS, floats))}
             ran = host["out_max"] >= 0
-            for k in ("tokens", "out_max", "out_dim", "col", "weight", "contribution", "in_max", "in_channel"):
-                arrays[k][rows] = np.where(ran, host[k], arrays[k][rows]) if k not in ("tokens",) else host[k]
-            arrays["out_token"][rows] = np.where(ran, host["out_token"] + offset, arrays["out_token"][rows])
-            arrays["in_token"][rows] = np.where(ran, host["in_token"] + offset, arrays["in_token"][rows])
-            rr, dd = np.nonzero(host["counts"])
-            count_keys += [(unit.row0 + a, b) for a, b in zip(rr.tolist(), dd.tolist())]
-            counts += host["counts"][rr, dd].tolist()
+            arrays["tokens"][rows] = host["tokens"]
+            for k in ("out_max", "out_dim", "col", "weight", "contribution", "in_max", "in_channel"):
+                arrays[k][rows] = np.where(ran, host[k], arrays[k][rows])
+            for k in ("out_token", "in_token"):
+                arrays[k][rows] = np.where(ran, host[k] + offset, arrays[k][rows])
+            stacked = torch.cat([u.acc["counts"] for u in units])  # [rows, H]
+            nonzero = stacked.nonzero()
+            values = to_host(stacked[nonzero[:, 0], nonzero[:, 1]])
+            nonzero_host = to_host(nonzero)
+            count_rows.append(rows[nonzero_host[:, 0]])
+            count_dims.append(nonzero_host[:, 1])
+            counts.append(values)
+        for unit in self.units:
             unit.acc = {}
-        order = sorted(range(len(counts)), key=lambda i: count_keys[i])
+        row_of, dim_of, count = np.concatenate(count_rows), np.concatenate(count_dims), np.concatenate(counts)
+        order = np.lexsort((dim_of, row_of))
         return ExpertStats(
             keys=keys,
             **arrays,
-            count_keys=np.asarray([count_keys[i] for i in order], np.int64).reshape(-1, 2),
-            counts=np.asarray([counts[i] for i in order], np.int64),
+            count_keys=np.stack([row_of[order], dim_of[order]], 1).astype(np.int64).reshape(-1, 2),
+            counts=count[order].astype(np.int64),
         )
 
     # ---- report -----------------------------------------------------------------------------
