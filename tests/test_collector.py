@@ -53,6 +53,23 @@ def test_threshold_is_inclusive_and_criteria_boundaries_are_exact(backend):
     assert [r["feature_dim"] for r in SystematicOutlierAnalysis(6.0, 0.25, 0.05).records(stats)] == [0, 1]
 
 
+@pytest.mark.parametrize(
+    "minimum,total", [(0.06, 100), (0.3, 10), (1e-12, 10**12), (0.1234567891, 10**10), (0.999999999999, 10**12)]
+)
+def test_criteria_compare_with_the_decimal_as_written(minimum, total):
+    """count / total >= minimum at the boundary, for decimals of up to 12 digits: the count that meets
+    it exactly meets it, one less does not, whatever the float's binary error."""
+    from fractions import Fraction
+
+    from outlier_hydra.analysis.criteria import meets
+
+    at = Fraction(repr(minimum)) * total
+    assert at.denominator == 1
+    count = int(at)
+    assert meets(np.asarray([count, count - 1]), total, minimum).tolist() == [True, False]
+    assert meets(np.asarray([count]), total + 1, minimum).tolist() == [False]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_positions_hit_counts_a_position_once_across_modules_and_passes(backend):
     acts = [[torch.zeros(1, 8, 2) for _ in range(2)] for _ in range(3)]

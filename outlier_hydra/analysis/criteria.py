@@ -30,8 +30,9 @@ FEATURE_FIELDS = [
 
 
 def meets(count: np.ndarray, total: int, minimum: float) -> np.ndarray:
-    """count / total >= minimum, exactly, for the decimal the user wrote."""
-    frac = Fraction(repr(float(minimum))).limit_denominator(10**9)
+    """count / total >= minimum, exactly, for the decimal the user wrote (repr: the shortest decimal
+    that is that float, so 0.06 is 6/100, not the binary float just above it)."""
+    frac = Fraction(repr(float(minimum)))
     return np.asarray(count, dtype=object) * frac.denominator >= frac.numerator * total
 
 

@@ -7,11 +7,13 @@ import torch
 
 
 def to_host(t: torch.Tensor) -> np.ndarray:
-    """t as a numpy array. From a GPU through page-locked memory, which copies several times faster
-    than pageable memory (torch keeps freed page-locked blocks for the next batch); the array keeps
-    its block alive for as long as it lives. On the CPU: t itself, no copy."""
+    """t as a numpy array. From a CUDA device through page-locked memory, which copies several times
+    faster than pageable memory (torch keeps freed page-locked blocks for the next batch); the array
+    keeps its block alive for as long as it lives. On the CPU: t itself, no copy."""
     if t.device.type == "cpu":
         return t.numpy()
+    if t.device.type != "cuda":  # other accelerators: a plain copy
+        return t.cpu().numpy()
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     out.copy_(t)
     return out.numpy()
