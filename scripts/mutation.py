@@ -15,8 +15,11 @@ Its results stay in mutants/ (git-ignored): a second run checks only what change
 
 Score = killed / (mutants - equivalent - GPU-only), per module and in all. A mutant that no selected
 test reaches ("no tests") counts as not killed. Equivalent mutants (the program's behaviour is the
-same) are listed in tests/mutation_equivalent.txt, one per line: the mutant's name, then why; a reason
-starting "gpu:" marks code only a CUDA device runs (counted in its own column).
+same) are listed in tests/mutation_equivalent.txt, one per line: the mutant's name, @ and the hash of
+its function's source it was judged at (`--pin` writes it), then why; a reason starting "gpu:" marks
+code only a CUDA device runs (counted in its own column). A mutant's name is its place in its
+function, so once the function changes the entry no longer counts: the mutant runs again, and a
+person judges it again (`mutmut show NAME`) before pinning it.
 """
 
 from __future__ import annotations
@@ -43,16 +46,64 @@ def mutmut(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], cwd=ROOT, env=env, text=True, capture_output=args[0] == "results")
 
 
-def equivalents() -> dict[str, str]:
+def listed_equivalents() -> dict[str, tuple[str | None, str]]:
+    """tests/mutation_equivalent.txt: name -> (the function's hash it was judged at, the reason)."""
     out = {}
     if EQUIVALENT.is_file():
         for line in EQUIVALENT.read_text().splitlines():
             if line.strip() and not line.startswith("#"):
-                name, _, why = line.strip().partition(" ")
+                name, _, rest = line.strip().partition(" ")
+                pin, _, why = rest.partition(" ") if rest.startswith("@") else ("", "", rest)
                 if not why.strip():
                     sys.exit(f"{EQUIVALENT.name}: {name} has no reason")
-                out[name] = why.strip()
+                out[name] = (pin[1:] or None, why.strip())
     return out
+
+
+def function_hashes() -> dict[str, str]:
+    """Per mutated function, the hash of its source when mutmut last made its mutants (mutmut's
+    .meta files). A mutant's number is its place in its function: once the function changes, the
+    same name can be another mutation."""
+    out = {}
+    root = ROOT / "mutants"
+    for meta in root.glob("outlier_hydra/**/*.py.meta"):
+        module = ".".join(meta.relative_to(root).with_suffix("").with_suffix("").parts)
+        for function, digest in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
+            out[f"{module}.{function}"] = digest
+    return out
+
+
+def function_of(name: str) -> str:
+    return name.split("__mutmut_")[0]
+
+
+def equivalents() -> dict[str, str]:
+    """The listed equivalents that still hold: judged at the function's present source (a stale one
+    is run again and reported, until it is judged again and pinned: --pin)."""
+    hashes = function_hashes()
+    out = {}
+    for name, (pin, why) in listed_equivalents().items():
+        if pin is not None and pin == hashes.get(function_of(name)):
+            out[name] = why
+    return out
+
+
+def pin(names: list[str]) -> None:
+    """Record, for these listed equivalents (all of them if none is named), the hash of the function
+    they were judged at. Pin only what you have judged again (`mutmut show NAME`)."""
+    hashes = function_hashes()
+    listed = listed_equivalents()
+    wanted = set(names) or set(listed)
+    if unknown := sorted(wanted - set(listed)):
+        sys.exit(f"not listed in {EQUIVALENT.name}: {', '.join(unknown)}")
+    lines = []
+    for line in EQUIVALENT.read_text().splitlines():
+        name = line.strip().partition(" ")[0]
+        if name in wanted and not line.startswith("#") and (digest := hashes.get(function_of(name))):
+            lines.append(f"{name} @{digest} {listed[name][1]}")
+        else:
+            lines.append(line)
+    EQUIVALENT.write_text("\n".join(lines) + "\n")
 
 
 def statuses() -> dict[str, str]:
@@ -106,8 +157,10 @@ def report(modules: list[str]) -> float:
     if not status:
         sys.exit("no mutmut results in mutants/: run `make mutation` first")
     equiv = equivalents()
-    for name in sorted(set(equiv) - set(status)):
+    for name in sorted(set(listed_equivalents()) - set(status)):
         print(f"note: {EQUIVALENT.name} lists {name}, which mutmut no longer makes")
+    for name in sorted(set(listed_equivalents()) - set(equiv)):
+        print(f"note: {EQUIVALENT.name} lists {name}, judged at another version of its function: run again")
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors = []
     for name, st in status.items():
@@ -145,7 +198,11 @@ def main() -> None:
     p.add_argument("modules", nargs="*", help=f"package folders: {', '.join(MODULES)} (default: all four)")
     p.add_argument("--report", action="store_true", help="only report the results mutants/ holds")
     p.add_argument("--limit", type=int, default=None, help="judge at most this many mutants this time")
+    p.add_argument("--pin", nargs="*", metavar="NAME", help="record that these listed equivalents (default all) hold")
     args = p.parse_args()
+    if args.pin is not None:
+        pin(args.pin)
+        return
     modules = args.modules or list(MODULES)
     if unknown := sorted(set(modules) - set(MODULES)):
         p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")

@@ -146,12 +146,10 @@ def segment_counts(segment: torch.Tensor, valid: torch.Tensor, mask: torch.Tenso
     rows, d = mask.shape
     one_hot = (torch.nn.functional.one_hot(segment, n) * valid[:, None]).to(torch.float16)  # [R, n]
     m = mask.to(torch.float16)
-    block = min(BLOCK_ROWS, rows)
-    whole = rows // block * block if block else 0
-    counts = torch.zeros((n, d), dtype=torch.int64, device=mask.device)
-    if whole:
-        blocks = torch.bmm(one_hot[:whole].view(-1, block, n).transpose(1, 2), m[:whole].view(-1, block, d))
-        counts += blocks.sum(0, dtype=torch.int64)
+    block = min(BLOCK_ROWS, rows)  # rows >= 1 (_update returns before an empty call)
+    whole = rows // block * block
+    blocks = torch.bmm(one_hot[:whole].view(-1, block, n).transpose(1, 2), m[:whole].view(-1, block, d))
+    counts = blocks.sum(0, dtype=torch.int64)
     if whole < rows:
         counts += (one_hot[whole:].t() @ m[whole:]).long()
     return counts
