@@ -1,0 +1,44 @@
+"""scripts/mutation.py's bookkeeping of equivalent mutants: an entry counts only while its function's
+source is the one it was judged at, and --pin records that source's hash."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from conftest import REPO
+
+
+def _script(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("mutation_script", REPO / "scripts" / "mutation.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setattr(module, "EQUIVALENT", tmp_path / "equivalent.txt")
+    meta = tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"hash_by_function_name": {"xǁAǁf": "aaa111", "x_g": "bbb222"}}))
+    return module
+
+
+def test_equivalents_count_only_at_the_source_they_were_judged_at(tmp_path, monkeypatch):
+    script = _script(tmp_path, monkeypatch)
+    f, g = "outlier_hydra.stages.demo.xǁAǁf", "outlier_hydra.stages.demo.x_g"
+    script.EQUIVALENT.write_text(
+        "# a comment\n"
+        f"{f}__mutmut_1 @aaa111 judged at this source\n"
+        f"{f}__mutmut_2 @000000 gpu: judged at an older source\n"
+        f"{g}__mutmut_3 not pinned yet\n"
+    )
+    assert script.equivalents() == {f"{f}__mutmut_1": "judged at this source"}
+    script.pin([f"{g}__mutmut_3"])
+    assert script.equivalents() == {f"{f}__mutmut_1": "judged at this source", f"{g}__mutmut_3": "not pinned yet"}
+    assert script.EQUIVALENT.read_text().splitlines() == [
+        "# a comment",
+        f"{f}__mutmut_1 @aaa111 judged at this source",
+        f"{f}__mutmut_2 @000000 gpu: judged at an older source",
+        f"{g}__mutmut_3 @bbb222 not pinned yet",
+    ]
+    script.pin([])
+    assert script.equivalents()[f"{f}__mutmut_2"] == "gpu: judged at an older source"
