@@ -34,7 +34,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUF
 if ! "$PY" -c "import hydra, omegaconf, transformers, rich" 2>/dev/null; then
   if [ -n "${WHEELS:-}" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/outlier_hydra_site "$WHEELS"/*.whl
-    export PYTHONPATH="$PYTHONPATH:/tmp/outlier_hydra_site${WHEELS:+:$PWD/$WHEELS/site}"
+    # .whl/site: MiniLM's tokenizer package for the tests' tiny models (gpu_wheels.sh)
+    export PYTHONPATH="$PYTHONPATH:/tmp/outlier_hydra_site:$(cd "$WHEELS" && pwd)/site"
   else
     "$PY" -m pip install -q -e '.[test]'
   fi
