@@ -317,10 +317,20 @@ def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):
     router sent to it, against the routing recomputed from plain hooks."""
     from helpers import module_input_tables
 
+    from transformers import AutoModel
+
+    from outlier_hydra.models.tiny import plant_embedding_outlier
+
     folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5), plant_dim=13)
+    model = AutoModel.from_pretrained(folder)
+    plant_embedding_outlier(model, 29, every=5)  # a second systematic feature
+    with torch.no_grad():  # dim 13's positions go to the super expert, dim 29's away from it
+        model.layers[2].mlp.gate.weight[5, 13] = 2.0
+        model.layers[2].mlp.gate.weight[5, 29] = -2.0
+    model.save_pretrained(folder)
     results = _run(folder, tmp_path)
     dims = [r["feature_dim"] for r in results["systematic_outliers"]]
-    assert 13 in dims
+    assert {13, 29} <= set(dims)
     (s,) = results["experts"]["super_experts"]
     ids = np.load(tmp_path / "run" / "token_ids.npy")
     _, tables = module_input_tables(folder, [], {2: ("layers.2.mlp", "layers.2.mlp.gate", "layers.2.mlp.experts")}, ids, 4)
@@ -330,7 +340,8 @@ def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):
         hit = np.abs(x[:, d]) >= 6.0
         positions += int(hit.sum())
         chosen += int((idx[hit] == 5).sum())
-    assert positions > 0
+        assert hit.any(), d  # both dims add outlier positions
+    assert 0 < chosen < positions  # a share strictly between 0 and 1
     assert s["systematic_outlier_positions"] == positions
     assert s["systematic_outlier_positions_routed_to_it"] == chosen
     assert s["systematic_outlier_positions_share"] == chosen / positions
