@@ -316,7 +316,6 @@ def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):
     at every MLP input): the share of those outlier positions at the super expert's layer that the
     router sent to it, against the routing recomputed from plain hooks."""
     from helpers import module_input_tables
-
     from transformers import AutoModel
 
     from outlier_hydra.models.tiny import plant_embedding_outlier

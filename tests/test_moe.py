@@ -537,3 +537,33 @@ def test_top_experts_by_choices_with_single_choices_and_ties():
     assert [t["expert"] for t in _top(counts, 10)] == [2, 5, 1, 3]
     assert _top(counts, 2, positions=4)[1] == {"expert": 5, "choices": 3, "share": 0.3, "position_share": 0.75}
     assert _top(np.zeros(4, np.int64), 3) == []
+
+
+def test_router_stage_at_its_edges_on_crafted_tensors():
+    """The stage's hooks fed by hand: an MLP input exactly at the threshold counts (inclusive, as the
+    main statistics); router logits given as [batch, seq, experts]; choices without weights (each of
+    the k choices weighs the same: top-1 share 1/k). Every field of its statistics against numpy."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.moe_routing import MoeRouting
+
+    stage = MoeRouting(make_cfg().analysis.stages.moe_routing)
+    stage.layers, stage.row = [4], {4: 0}
+    stage.start_batch(0)
+    stage._mlp_input_hook(4)(torch.tensor([[[6.0, 5.999, -6.0], [0.0, 7.0, 0.0]]]))
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]]])
+    stage._logits_hook(4, SimpleNamespace(logits_at=None))(None, (), logits)
+    stage._choices_receiver(4)(torch.tensor([[1, 2], [2, 3]]), None)
+    s = stage.finish_batch()
+    p = np.exp(logits[0].double().numpy())
+    p /= p.sum(1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(1)
+    assert s.layers.tolist() == [4] and s.tokens.tolist() == [2]
+    assert s.expert_counts.tolist() == [[0, 1, 2, 1]]
+    assert s.entropy_sum[0] == pytest.approx(entropy.sum(), rel=1e-6)
+    assert s.top1_share_sum.tolist() == [1.0]  # 1/2 per token
+    assert s.feat_keys.tolist() == [[0, 0], [0, 1], [0, 2]]  # dims 0 and 2 at token 0, dim 1 at token 1
+    assert s.feat_counts.tolist() == [[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 0]]
+    assert s.feat_positions.tolist() == [1, 1, 1]
+    assert s.feat_entropy_sum == pytest.approx([entropy[0], entropy[1], entropy[0]], rel=1e-6)
+    assert s.feat_share_sum.tolist() == [0.5, 0.5, 0.5]
