@@ -555,6 +555,12 @@ def test_router_stage_at_its_edges_on_crafted_tensors():
     stage._logits_hook(4, SimpleNamespace(logits_at=None))(None, (), logits)
     stage._choices_receiver(4)(torch.tensor([[1, 2], [2, 3]]), None)
     s = stage.finish_batch()
+    stage.start_batch(0)  # the same with weights, given as [batch, seq, k]: top-1 share 0.8 and 0.5
+    stage._mlp_input_hook(4)(torch.tensor([[[6.0, 5.999, -6.0], [0.0, 7.0, 0.0]]]))
+    stage._logits_hook(4, SimpleNamespace(logits_at=None))(None, (), logits)
+    stage._choices_receiver(4)(torch.tensor([[[1, 2], [2, 3]]]), torch.tensor([[[0.8, 0.2], [0.25, 0.25]]]))
+    weighted = stage.finish_batch()
+    assert weighted.top1_share_sum[0] == pytest.approx(1.3) and weighted.feat_share_sum == pytest.approx([0.8, 0.5, 0.8])
     p = np.exp(logits[0].double().numpy())
     p /= p.sum(1, keepdims=True)
     entropy = -(p * np.log(p)).sum(1)
