@@ -555,12 +555,6 @@ def test_router_stage_at_its_edges_on_crafted_tensors():
     stage._logits_hook(4, SimpleNamespace(logits_at=None))(None, (), logits)
     stage._choices_receiver(4)(torch.tensor([[1, 2], [2, 3]]), None)
     s = stage.finish_batch()
-    stage.start_batch(0)  # the same with weights, given as [batch, seq, k]: top-1 share 0.8 and 0.5
-    stage._mlp_input_hook(4)(torch.tensor([[[6.0, 5.999, -6.0], [0.0, 7.0, 0.0]]]))
-    stage._logits_hook(4, SimpleNamespace(logits_at=None))(None, (), logits)
-    stage._choices_receiver(4)(torch.tensor([[[1, 2], [2, 3]]]), torch.tensor([[[0.8, 0.2], [0.25, 0.25]]]))
-    weighted = stage.finish_batch()
-    assert weighted.top1_share_sum[0] == pytest.approx(1.3) and weighted.feat_share_sum == pytest.approx([0.8, 0.5, 0.8])
     p = np.exp(logits[0].double().numpy())
     p /= p.sum(1, keepdims=True)
     entropy = -(p * np.log(p)).sum(1)
@@ -573,3 +567,17 @@ def test_router_stage_at_its_edges_on_crafted_tensors():
     assert s.feat_positions.tolist() == [1, 1, 1]
     assert s.feat_entropy_sum == pytest.approx([entropy[0], entropy[1], entropy[0]], rel=1e-6)
     assert s.feat_share_sum.tolist() == [0.5, 0.5, 0.5]
+    # with k = 3 weighted choices given as [batch, seq, k] (top-1 share 0.6 and 0.5), and the router
+    # called twice in one pass (a module the model reuses): every sum twice over
+    stage.start_batch(0)
+    for _ in range(2):
+        stage._mlp_input_hook(4)(torch.tensor([[[6.0, 5.999, -6.0], [0.0, 7.0, 0.0]]]))
+        stage._logits_hook(4, SimpleNamespace(logits_at=None))(None, (), logits)
+        stage._choices_receiver(4)(
+            torch.tensor([[[1, 2, 0], [2, 3, 1]]]), torch.tensor([[[0.6, 0.2, 0.2], [0.25, 0.25, 0.5]]])
+        )
+    twice = stage.finish_batch()
+    assert twice.tokens.tolist() == [4] and twice.expert_counts.tolist() == [[2, 4, 4, 2]]
+    assert twice.top1_share_sum[0] == pytest.approx(2.2) and twice.entropy_sum[0] == pytest.approx(2 * entropy.sum())
+    assert twice.feat_counts.tolist() == [[2, 2, 2, 0], [0, 2, 2, 2], [2, 2, 2, 0]]
+    assert twice.feat_positions.tolist() == [2, 2, 2] and twice.feat_share_sum == pytest.approx([1.2, 1.0, 1.2])
