@@ -559,6 +559,10 @@ def test_router_stage_at_its_edges_on_crafted_tensors():
     p /= p.sum(1, keepdims=True)
     entropy = -(p * np.log(p)).sum(1)
     assert s.layers.tolist() == [4] and s.tokens.tolist() == [2]
+    ints = ("layers", "expert_counts", "tokens", "feat_keys", "feat_counts", "feat_positions")
+    assert {k: getattr(s, k).dtype for k in s.__dataclass_fields__} == {
+        k: np.dtype(np.int64 if k in ints else np.float64) for k in s.__dataclass_fields__
+    }
     assert s.expert_counts.tolist() == [[0, 1, 2, 1]]
     assert s.entropy_sum[0] == pytest.approx(entropy.sum(), rel=1e-6)
     assert s.top1_share_sum.tolist() == [1.0]  # 1/2 per token

@@ -175,7 +175,7 @@ class MoeRouting(Stage):
     def finish_batch(self) -> RouterStats:
         """Host copies of the per-layer sums and of the per-feature rows only where a dim has outlier
         positions at that layer (all of them would be [layers, D, E] floats: 100 MB on Qwen3-30B)."""
-        layers = sorted(self.state)
+        layers = sorted(self.state)  # every MoE layer of the pass ran (the pass stops after the last)
         rows = [self.row[layer] for layer in layers]
         e = self.width
         n = len(self.layers)
@@ -183,20 +183,17 @@ class MoeRouting(Stage):
         tokens = np.zeros(n, np.int64)
         ent = np.zeros(n)
         share = np.zeros(n)
-        keys = np.zeros((0, 2), np.int64)
-        feat = np.zeros((0, e + 3))
-        if layers:
-            state = torch.stack([self.state[layer] for layer in layers])  # [L, E + 2 + (E + 3) D]
-            per_layer = to_host(state[:, : e + 2])
-            per_feature = state[:, e + 2 :].reshape(len(layers), e + 3, -1)
-            at = (per_feature[:, e + 2] > 0).nonzero()  # (layer, dim) with outlier positions, in order
-            feat = to_host(per_feature[at[:, 0], :, at[:, 1]])  # [K, E + 3]
-            at_host = to_host(at)
-            keys = np.stack([np.asarray(rows, np.int64)[at_host[:, 0]], at_host[:, 1]], 1)
-            for r, layer, h in zip(rows, layers, per_layer):
-                counts[r] = np.rint(h[:e]).astype(np.int64)
-                tokens[r] = self.tokens[layer]
-                ent[r], share[r] = h[e], h[e + 1]
+        state = torch.stack([self.state[layer] for layer in layers])  # [L, E + 2 + (E + 3) D]
+        per_layer = to_host(state[:, : e + 2])
+        per_feature = state[:, e + 2 :].reshape(len(layers), e + 3, -1)
+        at = (per_feature[:, e + 2] > 0).nonzero()  # (layer, dim) with outlier positions, in order
+        feat = to_host(per_feature[at[:, 0], :, at[:, 1]])  # [K, E + 3]
+        at_host = to_host(at)
+        keys = np.stack([np.asarray(rows, np.int64)[at_host[:, 0]], at_host[:, 1]], 1)
+        for r, layer, h in zip(rows, layers, per_layer):
+            counts[r] = np.rint(h[:e]).astype(np.int64)
+            tokens[r] = self.tokens[layer]
+            ent[r], share[r] = h[e], h[e + 1]
         self.state, self.tokens = {}, {}
         return RouterStats(
             layers=np.asarray(self.layers, np.int64),
