@@ -186,15 +186,25 @@ def test_choices_read_at_the_experts_or_taken_from_the_logits_equal_the_recomput
     check_family(model_type, tmp_path)
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
-def test_every_routing_number_equals_an_independent_recomputation(family, routed_models, tmp_path):
+@pytest.mark.parametrize(
+    "family,extra",
+    [
+        ("olmoe", ()),
+        ("qwen3_moe", ()),
+        ("mixtral", ()),
+        # the router stage alone: its own stop_after must carry the pass through the last router
+        ("olmoe", ("analysis.stages.experts.enabled=false",)),
+    ],
+)
+def test_every_routing_number_equals_an_independent_recomputation(family, extra, routed_models, tmp_path):
     """Per layer: tokens per expert, mean router entropy, mean top-1 share; per systematic feature and
     layer: outlier positions, top experts (choices, share, position share), entropy and top-1 share at
     those positions; and the experts over all layers. Counts and ratios of counts exactly; the router's
     float32 softmax to within 1e-5 relative or 1e-6 absolute (near-certain routing has entropy ~1e-6)."""
     from helpers import routing_expected, routing_tables
 
-    results = run(make_cfg(*tiny_overrides(routed_models[family])), tmp_path)
+    results = run(make_cfg(*tiny_overrides(routed_models[family]), *extra), tmp_path)
+    assert ("experts" in results) == (not extra)
     moe = results["moe_routing"]
     tables = routing_tables(routed_models[family], np.load(tmp_path / "token_ids.npy"), batch_size=4)
     for f in results["systematic_outliers"]:
