@@ -156,10 +156,10 @@ def report(modules: list[str]) -> float:
     status = statuses()
     if not status:
         sys.exit("no mutmut results in mutants/: run `make mutation` first")
-    equiv = equivalents()
-    for name in sorted(set(listed_equivalents()) - set(status)):
+    equiv, listed = equivalents(), set(listed_equivalents())
+    for name in sorted(listed - set(status)):
         print(f"note: {EQUIVALENT.name} lists {name}, which mutmut no longer makes")
-    for name in sorted(set(listed_equivalents()) - set(equiv)):
+    for name in sorted(listed - set(equiv)):
         print(f"note: {EQUIVALENT.name} lists {name}, judged at another version of its function: run again")
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors = []

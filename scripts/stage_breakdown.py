@@ -23,26 +23,15 @@ import torch
 
 from outlier_hydra.cli import compose_config
 from outlier_hydra.config.targets import instantiate_node
-from outlier_hydra.models.structure import config_top_k, discover, probe
-from outlier_hydra.stages import build_stages
-from outlier_hydra.tools.benchmark import build_model, pick_device, sync, timed
+from outlier_hydra.tools.benchmark import prepare, sync, timed
 
 
 def main(overrides: list[str]) -> None:
     cfg = compose_config(overrides)
     b = cfg.benchmark
-    device = pick_device(b.device)
-    model = build_model(b, device)
-    layers = list(range(b.shape.num_hidden_layers))
-    structure = discover(model, len(layers), int(model.config.hidden_size), None, f"benchmark={b.name}")
-    probe(structure, model, device, f"benchmark={b.name}", config_top_k(model.config))
-    points = structure.hook_points(layers)
+    device, model, points, stages, ids = prepare(cfg)
     allowed = list(cfg.allowed_targets)
     collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed, early_stop=False)
-    stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(structure, layers)]
-    ids = torch.randint(
-        100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=torch.Generator().manual_seed(0)
-    ).to(device)
 
     def forward():
         with torch.inference_mode():
@@ -72,11 +61,15 @@ def main(overrides: list[str]) -> None:
         with torch.profiler.profile(activities=activities) as prof:
             fn()
             sync(device)
-        return prof.key_averages()
+        return prof
 
-    forward_profile, averages = profile(forward), profile(variants["all stages"])
-    if device.type == "cuda":
-        device_ms = [sum(e.self_device_time_total for e in a) / 1e3 for a in (forward_profile, averages)]
+    forward_profile, collection_profile = profile(forward), profile(variants["all stages"])
+    averages = collection_profile.key_averages()
+    if device.type == "cuda":  # the kernels and copies themselves (an op's row repeats its kernels' time)
+        device_ms = [
+            sum(e.self_device_time_total for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+            for p in (forward_profile, collection_profile)
+        ]
         print(f"device time: forward {device_ms[0]:.1f} ms, collection with all stages {device_ms[1]:.1f} ms")
         print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
         print_sync_sites(variants["all stages"], device)

@@ -86,7 +86,6 @@ class _BatchState:
         self.nonfinite: list[torch.Tensor | None] = [None] * num_modules
         self.pabs: dict[torch.device, torch.Tensor] = {}
         self.pval: dict[torch.device, torch.Tensor] = {}
-        self.edges_t: dict[torch.device, torch.Tensor] = {}
         self.num_tokens: int | None = None
         self.num_features: int | None = None
 
@@ -114,13 +113,13 @@ class _BatchState:
         if dev not in self.pabs:
             self.pabs[dev] = torch.zeros_like(x)
             self.pval[dev] = torch.zeros_like(x)
-            self.edges_t[dev] = edges_on(self.edges, dev)
+        edges_t = edges_on(self.edges, dev)
         if self.backend == "sparse":
-            out = sparse_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+            out = sparse_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         elif self.backend == "compiled":
-            out = compiled_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+            out = compiled_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         else:
-            out = dense_reduce(x, self.pabs[dev], self.pval[dev], self.edges_t[dev])
+            out = dense_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         ge, amax, bad, self.pabs[dev], self.pval[dev] = out
         old_ge, old_max, old_bad = self.ge[row], self.max_abs[row], self.nonfinite[row]
         if old_ge is None or old_max is None or old_bad is None:

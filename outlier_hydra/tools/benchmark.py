@@ -134,7 +134,10 @@ def memory_scaling(model, points, collector, b, device, stages=()) -> list[dict]
     return rows
 
 
-def run_benchmark(cfg: DictConfig, out: Path) -> dict:
+def prepare(cfg: DictConfig):
+    """The preset's model on its device, its hook points, the "collect" stages that are on by default
+    (or switched on by the overrides) as a run uses them, and one batch of random tokens:
+    (device, model, points, stages, ids)."""
     b = cfg.benchmark
     device = pick_device(b.device)
     model = build_model(b, device)
@@ -142,14 +145,20 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     config: Any = model.config  # type: ignore[assignment]
     structure = discover(model, len(layers), int(config.hidden_size), None, f"benchmark={b.name}")
     probe(structure, model, device, f"benchmark={b.name}", config_top_k(config))
-    points = structure.hook_points(layers)
     allowed = list(cfg.allowed_targets)
-    collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
-    # every "collect" stage that is on by default (or switched on by the overrides), as a run uses them
     stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(structure, layers)]
     ids = torch.randint(
         100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=torch.Generator().manual_seed(0)
     ).to(device)
+    return device, model, structure.hook_points(layers), stages, ids
+
+
+def run_benchmark(cfg: DictConfig, out: Path) -> dict:
+    b = cfg.benchmark
+    device, model, points, stages, ids = prepare(cfg)
+    layers = list(range(b.shape.num_hidden_layers))
+    allowed = list(cfg.allowed_targets)
+    collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
     tokens = ids.numel()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
