@@ -42,7 +42,7 @@ def test_default_run_completes_offline_and_equals_the_golden_file(tmp_path):
     assert "systematic outlier features" in proc.stdout  # the summary table
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["analysis"]["magnitude_threshold"] == 6.0 and config["model"]["dtype"] == "float32"
-    assert json.loads((tmp_path / "timing.json").read_text())["collector_backend"] == "sparse"
+    assert json.loads((tmp_path / "timing.json").read_text())["collector_backend"] == "fused"
 
 
 def test_console_script_and_run_subcommand_are_the_same_app(tmp_path):

@@ -29,6 +29,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from outlier_hydra.collect import fused_cpu
 from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.collect.reductions import (
     BACKENDS,
@@ -110,17 +111,27 @@ class _BatchState:
         dev = x.device
         if self.num_tokens is None:
             self.num_tokens, self.num_features = x.shape[0], d
-        if dev not in self.pabs:
-            self.pabs[dev] = torch.zeros_like(x)
-            self.pval[dev] = torch.zeros_like(x)
+        if dev not in self.pval:
+            self.pval[dev] = torch.zeros(x.shape, dtype=x.dtype, device=dev)
+            if self.backend != "fused":  # the fused reduction keeps |pval| instead
+                self.pabs[dev] = torch.zeros(x.shape, dtype=x.dtype, device=dev)
         edges_t = edges_on(self.edges, dev)
-        if self.backend == "sparse":
+        if self.backend == "fused":
+            pval = self.pval[dev]
+            if x.dtype != pval.dtype:  # hook points of different dtypes: widen both, exactly
+                wide = torch.promote_types(x.dtype, pval.dtype)
+                x, self.pval[dev] = x.to(wide), pval.to(wide)
+            ge, amax, bad = fused_cpu.reduce(x, self.pval[dev], edges_t)
+            out = ge, amax, bad, None, self.pval[dev]
+        elif self.backend == "sparse":
             out = sparse_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         elif self.backend == "compiled":
             out = compiled_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         else:
             out = dense_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
-        ge, amax, bad, self.pabs[dev], self.pval[dev] = out
+        ge, amax, bad, pabs, self.pval[dev] = out
+        if pabs is not None:
+            self.pabs[dev] = pabs
         old_ge, old_max, old_bad = self.ge[row], self.max_abs[row], self.nonfinite[row]
         if old_ge is None or old_max is None or old_bad is None:
             self.ge[row], self.max_abs[row], self.nonfinite[row] = ge, amax.float(), bad
@@ -159,8 +170,12 @@ class _BatchState:
             for host, kept in ((ge, self.ge), (max_abs, self.max_abs), (nonfinite, self.nonfinite)):
                 stacked = torch.stack([t for t in (kept[r] for r in rows) if t is not None])
                 host[rows] = counts_to_host(stacked) if kept is self.ge else to_host(stacked)  # ge: per token
-        pabs, pval = self._positions()
         low = self.edges[0]
+        if self.backend == "fused":  # CPU only: one position buffer
+            (pval,) = self.pval.values()
+            pos_ge, top = fused_cpu.positions(pval, edges_on(self.edges, pval.device), self.k)
+            return self._stats(module_names, threshold, ge, max_abs, nonfinite, pos_ge, top)
+        pabs, pval = self._positions()
         edges_t = edges_on(self.edges, pabs.device)
         if self.backend == "sparse":
             pos_ge, top = sparse_positions(pabs, pval, edges_t, self.k)
@@ -171,6 +186,10 @@ class _BatchState:
             top = to_host(torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))))
             if k < self.k:
                 top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
+        return self._stats(module_names, threshold, ge, max_abs, nonfinite, pos_ge, top)
+
+    def _stats(self, module_names, threshold, ge, max_abs, nonfinite, pos_ge, top) -> OutlierStats:
+        assert self.num_tokens is not None
         return OutlierStats(
             module_names=list(module_names),
             edges=np.asarray(self.edges, np.float64),
@@ -212,6 +231,12 @@ class OutlierCollector:
         return [chunk[p.name] for p in points]
 
     def backend_for(self, device: torch.device) -> str:
+        """The reduction for a model on `device`: on the CPU the one-pass kernel where it builds
+        (else the sparse reduction, same statistics), torch.compile's elsewhere."""
+        if self.backend in ("auto", "fused") and device.type == "cpu":
+            return "fused" if fused_cpu.available() else "sparse"
+        if self.backend == "fused":
+            raise OutlierHydraError(f"analysis.collector.backend: fused runs on the CPU only, the model is on {device}")
         if self.backend != "auto":
             return self.backend
         return "compiled" if device.type == "cuda" else "sparse"

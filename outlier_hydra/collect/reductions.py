@@ -7,7 +7,9 @@ its signed value (ties keep the earlier).
   dense     plain PyTorch, no host sync inside a hook: the reference
   compiled  torch.compile of the dense reduction, fused into one kernel per tensor (GPU default)
   sparse    only the values >= the lowest edge (a few percent) are binned and scattered into the
-            position buffer; it asks the host how many there are, which is free on a CPU (CPU default)
+            position buffer; it asks the host how many there are, which is free on a CPU
+  fused     one pass in C++ over each tensor (fused_cpu.cpp, built on first use; CPU default where it
+            builds, else sparse): the maxima and the values >= the lowest edge, nothing else
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "dense", "compiled", "sparse")
+BACKENDS = ("auto", "dense", "compiled", "sparse", "fused")
 
 
 def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):

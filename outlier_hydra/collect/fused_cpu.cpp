@@ -1,0 +1,336 @@
+// The CPU reduction in one pass over each hooked tensor (fused_cpu.py builds and loads it).
+//
+// reduce(x [N, D], pval [N, D], edges [E]) -> (ge [D, E] int64, amax [D] float32, nonfinite [] int64)
+//   a = |x|, NaN/Inf counted in nonfinite and then treated as 0:
+//   ge[d, e] = #(a[:, d] >= edges[e]), amax[d] = max a[:, d]; and in place, for every value that
+//   reaches edges[0]: pval[n, d] = x[n, d] where |x| > |pval| (ties keep the earlier). |pval| is the
+//   position's largest |x| over the modules so far: the dense reduction's pabs, without its buffer.
+// positions(pval [N, D], edges [E], k) -> (pos_ge [D, E] int64, top [k, D] float32)
+//   pos_ge[d, e] = #(|pval[:, d]| >= edges[e]); top: per dim the k values of largest |pval| >= edges[0]
+//   (|v| desc, then v desc), NaN where fewer.
+// row_absmax(t [S, C]) -> [S] float32: max |t| per row, -1 for a row holding a NaN (the experts stage)
+// hits(x [N, D], t) -> [K] int64: the flat indices n * D + d where |x| >= t, in order (NaN: never)
+//   (the router stage's outlier positions, without a [N, D] mask)
+// Comparisons are made in float (double for double tensors) against the float32 edges, as the dense
+// reduction's promotion does, so all four reductions give the same integers.
+//
+// Each row is read once: a vectorised pass (AVX-512 where the compiler targets it) keeps the per-dim
+// maxima and the positions of the few values >= edges[0]; only those are binned and compared with
+// the position buffer. Rows are split over PyTorch's own intra-op threads (at::parallel_for), each
+// with private counts merged at the end, so the integers do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+template <typename T>
+using Compute = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+#ifdef __AVX512F__
+template <typename T>
+constexpr bool kVector = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// |row[j .. j + 16)| as 16 floats (exact for float, bfloat16 and half)
+template <typename T>
+inline __m512 abs16(const T* p) {
+  __m512 v;
+  if constexpr (std::is_same_v<T, float>) {
+    v = _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  return _mm512_and_ps(v, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
+}
+#endif
+
+// Append i * d + j for each j in the row with |row[j]| >= low or NaN; keep mx[j] = max(mx[j], |row[j]|).
+// An infinite value enters mx here (the caller takes the maxima again in that rare case).
+template <typename T>
+inline void scan_row(const T* __restrict__ row, int64_t d, int64_t base, Compute<T> low, Compute<T>* __restrict__ mx,
+                     std::vector<int64_t>& hits) {
+  using C = Compute<T>;
+  int64_t j = 0;
+#ifdef __AVX512F__
+  if constexpr (kVector<T>) {
+    const __m512 lowv = _mm512_set1_ps(low);
+    for (; j + 16 <= d; j += 16) {
+      const __m512 v = abs16(row + j);
+      // max(v, m) returns m when v is NaN: NaN never enters the maxima
+      _mm512_storeu_ps(mx + j, _mm512_max_ps(v, _mm512_loadu_ps(mx + j)));
+      __mmask16 hit = _mm512_cmp_ps_mask(v, lowv, _CMP_NLT_UQ);  // >= low, or NaN
+      while (hit) {
+        hits.push_back(base + j + __builtin_ctz(hit));
+        hit &= hit - 1;
+      }
+    }
+  }
+#endif
+  for (; j < d; ++j) {
+    C v = std::fabs(static_cast<C>(row[j]));
+    mx[j] = v > mx[j] ? v : mx[j];
+    if (!(v < low)) hits.push_back(base + j);
+  }
+}
+
+template <typename T>
+inline int64_t bin_of(Compute<T> v, const float* edges, int64_t e) {
+  int64_t b = 0;  // v >= edges[0]; the last edge <= v
+  while (b + 1 < e && v >= static_cast<Compute<T>>(edges[b + 1])) ++b;
+  return b;
+}
+
+// ge[d, b] holds the count of bin b ([edges[b], edges[b+1])): make it the count of >= edges[b]
+void cumulate(int64_t* ge, int64_t d, int64_t e) {
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t b = e - 2; b >= 0; --b) ge[j * e + b] += ge[j * e + b + 1];
+}
+
+template <typename T>
+void reduce_impl(const T* x, T* pval, int64_t n, int64_t d, const float* edges, int64_t e, int64_t* ge, float* amax,
+                 int64_t* nonfinite) {
+  using C = Compute<T>;
+  const C low = edges[0];
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> hists(nthreads);
+  std::vector<std::vector<C>> maxes(nthreads);
+  std::vector<int64_t> bad(nthreads, 0);
+  std::vector<char> saw_inf(nthreads, 0);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    const int t = at::get_thread_num();
+    auto& hist = hists[t];
+    auto& mx = maxes[t];
+    if (hist.empty()) {
+      hist.assign(d * e, 0);
+      mx.assign(d, C(0));
+    }
+    std::vector<int64_t> hits;
+    hits.reserve(1024);
+    for (int64_t i = r0; i < r1; ++i) scan_row<T>(x + i * d, d, i * d, low, mx.data(), hits);
+    const int64_t nh = static_cast<int64_t>(hits.size());
+    for (int64_t h = 0; h < nh; ++h) {
+      if (h + 16 < nh) __builtin_prefetch(pval + hits[h + 16], 1);
+      const int64_t k = hits[h];
+      const T raw = x[k];
+      const C v = std::fabs(static_cast<C>(raw));
+      if (!(v < std::numeric_limits<C>::infinity())) {  // NaN or Inf: counted, then treated as 0
+        ++bad[t];
+        saw_inf[t] |= v == std::numeric_limits<C>::infinity();
+        continue;
+      }
+      ++hist[(k % d) * e + bin_of<T>(v, edges, e)];
+      if (v > std::fabs(static_cast<C>(pval[k]))) pval[k] = raw;
+    }
+  });
+  std::fill(ge, ge + d * e, 0);
+  std::vector<C> merged(d, C(0));
+  *nonfinite = 0;
+  bool any_inf = false;
+  for (int t = 0; t < nthreads; ++t) {
+    *nonfinite += bad[t];
+    any_inf |= saw_inf[t] != 0;
+    if (hists[t].empty()) continue;
+    for (int64_t j = 0; j < d * e; ++j) ge[j] += hists[t][j];
+    for (int64_t j = 0; j < d; ++j) merged[j] = std::max(merged[j], maxes[t][j]);
+  }
+  if (any_inf) {  // rare: the maxima took an infinite |x|; take them again over the finite values
+    std::fill(merged.begin(), merged.end(), C(0));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        const C v = std::fabs(static_cast<C>(x[i * d + j]));
+        if (v < std::numeric_limits<C>::infinity() && v > merged[j]) merged[j] = v;
+      }
+  }
+  for (int64_t j = 0; j < d; ++j) amax[j] = static_cast<float>(static_cast<T>(merged[j]));
+  cumulate(ge, d, e);
+}
+
+template <typename T>
+void positions_impl(const T* pval, int64_t n, int64_t d, const float* edges, int64_t e, int64_t k, int64_t* pos_ge,
+                    float* top) {
+  using C = Compute<T>;
+  const C low = edges[0];
+  std::fill(pos_ge, pos_ge + d * e, 0);
+  std::vector<C> mx(d, C(0));
+  std::vector<int64_t> hits;
+  for (int64_t i = 0; i < n; ++i) scan_row<T>(pval + i * d, d, i * d, low, mx.data(), hits);
+  // per dim, the best k so far as (|v|, v), best first
+  std::vector<C> best_abs(d * k), best_val(d * k);
+  std::vector<int64_t> kept(d, 0);
+  for (const int64_t h : hits) {
+    const int64_t j = h % d;
+    const C val = static_cast<C>(pval[h]);
+    const C v = std::fabs(val);
+    ++pos_ge[j * e + bin_of<T>(v, edges, e)];
+    C* ba = best_abs.data() + j * k;
+    C* bv = best_val.data() + j * k;
+    int64_t at = kept[j];
+    while (at > 0 && (v > ba[at - 1] || (v == ba[at - 1] && val > bv[at - 1]))) --at;
+    if (at >= k) continue;
+    const int64_t last = std::min(kept[j], k - 1);
+    for (int64_t s = last; s > at; --s) {
+      ba[s] = ba[s - 1];
+      bv[s] = bv[s - 1];
+    }
+    ba[at] = v;
+    bv[at] = val;
+    kept[j] = std::min(kept[j] + 1, k);
+  }
+  cumulate(pos_ge, d, e);
+  std::fill(top, top + k * d, std::numeric_limits<float>::quiet_NaN());
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t s = 0; s < kept[j]; ++s) top[s * d + j] = static_cast<float>(best_val[j * k + s]);
+}
+
+template <typename T>
+void row_absmax_impl(const T* t, int64_t s, int64_t c, float* out) {
+  using C = Compute<T>;
+  at::parallel_for(0, s, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* __restrict__ row = t + i * c;
+      C m = C(0);
+      bool nan = false;
+      int64_t j = 0;
+#ifdef __AVX512F__
+      if constexpr (kVector<T>) {
+        __m512 best = _mm512_setzero_ps();
+        __mmask16 unordered = 0;
+        for (; j + 16 <= c; j += 16) {
+          const __m512 v = abs16(row + j);
+          unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          best = _mm512_max_ps(v, best);  // NaN: keeps best
+        }
+        m = _mm512_reduce_max_ps(best);
+        nan = unordered != 0;
+      }
+#endif
+      for (; j < c; ++j) {
+        const C v = std::fabs(static_cast<C>(row[j]));
+        nan |= v != v;
+        m = v > m ? v : m;
+      }
+      out[i] = nan ? -1.f : static_cast<float>(m);
+    }
+  });
+}
+
+template <typename T>
+std::vector<int64_t> hits_impl(const T* x, int64_t n, int64_t d, double threshold) {
+  using C = Compute<T>;
+  // as torch compares a tensor with a Python float: in the tensor's dtype (t rounded to it)
+  const C low = static_cast<C>(static_cast<T>(threshold));
+  std::vector<std::vector<int64_t>> parts((n + 63) / 64);
+  at::parallel_for(0, (n + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      auto& out = parts[b];
+      for (int64_t i = b * 64; i < std::min(n, b * 64 + 64); ++i) {
+        const T* __restrict__ row = x + i * d;
+        int64_t j = 0;
+#ifdef __AVX512F__
+        if constexpr (kVector<T>) {
+          const __m512 lowv = _mm512_set1_ps(low);
+          for (; j + 16 <= d; j += 16) {
+            __mmask16 hit = _mm512_cmp_ps_mask(abs16(row + j), lowv, _CMP_GE_OQ);  // NaN: False
+            while (hit) {
+              out.push_back(i * d + j + __builtin_ctz(hit));
+              hit &= hit - 1;
+            }
+          }
+        }
+#endif
+        for (; j < d; ++j)
+          if (std::fabs(static_cast<C>(row[j])) >= low) out.push_back(i * d + j);
+      }
+    }
+  });
+  std::vector<int64_t> all;
+  for (auto& p : parts) all.insert(all.end(), p.begin(), p.end());
+  return all;
+}
+
+void check(const at::Tensor& t, const char* name, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu(), "fused_cpu: ", name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == dims, "fused_cpu: ", name, " must have ", dims, " dimensions");
+  TORCH_CHECK(t.is_contiguous(), "fused_cpu: ", name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reduce(const at::Tensor& x_in, at::Tensor pval, const at::Tensor& edges) {
+  const at::Tensor x = x_in.contiguous();
+  check(x, "x", 2);
+  check(pval, "pval", 2);
+  check(edges, "edges", 1);
+  TORCH_CHECK(pval.sizes() == x.sizes() && pval.scalar_type() == x.scalar_type(), "fused_cpu: pval must match x");
+  TORCH_CHECK(edges.scalar_type() == at::kFloat && edges.numel() > 0, "fused_cpu: edges must be float32");
+  const int64_t n = x.size(0), d = x.size(1), e = edges.size(0);
+  auto ge = at::empty({d, e}, at::kLong);
+  auto amax = at::empty({d}, at::kFloat);
+  auto bad = at::empty({}, at::kLong);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_cpu.reduce", [&] {
+    reduce_impl<scalar_t>(x.const_data_ptr<scalar_t>(), pval.data_ptr<scalar_t>(), n, d, edges.const_data_ptr<float>(), e,
+                          ge.data_ptr<int64_t>(), amax.data_ptr<float>(), bad.data_ptr<int64_t>());
+  });
+  return {ge, amax, bad};
+}
+
+std::tuple<at::Tensor, at::Tensor> positions(const at::Tensor& pval, const at::Tensor& edges, int64_t k) {
+  check(pval, "pval", 2);
+  check(edges, "edges", 1);
+  TORCH_CHECK(edges.scalar_type() == at::kFloat && edges.numel() > 0, "fused_cpu: edges must be float32");
+  TORCH_CHECK(k >= 0, "fused_cpu: k must be >= 0");
+  const int64_t n = pval.size(0), d = pval.size(1), e = edges.size(0);
+  auto pos_ge = at::empty({d, e}, at::kLong);
+  auto top = at::empty({k, d}, at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pval.scalar_type(), "fused_cpu.positions", [&] {
+    positions_impl<scalar_t>(pval.const_data_ptr<scalar_t>(), n, d, edges.const_data_ptr<float>(), e, k,
+                             pos_ge.data_ptr<int64_t>(), top.data_ptr<float>());
+  });
+  return {pos_ge, top};
+}
+
+at::Tensor row_absmax(const at::Tensor& t_in) {
+  const at::Tensor t = t_in.contiguous();
+  check(t, "t", 2);
+  auto out = at::empty({t.size(0)}, at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "fused_cpu.row_absmax", [&] {
+    row_absmax_impl<scalar_t>(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), out.data_ptr<float>());
+  });
+  return out;
+}
+
+at::Tensor hits(const at::Tensor& x_in, double threshold) {
+  const at::Tensor x = x_in.contiguous();
+  check(x, "x", 2);
+  std::vector<int64_t> found;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_cpu.hits", [&] {
+    found = hits_impl<scalar_t>(x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), threshold);
+  });
+  auto out = at::empty({static_cast<int64_t>(found.size())}, at::kLong);
+  std::copy(found.begin(), found.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(outlier_hydra_fused_cpu, m) {
+  m.def("reduce(Tensor x, Tensor(a!) pval, Tensor edges) -> (Tensor, Tensor, Tensor)");
+  m.def("positions(Tensor pval, Tensor edges, int k) -> (Tensor, Tensor)");
+  m.def("row_absmax(Tensor t) -> Tensor");
+  m.def("hits(Tensor x, float threshold) -> Tensor");
+  m.impl("reduce", c10::DispatchKey::CPU, TORCH_FN(reduce));
+  m.impl("row_absmax", c10::DispatchKey::CPU, TORCH_FN(row_absmax));
+  m.impl("hits", c10::DispatchKey::CPU, TORCH_FN(hits));
+  m.impl("positions", c10::DispatchKey::CPU, TORCH_FN(positions));
+}

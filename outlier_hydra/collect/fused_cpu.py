@@ -1,0 +1,93 @@
+"""The one-pass CPU reduction (fused_cpu.cpp): built on first use with the machine's C++ compiler.
+
+torch.utils.cpp_extension compiles the file (about 15 s, once) into a cache directory keyed by the
+source, the torch version and the CPU's instruction sets (it is built for the CPU it runs on, so a
+cluster whose nodes differ gets one build per kind of node). Concurrent builds wait for each other.
+Where it cannot be built (no compiler, no headers), :func:`available` says why once and the collector
+uses the sparse reduction instead: the statistics are the same, only slower.
+
+The cache lives in ``$OUTLIER_HYDRA_CACHE`` (default ``~/.cache/outlier_hydra``)/fused_cpu/.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused_cpu.cpp")
+_NAMESPACE = "outlier_hydra_fused_cpu"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_directory() -> Path:
+    root = Path(os.environ.get("OUTLIER_HYDRA_CACHE", Path.home() / ".cache" / "outlier_hydra"))
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    return root / "fused_cpu" / key
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Build (or find) and load the kernel once per process; False, with one warning, where it cannot."""
+    if hasattr(torch.ops, _NAMESPACE) and hasattr(getattr(torch.ops, _NAMESPACE), "reduce"):
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        load(
+            name="outlier_hydra_fused_cpu",
+            sources=[str(SOURCE)],
+            build_directory=str(directory),
+            extra_cflags=["-O3", "-march=native"],
+            is_python_module=False,
+            verbose=False,
+        )
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to build means: use the sparse reduction
+        reason = str(exc).strip().splitlines()
+        log.warning(
+            "the one-pass CPU reduction could not be built (%s); using the sparse reduction",
+            reason[-1] if reason else type(exc).__name__,
+        )
+        return False
+
+
+def reduce(x: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
+    """x [N, D] -> (ge [D, E] int64, amax [D] float32, nonfinite [] int64); pval updated in place."""
+    return getattr(torch.ops, _NAMESPACE).reduce(x, pval, edges_t)
+
+
+def positions(pval: torch.Tensor, edges_t: torch.Tensor, k: int):
+    """pos_ge_counts [D, E] and top_values [k, D] (NaN-filled) of the batch's position buffer."""
+    pos_ge, top = getattr(torch.ops, _NAMESPACE).positions(pval, edges_t, k)
+    return pos_ge.numpy(), top.numpy()
+
+
+def row_absmax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| per row of t [S, C] as float32, -1 where the row holds a NaN (one read of t)."""
+    return getattr(torch.ops, _NAMESPACE).row_absmax(t)
+
+
+def hits(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The flat indices of x [N, D] where |x| >= threshold (compared in x's dtype), in order."""
+    return getattr(torch.ops, _NAMESPACE).hits(x, threshold)

@@ -1,0 +1,149 @@
+"""The one-pass C++ reduction (collect/fused_cpu.cpp) against numpy, at its edges: every dtype, widths
+that are and are not a multiple of its 16-wide vector step, NaN and +-Inf, values exactly at an edge,
+equal magnitudes of both signs, more and fewer than k values per dim, one thread and two."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from outlier_hydra.collect import fused_cpu
+
+EDGES = np.array([3.0, 4.0, 6.0, 8.0, 100.0], np.float32)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert fused_cpu.available(), "the kernel builds on this machine (g++ is part of the set-up)"
+
+
+def _modules(n, d, dtype, seed):
+    """Three modules' activations with planted values: exact edges, ties of both signs, NaN, +-Inf."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d, generator=g) * 3 for _ in range(3)]
+    xs[2][:, d // 2] = torch.where(torch.arange(n) % 2 == 0, 70.0, -70.0)  # more than k equal magnitudes
+    xs[0][0, 0], xs[1][0, 0] = -6.0, 6.0  # the same |x| later: the earlier value stays
+    xs[0][1, d - 1] = 4.0  # exactly at an edge
+    xs[1][2, d // 2] = float("nan")
+    xs[2][3, d - 1] = float("inf")
+    xs[2][4, 0] = -float("inf")
+    return [x.to(dtype) for x in xs]
+
+
+def _numpy_reduce(x, best):
+    """One module in numpy: (ge, amax, nonfinite) and the position buffer after it."""
+    v = x.astype(np.float64)
+    a = np.abs(v)
+    bad = ~np.isfinite(a)
+    a = np.where(bad, 0.0, a)
+    ge = np.stack([(a >= e).sum(0) for e in EDGES.astype(np.float64)], 1)
+    wins = (a >= EDGES[0]) & (a > np.abs(best))
+    return ge, a.max(0).astype(np.float32), int(bad.sum()), np.where(wins, v, best)
+
+
+def _numpy_positions(best, k):
+    a = np.abs(best)
+    pos_ge = np.stack([(a >= e).sum(0) for e in EDGES.astype(np.float64)], 1)
+    top = np.full((k, best.shape[1]), np.nan, np.float32)
+    for d in range(best.shape[1]):
+        vals = sorted((v for v in best[:, d] if abs(v) >= EDGES[0]), key=lambda v: (-abs(v), -v))[:k]
+        top[: len(vals), d] = vals
+    return pos_ge, top
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reduce_and_positions_equal_numpy(dtype, d, threads):
+    n, k = 70, 3  # 70 rows: more than one 64-row block per thread
+    edges_t = torch.from_numpy(EDGES)
+    pval = torch.zeros(n, d, dtype=dtype)
+    best = np.zeros((n, d))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x in _modules(n, d, dtype, seed=d):
+            ge, amax, bad = fused_cpu.reduce(x, pval, edges_t)
+            x_np = x.double().numpy()  # every dtype is exact in float64
+            want_ge, want_max, want_bad, best = _numpy_reduce(x_np, best)
+            assert np.array_equal(ge.numpy(), want_ge)
+            assert np.array_equal(amax.numpy(), want_max)
+            assert int(bad) == want_bad
+            assert np.array_equal(pval.double().numpy(), best)
+        pos_ge, top = fused_cpu.positions(pval, edges_t, k)
+    finally:
+        torch.set_num_threads(before)
+    want_pos, want_top = _numpy_positions(best, k)
+    assert np.array_equal(pos_ge, want_pos)
+    assert np.array_equal(top, want_top, equal_nan=True)
+    assert top[:, d // 2].tolist() == [70.0, 70.0, 70.0]  # equal magnitudes: the positive ones first
+    if d > 1:  # (with one dim, module 2's 70 is that position's largest)
+        assert pval[0, 0].item() == -6.0  # a tie keeps the earlier module's value
+
+
+def test_wider_activations_and_one_row():
+    """Hidden sizes of real models, one token, and a value the float32 edges meet exactly in bf16."""
+    edges_t = torch.from_numpy(EDGES)
+    for n, d in [(1, 4096), (3, 2880)]:
+        x = torch.randn(n, d, generator=torch.Generator().manual_seed(d)).bfloat16() * 4
+        x[0, 17] = 8.0
+        pval = torch.zeros_like(x)
+        ge, amax, bad = fused_cpu.reduce(x, pval, edges_t)
+        want_ge, want_max, want_bad, best = _numpy_reduce(x.double().numpy(), np.zeros((n, d)))
+        assert np.array_equal(ge.numpy(), want_ge) and np.array_equal(amax.numpy(), want_max) and int(bad) == 0
+        assert np.array_equal(pval.double().numpy(), best)
+
+
+def test_a_kernel_that_cannot_be_built_means_the_sparse_reduction(tmp_path):
+    """No usable compiler: one warning, available() is False, and a collection runs on the sparse
+    reduction with the same statistics (in a fresh process with an empty build cache)."""
+    code = (
+        "import torch\n"
+        "from outlier_hydra.collect import fused_cpu, OutlierCollector\n"
+        "assert not fused_cpu.available()\n"
+        "print(OutlierCollector(6.0).backend_for(torch.device('cpu')))\n"
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-compiler"), OUTLIER_HYDRA_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "sparse"
+    warnings = [line for line in out.stderr.splitlines() if "could not be built" in line]
+    assert len(warnings) == 1, out.stderr
+
+
+def test_fused_is_the_cpu_default_and_refuses_another_device():
+    from outlier_hydra.collect import OutlierCollector
+    from outlier_hydra.errors import OutlierHydraError
+
+    assert OutlierCollector(6.0).backend_for(torch.device("cpu")) == "fused"
+    assert OutlierCollector(6.0, backend="fused").backend_for(torch.device("cpu")) == "fused"
+    assert OutlierCollector(6.0).backend_for(torch.device("cuda")) == "compiled"
+    with pytest.raises(OutlierHydraError, match="analysis.collector.backend: fused runs on the CPU only"):
+        OutlierCollector(6.0, backend="fused").backend_for(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_absmax_and_hits_equal_numpy(dtype):
+    """The stages' two reads on the CPU: max |t| per row (-1 for a row with a NaN; Inf is a maximum),
+    and the flat positions where |x| >= t, as torch compares with a Python float (in x's dtype)."""
+    g = torch.Generator().manual_seed(5)
+    for rows, cols in [(1, 1), (7, 37), (130, 64)]:
+        t = torch.randn(rows, cols, generator=g) * 4
+        t[0, 0] = -9.0
+        if rows > 2:
+            t[1, cols - 1], t[2, 0] = float("nan"), -float("inf")
+        t = t.to(dtype)
+        a = np.abs(t.double().numpy())
+        want = np.where(np.isnan(a).any(1), -1.0, np.nan_to_num(a, nan=0.0).max(1)).astype(np.float32)
+        assert np.array_equal(fused_cpu.row_absmax(t).numpy(), want)
+        for threshold in (6.0, 6.1, 3.3):
+            at = float(torch.tensor(threshold, dtype=dtype))  # the threshold as x's dtype holds it
+            want_hits = np.flatnonzero(a >= at)  # NaN compares False
+            assert fused_cpu.hits(t, threshold).numpy().tolist() == want_hits.tolist()
+    # a strided view is read as its values
+    t = torch.randn(9, 20, generator=g).to(dtype)[:, ::2]
+    assert np.array_equal(fused_cpu.row_absmax(t).numpy(), np.abs(t.double().numpy()).max(1).astype(np.float32))
