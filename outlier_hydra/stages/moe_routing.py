@@ -8,7 +8,8 @@ experts are always on and never counted as a choice. Per MoE layer, on the devic
   entropy_sum   += sum_p H(softmax(logits_p))    top1_share_sum += sum_p w_top1 / sum_k w_k
   per feature d: counts[d, e] = (H^T R)[d, e]    expert choices at d's outlier positions, with the
                  positions, entropy and top-1 share at those positions (H^T applied to each)
-H^T R is one small matmul per layer: exact counts, no host sync. Per-feature rows are kept only for
+H^T R is one small matmul per layer: exact counts, no host sync (on the CPU: H as the positions where
+|x| >= t, found in one read of x by collect/fused_cpu.cpp, and the rows of [R | ...] there summed). Per-feature rows are kept only for
 dims that had an outlier at that layer (a handful), so the statistics stay small.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
+from outlier_hydra.collect import fused_cpu
 from outlier_hydra.collect.hooks import on_input
 from outlier_hydra.collect.transfer import to_host
 from outlier_hydra.stages import ArrayStats, ReportContext, Stage
@@ -127,7 +129,10 @@ class MoeRouting(Stage):
     def _mlp_input_hook(self, layer: int):
         def hook(x):
             x = x.detach().reshape(-1, x.shape[-1])
-            self.pending_h[layer] = (x.abs() >= self.threshold).float()  # NaN, Inf: see the main stats
+            if x.device.type == "cpu" and fused_cpu.available():  # the few outlier positions, one read of x
+                self.pending_h[layer] = (fused_cpu.hits(x, self.threshold), x.shape[1])
+            else:  # NaN, Inf: see the main stats
+                self.pending_h[layer] = (x.abs() >= self.threshold).float()
 
         return hook
 
@@ -154,10 +159,13 @@ class MoeRouting(Stage):
         probs = torch.softmax(logits, -1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
         share = weights.max(-1).values / weights.sum(-1).clamp_min(1e-30)
-        # one read of h for all four per-feature sums: H^T [R | entropy | share | 1]
-        per_feature = (
-            h.t() @ torch.cat([one_hot, entropy[:, None], share[:, None], torch.ones_like(share)[:, None]], 1)
-        ).double()
+        # the four per-feature sums at once: H^T [R | entropy | share | 1]
+        v = torch.cat([one_hot, entropy[:, None], share[:, None], torch.ones_like(share)[:, None]], 1)
+        if isinstance(h, tuple):  # (CPU) h as the flat indices of its ones: sum those rows of v
+            flat, d = h
+            per_feature = torch.zeros((d, v.shape[1]), dtype=torch.float64).index_add_(0, flat % d, v[flat // d].double())
+        else:  # one matmul, no host sync
+            per_feature = (h.t() @ v).double()
         e = one_hot.shape[1]
         upd = torch.cat(
             [
