@@ -35,12 +35,13 @@ def test_benchmark_cpu_tiny_end_to_end(tmp_path):
         "collect_s",
         "baseline_s",
         "ratio_collect_over_forward",
+        "ratio_collect_no_stage_over_forward",
         "ratio_baseline_over_forward",
         "forward_tokens_per_s",
         "peak_host_rss_mb",
     ):
         assert result[key] > 0, key
-    assert result["tokens"] == 2 * 64 and result["hooked_modules"] == 8 and result["collector_backend"] == "sparse"
+    assert result["tokens"] == 2 * 64 and result["hooked_modules"] == 8 and result["collector_backend"] == "fused"
     assert [m["tokens"] for m in result["memory_scaling"]] == [512, 2048]
     assert "(b) outlier_hydra" in proc.stdout and "(c) copy-to-host tool" in proc.stdout
     assert (

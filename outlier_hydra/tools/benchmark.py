@@ -4,11 +4,13 @@
     outlier-hydra benchmark benchmark=olmoe_shape        (GPU: real shape, random weights)
 
 On one model and one batch of random tokens it times, as medians over `repeats` after `warmup`
-runs (the device synchronised around each):
+runs (the device synchronised around each; each ratio is the median of a repeat's time over the
+forward timed just before it):
   (a) forward   the bare base-model forward
   (b) collect   a full outlier_hydra collection: every stage on by default, the host copy included
                 (each pass ends after the last module anything reads, as in a run); timed again
-                with the whole forward run, which isolates what the reductions themselves cost
+                with the whole forward run, which isolates what the reductions themselves cost, and with
+                no stage at all (the outlier statistics alone)
   (c) baseline  the older tool: copy every hooked output to the host, torch.save, reload, analyse
                 on the CPU
 and prints one table with tokens/s and the ratios b/a and c/a, plus peak device memory and peak
@@ -175,6 +177,9 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     def collect_full_forward():  # the same reductions with the whole forward run: their own cost
         full.collect_batch(model, points, ids, stages=stages)
 
+    def collect_no_stage():  # the outlier statistics alone (no stage), whole forward
+        full.collect_batch(model, points, ids, stages=[])
+
     chunk = max(1, len(layers) // 4)  # analysis.chunk_layers: a quarter of the layers per chunk
     chunked = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed, chunk_layers=chunk)
 
@@ -187,12 +192,20 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     peak_collect = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     timed(collect_full_forward, device, 0, b.warmup)
     timed(collect_chunked, device, 0, b.warmup)
-    fwd, col, colf, colc = [], [], [], []
+    timed(collect_no_stage, device, 0, b.warmup)
+    fwd, col, colf, colc, coln = [], [], [], [], []
     for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits all alike
         fwd += timed(forward, device, 1, 0)
         col += timed(collect, device, 1, 0)
         colf += timed(collect_full_forward, device, 1, 0)
         colc += timed(collect_chunked, device, 1, 0)
+        coln += timed(collect_no_stage, device, 1, 0)
+
+    def ratio(times: list[float]) -> float:
+        """Median of each repeat's time over the forward timed just before it (paired: a slow spell
+        of the machine slows both)."""
+        return st.median(t / f for t, f in zip(times, fwd))
+
     result = {
         "preset": b.name,
         "device": torch.cuda.get_device_name(device)
@@ -207,12 +220,14 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         "collect_s": st.median(col),
         "forward_tokens_per_s": tokens / st.median(fwd),
         "collect_tokens_per_s": tokens / st.median(col),
-        "ratio_collect_over_forward": st.median(col) / st.median(fwd),
+        "ratio_collect_over_forward": ratio(col),
         "collect_full_forward_s": st.median(colf),
-        "ratio_collect_full_forward_over_forward": st.median(colf) / st.median(fwd),
+        "ratio_collect_full_forward_over_forward": ratio(colf),
         "chunk_layers": chunk,
         "collect_chunked_s": st.median(colc),
-        "ratio_collect_chunked_over_forward": st.median(colc) / st.median(fwd),
+        "ratio_collect_chunked_over_forward": ratio(colc),
+        "collect_no_stage_s": st.median(coln),
+        "ratio_collect_no_stage_over_forward": ratio(coln),
         "forward_all_s": fwd,
         "collect_all_s": col,
         "peak_device_mem_forward_gb": peak_forward / 2**30 if peak_forward else None,
@@ -247,6 +262,8 @@ def table(r: dict) -> str:
         f"{r['ratio_collect_full_forward_over_forward']:>11.3f}   (no early stop: the reductions' own cost)",
         f"  {'    same, chunked':<22}{r['collect_chunked_s']:>10.4f}{r['tokens'] / r['collect_chunked_s']:>12.0f}"
         f"{r['ratio_collect_chunked_over_forward']:>11.3f}   (analysis.chunk_layers={r['chunk_layers']})",
+        f"  {'    no stage':<22}{r['collect_no_stage_s']:>10.4f}{r['tokens'] / r['collect_no_stage_s']:>12.0f}"
+        f"{r['ratio_collect_no_stage_over_forward']:>11.3f}   (full forward, outlier statistics only)",
     ]
     if "baseline_s" in r:
         lines.append(

@@ -25,7 +25,7 @@ def card_slug(device: str) -> str:
 
 def table(runs: list[dict]) -> str:
     head = (
-        f"{'preset':<20}{'forward s':>10}{'collect':>9}{'full fwd':>9}{'chunked':>9}{'to host':>9}"
+        f"{'preset':<20}{'forward s':>10}{'collect':>9}{'full fwd':>9}{'chunked':>9}{'no stage':>9}{'to host':>9}"
         f"{'tok/s':>10}{'peak GB fwd/coll':>18}"
     )
     lines = [head, "-" * len(head)]
@@ -36,10 +36,12 @@ def table(runs: list[dict]) -> str:
             else f"RSS {r['peak_host_rss_mb'] / 1024:.1f}"
         )
         to_host = f"{r['ratio_baseline_over_forward']:.2f}x" if "ratio_baseline_over_forward" in r else "-"
+        alone = r.get("ratio_collect_no_stage_over_forward")  # (not in files before 2026-11-28)
+        no_stage = f"{alone:.3f}x" if alone else "-"
         lines.append(
             f"{r['preset']:<20}{r['forward_s']:>10.4f}{r['ratio_collect_over_forward']:>8.3f}x"
             f"{r['ratio_collect_full_forward_over_forward']:>8.3f}x{r['ratio_collect_chunked_over_forward']:>8.3f}x"
-            f"{to_host:>9}{r['collect_tokens_per_s']:>10.0f}{peak:>18}"
+            f"{no_stage:>9}{to_host:>9}{r['collect_tokens_per_s']:>10.0f}{peak:>18}"
         )
     return "\n".join(lines)
 
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     print(
-        f"== {runs[0]['device']}: x forward (collection as a run does it, with the whole forward, chunked; "
-        f"the copy-to-host tool)\n{table(runs)}\n-> {out}"
+        f"== {runs[0]['device']}: x forward (collection as a run does it, with the whole forward, chunked, "
+        f"with no stage; the copy-to-host tool)\n{table(runs)}\n-> {out}"
     )
     return 0
 
