@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -158,41 +159,66 @@ void reduce_impl(const T* x, T* pval, int64_t n, int64_t d, const float* edges, 
   cumulate(ge, d, e);
 }
 
+// Per dim, the best k values so far as (|v|, v), best first.
+template <typename C>
+struct TopK {
+  int64_t k;
+  std::vector<C> abs_, val;
+  std::vector<int64_t> kept;
+  TopK(int64_t d, int64_t k) : k(k), abs_(d * k), val(d * k), kept(d, 0) {}
+  void add(int64_t j, C v, C value) {
+    C* ba = abs_.data() + j * k;
+    C* bv = val.data() + j * k;
+    int64_t at = kept[j];
+    while (at > 0 && (v > ba[at - 1] || (v == ba[at - 1] && value > bv[at - 1]))) --at;
+    if (at >= k) return;
+    for (int64_t s = std::min(kept[j], k - 1); s > at; --s) {
+      ba[s] = ba[s - 1];
+      bv[s] = bv[s - 1];
+    }
+    ba[at] = v;
+    bv[at] = value;
+    kept[j] = std::min(kept[j] + 1, k);
+  }
+};
+
 template <typename T>
 void positions_impl(const T* pval, int64_t n, int64_t d, const float* edges, int64_t e, int64_t k, int64_t* pos_ge,
                     float* top) {
   using C = Compute<T>;
   const C low = edges[0];
-  std::fill(pos_ge, pos_ge + d * e, 0);
-  std::vector<C> mx(d, C(0));
-  std::vector<int64_t> hits;
-  for (int64_t i = 0; i < n; ++i) scan_row<T>(pval + i * d, d, i * d, low, mx.data(), hits);
-  // per dim, the best k so far as (|v|, v), best first
-  std::vector<C> best_abs(d * k), best_val(d * k);
-  std::vector<int64_t> kept(d, 0);
-  for (const int64_t h : hits) {
-    const int64_t j = h % d;
-    const C val = static_cast<C>(pval[h]);
-    const C v = std::fabs(val);
-    ++pos_ge[j * e + bin_of<T>(v, edges, e)];
-    C* ba = best_abs.data() + j * k;
-    C* bv = best_val.data() + j * k;
-    int64_t at = kept[j];
-    while (at > 0 && (v > ba[at - 1] || (v == ba[at - 1] && val > bv[at - 1]))) --at;
-    if (at >= k) continue;
-    const int64_t last = std::min(kept[j], k - 1);
-    for (int64_t s = last; s > at; --s) {
-      ba[s] = ba[s - 1];
-      bv[s] = bv[s - 1];
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> counts(nthreads);
+  std::vector<std::unique_ptr<TopK<C>>> tops(nthreads);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    const int t = at::get_thread_num();
+    if (!tops[t]) {
+      counts[t].assign(d * e, 0);
+      tops[t] = std::make_unique<TopK<C>>(d, k);
     }
-    ba[at] = v;
-    bv[at] = val;
-    kept[j] = std::min(kept[j] + 1, k);
+    std::vector<C> mx(d, C(0));
+    std::vector<int64_t> hits;
+    for (int64_t i = r0; i < r1; ++i) scan_row<T>(pval + i * d, d, i * d, low, mx.data(), hits);
+    for (const int64_t h : hits) {
+      const int64_t j = h % d;
+      const C value = static_cast<C>(pval[h]);
+      const C v = std::fabs(value);
+      ++counts[t][j * e + bin_of<T>(v, edges, e)];
+      tops[t]->add(j, v, value);
+    }
+  });
+  std::fill(pos_ge, pos_ge + d * e, 0);
+  TopK<C> best(d, k);
+  for (int t = 0; t < nthreads; ++t) {
+    if (!tops[t]) continue;
+    for (int64_t j = 0; j < d * e; ++j) pos_ge[j] += counts[t][j];
+    for (int64_t j = 0; j < d; ++j)
+      for (int64_t s = 0; s < tops[t]->kept[j]; ++s) best.add(j, tops[t]->abs_[j * k + s], tops[t]->val[j * k + s]);
   }
   cumulate(pos_ge, d, e);
   std::fill(top, top + k * d, std::numeric_limits<float>::quiet_NaN());
   for (int64_t j = 0; j < d; ++j)
-    for (int64_t s = 0; s < kept[j]; ++s) top[s * d + j] = static_cast<float>(best_val[j * k + s]);
+    for (int64_t s = 0; s < best.kept[j]; ++s) top[s * d + j] = static_cast<float>(best.val[j * k + s]);
 }
 
 template <typename T>

@@ -58,7 +58,10 @@ def available() -> bool:
             name="outlier_hydra_fused_cpu",
             sources=[str(SOURCE)],
             build_directory=str(directory),
-            extra_cflags=["-O3", "-march=native"],
+            # -fopenmp: at::parallel_for splits work only in code compiled with OpenMP (PyTorch's CPU
+            # backend); libgomp.so.1 then resolves to the copy torch has already loaded
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
