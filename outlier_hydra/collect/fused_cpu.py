@@ -54,6 +54,8 @@ def available() -> bool:
 
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / "outlier_hydra_fused_cpu.so").exists():
+            log.info("building the one-pass CPU reduction in %s (once per machine type, about 15 s)", directory)
         load(
             name="outlier_hydra_fused_cpu",
             sources=[str(SOURCE)],
