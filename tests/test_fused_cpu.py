@@ -147,3 +147,35 @@ def test_row_absmax_and_hits_equal_numpy(dtype):
     # a strided view is read as its values
     t = torch.randn(9, 20, generator=g).to(dtype)[:, ::2]
     assert np.array_equal(fused_cpu.row_absmax(t).numpy(), np.abs(t.double().numpy()).max(1).astype(np.float32))
+
+
+def test_segment_max_equals_the_torch_ops_and_numpy():
+    """The experts stage's per-expert records: the largest value >= 0 per segment, ties to the
+    smallest token and then the last row (tokens repeat where the implementation hides them), -1
+    rows never, a segment with no row -1/-1. C++ (CPU) against the torch ops (GPU) and a loop."""
+    from outlier_hydra.stages.experts import UNKNOWN_TOKEN, Experts
+
+    g = torch.Generator().manual_seed(3)
+    for s, n in [(1, 1), (50, 4), (400, 16)]:
+        values = torch.randint(0, 5, (s,), generator=g).float() / 2  # few distinct values: many ties
+        values[torch.rand(s, generator=g) < 0.2] = -1.0  # rows that hold no value
+        segment = torch.randint(0, max(n - 1, 1), (s,), generator=g)  # the last segment empty
+        token = torch.randint(0, 6, (s,), generator=g)
+        token[torch.rand(s, generator=g) < 0.3] = UNKNOWN_TOKEN
+        want_best, want_row = np.full(n, -1.0, np.float32), np.full(n, -1)
+        for i in range(s):  # best value, then smallest token, then last row
+            v, e = values[i].item(), segment[i].item()
+            if v < 0:
+                continue
+            r = want_row[e]
+            if r < 0 or v > want_best[e] or (v == want_best[e] and token[i] <= token[r]):
+                want_best[e], want_row[e] = v, i
+        for best, row in (
+            fused_cpu.segment_max(values, segment, token, n),
+            Experts._segment_max_torch(values, segment, token, n),
+        ):
+            assert best.numpy().tolist() == want_best.tolist() and row.numpy().tolist() == want_row.tolist()
+        if n > 1:
+            assert want_row[n - 1] == -1 and want_best[n - 1] == -1.0  # the segment left empty
+    with pytest.raises(RuntimeError, match="out of range"):
+        fused_cpu.segment_max(torch.zeros(2), torch.tensor([0, 5]), torch.zeros(2, dtype=torch.long), 2)

@@ -11,6 +11,9 @@
 // row_absmax(t [S, C]) -> [S] float32: max |t| per row, -1 for a row holding a NaN (the experts stage)
 // hits(x [N, D], t) -> [K] int64: the flat indices n * D + d where |x| >= t, in order (NaN: never)
 //   (the router stage's outlier positions, without a [N, D] mask)
+// segment_max(values [S] float32, segment [S] int64, token [S] int64, n) -> (best [n] float32, row [n] int64)
+//   per segment, the largest value >= 0 and its row: among equal values the smallest token, among
+//   equal tokens the last row; best -1 and row -1 where no value >= 0 (the experts stage's records)
 // Comparisons are made in float (double for double tensors) against the float32 edges, as the dense
 // reduction's promotion does, so all four reductions give the same integers.
 //
@@ -287,6 +290,24 @@ std::vector<int64_t> hits_impl(const T* x, int64_t n, int64_t d, double threshol
   return all;
 }
 
+void segment_max_impl(const float* values, const int64_t* segment, const int64_t* token, int64_t s, int64_t n,
+                      float* best, int64_t* row) {
+  std::fill(best, best + n, -1.f);
+  std::fill(row, row + n, int64_t(-1));
+  std::vector<int64_t> tok(n, std::numeric_limits<int64_t>::max());
+  for (int64_t i = 0; i < s; ++i) {
+    const float v = values[i];
+    const int64_t g = segment[i];
+    TORCH_CHECK(g >= 0 && g < n, "fused_cpu.segment_max: segment ", g, " out of range");
+    if (!(v >= 0.f)) continue;  // -1 (no value) and NaN never hold a record
+    if (v > best[g] || (v == best[g] && token[i] <= tok[g])) {
+      best[g] = v;
+      tok[g] = token[i];
+      row[g] = i;
+    }
+  }
+}
+
 void check(const at::Tensor& t, const char* name, int64_t dims) {
   TORCH_CHECK(t.device().is_cpu(), "fused_cpu: ", name, " must be on the CPU");
   TORCH_CHECK(t.dim() == dims, "fused_cpu: ", name, " must have ", dims, " dimensions");
@@ -348,6 +369,21 @@ at::Tensor hits(const at::Tensor& x_in, double threshold) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> segment_max(const at::Tensor& values, const at::Tensor& segment,
+                                               const at::Tensor& token, int64_t n) {
+  check(values, "values", 1);
+  check(segment, "segment", 1);
+  check(token, "token", 1);
+  TORCH_CHECK(values.scalar_type() == at::kFloat && segment.scalar_type() == at::kLong && token.scalar_type() == at::kLong,
+              "fused_cpu.segment_max: float32 values, int64 segments and tokens");
+  TORCH_CHECK(segment.numel() == values.numel() && token.numel() == values.numel(), "fused_cpu.segment_max: lengths");
+  auto best = at::empty({n}, at::kFloat);
+  auto row = at::empty({n}, at::kLong);
+  segment_max_impl(values.const_data_ptr<float>(), segment.const_data_ptr<int64_t>(), token.const_data_ptr<int64_t>(),
+                   values.numel(), n, best.data_ptr<float>(), row.data_ptr<int64_t>());
+  return {best, row};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(outlier_hydra_fused_cpu, m) {
@@ -355,7 +391,9 @@ TORCH_LIBRARY(outlier_hydra_fused_cpu, m) {
   m.def("positions(Tensor pval, Tensor edges, int k) -> (Tensor, Tensor)");
   m.def("row_absmax(Tensor t) -> Tensor");
   m.def("hits(Tensor x, float threshold) -> Tensor");
+  m.def("segment_max(Tensor values, Tensor segment, Tensor token, int n) -> (Tensor, Tensor)");
   m.impl("reduce", c10::DispatchKey::CPU, TORCH_FN(reduce));
+  m.impl("segment_max", c10::DispatchKey::CPU, TORCH_FN(segment_max));
   m.impl("row_absmax", c10::DispatchKey::CPU, TORCH_FN(row_absmax));
   m.impl("hits", c10::DispatchKey::CPU, TORCH_FN(hits));
   m.impl("positions", c10::DispatchKey::CPU, TORCH_FN(positions));

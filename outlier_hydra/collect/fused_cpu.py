@@ -96,3 +96,9 @@ def row_absmax(t: torch.Tensor) -> torch.Tensor:
 def hits(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """The flat indices of x [N, D] where |x| >= threshold (compared in x's dtype), in order."""
     return getattr(torch.ops, _NAMESPACE).hits(x, threshold)
+
+
+def segment_max(values: torch.Tensor, segment: torch.Tensor, token: torch.Tensor, n: int):
+    """Per segment the largest value >= 0 and its row (equal values: the smallest token, then the
+    last row; -1 and -1 where none): (best [n] float32, row [n] int64)."""
+    return getattr(torch.ops, _NAMESPACE).segment_max(values, segment, token, n)

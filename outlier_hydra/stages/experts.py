@@ -408,8 +408,15 @@ class Experts(Stage):
 
     @staticmethod
     def _segment_max(values, segment, token, n):
-        """Per segment: the max of values and the row holding it (equal values: the earliest token;
-        -1: no row)."""
+        """Per segment: the max of values and the row holding it (equal values: the earliest token,
+        then the last row; -1: no row). On the CPU one pass in C++ instead of ~14 small ops."""
+        if values.device.type == "cpu" and fused_cpu.available():
+            return fused_cpu.segment_max(values.float().contiguous(), segment.contiguous(), token.contiguous(), n)
+        return Experts._segment_max_torch(values, segment, token, n)
+
+    @staticmethod
+    def _segment_max_torch(values, segment, token, n):
+        """_segment_max in torch ops, without a host sync."""
         dev, big = values.device, torch.iinfo(torch.long).max
         best = torch.full((n,), -1.0, device=dev).scatter_reduce_(0, segment, values, "amax")
         at = (values == best[segment]) & (values >= 0)
