@@ -180,6 +180,26 @@ def test_compiled_backend_falls_back_on_compilation_errors_only(monkeypatch):
         OutlierCollector(6.0, 5, None, backend="compiled").collect_batch(model, points, torch.zeros(1, 1, dtype=torch.long))
 
 
+def test_chunks_group_whole_layers_in_model_order():
+    """analysis.chunk_layers=N: consecutive groups of at most N analysed layers (both hook points of a
+    layer in the same group); N >= the number of layers, 0 or null: one group. (On a CPU the groups
+    change no number, so they are asserted here.)"""
+    from outlier_hydra.collect.collector import layer_chunks
+    from outlier_hydra.models.structure import HookPoint
+
+    points = [HookPoint(f"layer_{i}_ln_{k}", i, f"m{i}{k}") for i in (0, 2, 3, 5, 7) for k in ("attn", "mlp")]
+
+    def layers_of(chunk):
+        return [[p.layer for p in group] for group in layer_chunks(points, chunk)]
+
+    assert layers_of(2) == [[0, 0, 2, 2], [3, 3, 5, 5], [7, 7]]
+    assert layers_of(1) == [[i, i] for i in (0, 2, 3, 5, 7)]
+    assert layers_of(4) == [[0, 0, 2, 2, 3, 3, 5, 5], [7, 7]]
+    for whole in (5, 6, 0, None):
+        assert layers_of(whole) == [[0, 0, 2, 2, 3, 3, 5, 5, 7, 7]]
+    assert OutlierCollector(6.0, 5, 2).chunk_of_row(points) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+
 @pytest.mark.parametrize("chunk_layers", [1, 2])
 def test_chunked_statistics_come_from_one_forward_pass(chunk_layers):
     """chunk_layers bounds what lives on the device, not the number of passes: one forward per
