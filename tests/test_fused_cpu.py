@@ -5,6 +5,7 @@ equal magnitudes of both signs, more and fewer than k values per dim, one thread
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,26 @@ def test_segment_max_equals_the_torch_ops_and_numpy():
             assert want_row[n - 1] == -1 and want_best[n - 1] == -1.0  # the segment left empty
     with pytest.raises(RuntimeError, match="out of range"):
         fused_cpu.segment_max(torch.zeros(2), torch.tensor([0, 5]), torch.zeros(2, dtype=torch.long), 2)
+
+
+def test_each_source_torch_and_cpu_get_their_own_build(monkeypatch, tmp_path):
+    """A build is for the CPU it was made on (-march=native): its directory changes with the source,
+    the torch version and the CPU's instruction sets, and lives under $OUTLIER_HYDRA_CACHE."""
+    import platform
+
+    monkeypatch.setenv("OUTLIER_HYDRA_CACHE", str(tmp_path))
+    here = fused_cpu.build_directory()
+    assert here.parent == tmp_path / "fused_cpu" and len(here.name) == 16
+    if platform.system() == "Linux":
+        assert fused_cpu._cpu_flags().split(":")[0].strip() in ("flags", "Features")
+    monkeypatch.setattr(fused_cpu, "_cpu_flags", lambda: "flags : sse2")
+    other_cpu = fused_cpu.build_directory()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    other_torch = fused_cpu.build_directory()
+    source = tmp_path / "other.cpp"
+    source.write_text(fused_cpu.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(fused_cpu, "SOURCE", source)
+    other_source = fused_cpu.build_directory()
+    assert len({here, other_cpu, other_torch, other_source}) == 4
+    monkeypatch.delenv("OUTLIER_HYDRA_CACHE")
+    assert fused_cpu.build_directory().parent == Path.home() / ".cache" / "outlier_hydra" / "fused_cpu"
