@@ -528,6 +528,14 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
         assert {k: v for k, v in c.items() if k not in ("layer", "kind", "expert")} == units[
             (c["layer"], c["kind"], c["expert"])
         ]["super_weight_candidate"]
+    # the router stage of the same run, past the dense layer: each MoE layer's tokens and choices
+    routing = {entry["layer"]: entry for entry in results["moe_routing"]["layers"]}
+    assert sorted(routing) == [0, 2, 3]
+    for i in (0, 2, 3):
+        idx = np.concatenate([index.reshape(-1, index.shape[-1]).numpy() for _, index in seen[(i, "routed")]])
+        experts = model.layers[i].mlp.experts.down_proj.shape[0]
+        assert routing[i]["tokens"] == len(idx) == ids.size
+        assert routing[i]["tokens_per_expert"] == np.bincount(idx.ravel(), minlength=experts).tolist()
 
 
 def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_path):
