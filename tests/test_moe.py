@@ -549,11 +549,18 @@ def test_top_experts_by_choices_with_single_choices_and_ties():
     assert _top(np.zeros(4, np.int64), 3) == []
 
 
-def test_router_stage_at_its_edges_on_crafted_tensors():
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_router_stage_at_its_edges_on_crafted_tensors(cpu_kernel, monkeypatch):
     """The stage's hooks fed by hand: an MLP input exactly at the threshold counts (inclusive, as the
     main statistics); router logits given as [batch, seq, experts]; choices without weights (each of
-    the k choices weighs the same: top-1 share 1/k). Every field of its statistics against numpy."""
+    the k choices weighs the same: top-1 share 1/k). Every field of its statistics against numpy.
+    Both ways of finding the outlier positions: the CPU's C++ one, and the mask and matmul of a GPU."""
     from types import SimpleNamespace
+
+    from outlier_hydra.collect import fused_cpu
+
+    if not cpu_kernel:
+        monkeypatch.setattr(fused_cpu, "available", lambda: False)
 
     from outlier_hydra.stages.moe_routing import MoeRouting
 
