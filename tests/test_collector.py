@@ -200,6 +200,20 @@ def test_chunks_group_whole_layers_in_model_order():
     assert OutlierCollector(6.0, 5, 2).chunk_of_row(points) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
 
 
+def test_each_chunk_is_flushed_when_the_pass_reaches_the_next(monkeypatch):
+    """Within the one pass, the counts of a finished group of layers are handed to the host when the
+    first hook of the next group fires (on a GPU: pinned, non-blocking copies; a CPU has none to make)."""
+    from outlier_hydra.collect.collector import _BatchState
+
+    calls = []
+    monkeypatch.setattr(_BatchState, "flush", lambda self, before: calls.append((before, self.ge.count(None))))
+    acts = [[torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)] for _ in range(5)]
+    for chunk, want in [(2, [(1, 6), (2, 2)]), (1, [(i, 10 - 2 * i) for i in range(1, 5)]), (None, []), (5, [])]:
+        calls.clear()
+        _collect(acts, chunk_layers=chunk)
+        assert calls == want, chunk  # (the first group not yet flushed, hooks not yet fired)
+
+
 @pytest.mark.parametrize("chunk_layers", [1, 2])
 def test_chunked_statistics_come_from_one_forward_pass(chunk_layers):
     """chunk_layers bounds what lives on the device, not the number of passes: one forward per
