@@ -145,6 +145,10 @@ def test_row_absmax_and_hits_equal_numpy(dtype):
             at = float(torch.tensor(threshold, dtype=dtype))  # the threshold as x's dtype holds it
             want_hits = np.flatnonzero(a >= at)  # NaN compares False
             assert fused_cpu.hits(t, threshold).numpy().tolist() == want_hits.tolist()
+    # values on both sides of thresholds that the dtype cannot hold: as the GPU path's torch compare
+    x = torch.linspace(5.9, 6.3, 4001).to(dtype).reshape(1, -1)
+    for threshold in (6.11, 6.0000001):
+        assert fused_cpu.hits(x, threshold).tolist() == (x.abs() >= threshold).flatten().nonzero().flatten().tolist()
     # a strided view is read as its values
     t = torch.randn(9, 20, generator=g).to(dtype)[:, ::2]
     assert np.array_equal(fused_cpu.row_absmax(t).numpy(), np.abs(t.double().numpy()).max(1).astype(np.float32))
