@@ -93,6 +93,23 @@ def test_bfloat16_activations(backend):
     assert f32.num_tokens == bf16.num_tokens == 32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threshold", [6.11, 0.8])
+def test_edges_the_dtype_cannot_hold_are_compared_exactly(dtype, threshold):
+    """An edge a half-precision tensor cannot hold (6.11, 0.8) is not rounded to it: x counts at an
+    edge when x >= the edge as float32 holds it, in every reduction (a float16 0.7998 is below 0.8)."""
+    x = torch.linspace(-1.0, 7.0, 2000).reshape(1, 400, 5).to(dtype)
+    runs = {b: _collect([[x, x * 1.001]], threshold=threshold, backend=b) for b in BACKENDS}
+    edge = float(np.float32(threshold))
+    a = np.abs(torch.stack([x, x * 1.001]).double().numpy()).reshape(2, 400, 5)
+    for backend, stats in runs.items():
+        assert stats.occurrences(threshold).tolist() == (a >= edge).sum(1).tolist(), backend
+        assert stats.positions_hit(threshold).tolist() == (a.max(0) >= edge).sum(0).tolist(), backend
+        low = float(np.float32(stats.edges[0]))
+        assert np.all(np.abs(stats.top_values[~np.isnan(stats.top_values)]) >= low), backend
+        assert np.array_equal(stats.top_values, runs["dense"].top_values, equal_nan=True), backend
+
+
 def test_threshold_sweep_from_one_collection_is_exact():
     x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
     stats = _collect([[x, x * 2]], backend="sparse")

@@ -170,7 +170,6 @@ class _BatchState:
             for host, kept in ((ge, self.ge), (max_abs, self.max_abs), (nonfinite, self.nonfinite)):
                 stacked = torch.stack([t for t in (kept[r] for r in rows) if t is not None])
                 host[rows] = counts_to_host(stacked) if kept is self.ge else to_host(stacked)  # ge: per token
-        low = self.edges[0]
         if self.backend == "fused":  # CPU only: one position buffer
             (pval,) = self.pval.values()
             pos_ge, top = fused_cpu.positions(pval, edges_on(self.edges, pval.device), self.k)
@@ -182,8 +181,9 @@ class _BatchState:
         else:
             pos_ge = counts_to_host(position_counts(pabs, edges_t))
             k = min(self.k, pabs.shape[0])
-            top = pval.gather(0, example_order_key(pabs, pval, low).topk(k, dim=0).indices).float()
-            top = to_host(torch.where(top.abs() >= low, top, torch.full_like(top, float("nan"))))
+            best = example_order_key(pabs, pval, edges_t).topk(k, dim=0)
+            top = pval.gather(0, best.indices).float()  # below the lowest edge (key 0): NaN
+            top = to_host(torch.where(best.values > 0, top, torch.full_like(top, float("nan"))))
             if k < self.k:
                 top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
         return self._stats(module_names, threshold, ge, max_abs, nonfinite, pos_ge, top)

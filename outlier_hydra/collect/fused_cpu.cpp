@@ -9,7 +9,7 @@
 //   pos_ge[d, e] = #(|pval[:, d]| >= edges[e]); top: per dim the k values of largest |pval| >= edges[0]
 //   (|v| desc, then v desc), NaN where fewer.
 // row_absmax(t [S, C]) -> [S] float32: max |t| per row, -1 for a row holding a NaN (the experts stage)
-// hits(x [N, D], t) -> [K] int64: the flat indices n * D + d where |x| >= t, in order (NaN: never)
+// hits(x [N, D], t) -> [K] int64: the flat indices n * D + d where |x| >= float32(t), in order (NaN: never)
 //   (the router stage's outlier positions, without a [N, D] mask)
 // segment_max(values [S] float32, segment [S] int64, token [S] int64, n) -> (best [n] float32, row [n] int64)
 //   per segment, the largest value >= 0 and its row: among equal values the smallest token, among
@@ -259,8 +259,8 @@ void row_absmax_impl(const T* t, int64_t s, int64_t c, float* out) {
 template <typename T>
 std::vector<int64_t> hits_impl(const T* x, int64_t n, int64_t d, double threshold) {
   using C = Compute<T>;
-  // as torch compares a tensor with a Python float: in the tensor's dtype (t rounded to it)
-  const C low = static_cast<C>(static_cast<T>(threshold));
+  // t as float32 holds it, as every threshold and edge; |x| exact
+  const C low = static_cast<C>(static_cast<float>(threshold));
   std::vector<std::vector<int64_t>> parts((n + 63) / 64);
   at::parallel_for(0, (n + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {

@@ -94,7 +94,7 @@ def row_absmax(t: torch.Tensor) -> torch.Tensor:
 
 
 def hits(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The flat indices of x [N, D] where |x| >= threshold (compared in x's dtype), in order."""
+    """The flat indices of x [N, D] where |x| >= threshold as float32 holds it, in order."""
     return getattr(torch.ops, _NAMESPACE).hits(x, threshold)
 
 

@@ -22,11 +22,12 @@ BACKENDS = ("auto", "dense", "compiled", "sparse", "fused")
 
 def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
     """x [N, D] -> (ge [D, E] int64, amax [D], nonfinite [], new pabs, new pval). No host sync.
-    edges_t is float32, so a bf16 |x| is compared exactly (promoted, not the edge rounded)."""
+    Each edge is compared as a 1-element float32 tensor: a half-precision |x| is promoted to it (a
+    0-dim tensor would be rounded to the half type instead: 0.8 to float16's 0.7998)."""
     a = x.abs()
     finite = a < float("inf")  # False for NaN and Inf
     a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
-    ge = torch.stack([(a >= edges_t[i]).sum(0) for i in range(edges_t.shape[0])], 1)
+    ge = torch.stack([(a >= edges_t[i : i + 1]).sum(0) for i in range(edges_t.shape[0])], 1)
     amax = a.amax(0)
     wins = a > pabs
     return ge, amax, (~finite).sum(), torch.where(wins, a, pabs), torch.where(wins, x, pval)
@@ -44,7 +45,7 @@ def sparse_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges
         nonfinite = (~finite).sum()
         a = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device))
         amax = a.amax(0)
-    rows, cols = (a >= edges_t[0]).nonzero().unbind(1)
+    rows, cols = (a >= edges_t[:1]).nonzero().unbind(1)
     v = a[rows, cols]
     bins = torch.bucketize(v.float(), edges_t, right=True) - 1
     hist = torch.bincount(cols * e + bins, minlength=d * e).view(d, e)
@@ -56,6 +57,13 @@ def sparse_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges
     pabs_flat[flat] = v[wins]
     pval_flat[flat] = x[rows[wins], cols[wins]]
     return ge, amax, nonfinite, pabs, pval
+
+
+def at_least(t: torch.Tensor, value: float) -> torch.Tensor:
+    """t >= value, with value as float32 holds it (as the histogram edges) and t's values exact: a
+    1-element float32 tensor promotes a half-precision t, where a Python float would be rounded to
+    t's dtype (6.11 to float16's 6.1094)."""
+    return t >= torch.full((1,), value, dtype=torch.float32, device=t.device)
 
 
 _compiled_reduce = None
@@ -70,14 +78,14 @@ def compiled_reduce(x, pabs, pval, edges_t):
 
 def position_counts(pabs: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
     """pos_ge_counts on the device, no host sync (the dense and compiled paths)."""
-    return torch.stack([(pabs >= edges_t[i]).sum(0) for i in range(edges_t.shape[0])], 1)
+    return torch.stack([(pabs >= edges_t[i : i + 1]).sum(0) for i in range(edges_t.shape[0])], 1)
 
 
 def sparse_positions(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor, k: int):
     """pos_ge_counts and top_values from the few positions whose max |x| reaches the lowest edge:
     one host copy of those entries, ordered there (|v| desc, then v desc, as the dense path)."""
     d, e = pabs.shape[1], edges_t.shape[0]
-    rows, cols = (pabs >= edges_t[0]).nonzero().unbind(1)
+    rows, cols = (pabs >= edges_t[:1]).nonzero().unbind(1)
     mags = pabs[rows, cols].float()
     bins = torch.bucketize(mags, edges_t, right=True) - 1
     pos_ge = torch.bincount(cols * e + bins, minlength=d * e).view(d, e).flip(1).cumsum(1).flip(1).cpu().numpy()
@@ -92,13 +100,13 @@ def sparse_positions(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tens
     return pos_ge, top
 
 
-def example_order_key(pabs: torch.Tensor, pval: torch.Tensor, low: float) -> torch.Tensor:
+def example_order_key(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
     """A total order for picking examples: |v| first, then positive before negative (one float64
     ulp, far below the spacing of float32/bf16 values). Equal keys then mean equal signed values, so
     which position topk picks among them cannot change the result; below the lowest edge: 0."""
     key = pabs.double()
     key = torch.where(pval > 0, torch.nextafter(key, torch.full_like(key, float("inf"))), key)
-    return torch.where(pabs >= low, key, torch.zeros_like(key))
+    return torch.where(pabs >= edges_t[:1], key, torch.zeros_like(key))
 
 
 def sorted_top(top: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ from omegaconf import MISSING
 from torch.overrides import TorchFunctionMode
 
 from outlier_hydra.collect import fused_cpu
+from outlier_hydra.collect.reductions import at_least
 from outlier_hydra.collect.transfer import to_host
 from outlier_hydra.models.structure import is_conv1d, matrix_dims
 from outlier_hydra.stages import ArrayStats, ReportContext, Stage
@@ -380,9 +381,9 @@ class Experts(Stage):
             rows = (y_row >= self.threshold).nonzero()[:, 0]
             counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
             if len(rows):
-                counts.index_add_(0, expert[rows], (y[rows].abs() >= self.threshold).long())
+                counts.index_add_(0, expert[rows], at_least(y[rows].abs(), self.threshold).long())
         else:  # no host sync (a GPU): one-hot(expert)^T @ mask on the tensor cores, exact
-            counts = segment_counts(expert, weight_of_row > 0, y_abs >= self.threshold, e_count)
+            counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, self.threshold), e_count)
         new = {
             "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, weight_of_row),
             "out_max": torch.where(ran, out_max, -1.0),

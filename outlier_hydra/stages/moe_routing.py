@@ -24,6 +24,7 @@ from omegaconf import MISSING
 
 from outlier_hydra.collect import fused_cpu
 from outlier_hydra.collect.hooks import on_input
+from outlier_hydra.collect.reductions import at_least
 from outlier_hydra.collect.transfer import to_host
 from outlier_hydra.stages import ArrayStats, ReportContext, Stage
 
@@ -132,7 +133,7 @@ class MoeRouting(Stage):
             if x.device.type == "cpu" and fused_cpu.available():  # the few outlier positions, one read of x
                 self.pending_h[layer] = (fused_cpu.hits(x, self.threshold), x.shape[1])
             else:  # NaN, Inf: see the main stats
-                self.pending_h[layer] = (x.abs() >= self.threshold).float()
+                self.pending_h[layer] = at_least(x.abs(), self.threshold).float()
 
         return hook
 
