@@ -231,6 +231,28 @@ def test_each_chunk_is_flushed_when_the_pass_reaches_the_next(monkeypatch):
         assert calls == want, chunk  # (the first group not yet flushed, hooks not yet fired)
 
 
+def test_the_pass_stops_before_the_module_it_only_reads_the_input_of(tiny_models):
+    """early_stop: a collection with no stage ends at the input of the last hooked module (the last
+    layer's MLP block never runs); with early_stop=False the whole forward runs; the statistics agree."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_models["olmoe"], dtype=torch.float32).eval()
+    ids = torch.randint(1000, 20000, (1, 16), generator=torch.Generator().manual_seed(0))
+    points = structure_points(model, [0, 1])
+    ran = []
+    handles = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(model.layers)]
+    try:
+        early = OutlierCollector(6.0).collect_batch(model, points, ids)
+        assert ran == [0]  # layer 1's MLP input was read; the block itself never ran
+        ran.clear()
+        whole = OutlierCollector(6.0, early_stop=False).collect_batch(model, points, ids)
+        assert ran == list(range(len(model.layers)))
+    finally:
+        for h in handles:
+            h.remove()
+    _assert_identical(early, whole)
+
+
 @pytest.mark.parametrize("chunk_layers", [1, 2])
 def test_chunked_statistics_come_from_one_forward_pass(chunk_layers):
     """chunk_layers bounds what lives on the device, not the number of passes: one forward per
