@@ -277,7 +277,7 @@ class OutlierCollector:
         stops = [s.stop_after(layers[-1]) for s in stages]
         _, stop_path, *kind = max([(0, points[-1].module_path, "pre")] + [s for s in stops if s is not None])
         if self.early_stop:
-            hooks.append((stop_path, _stop_pre if kind == ["pre"] else _stop, *kind))
+            hooks.append((stop_path, _stop, *kind))
         try:
             with attached(model, hooks):
                 model(input_ids=input_ids)
@@ -298,11 +298,8 @@ class OutlierCollector:
         return update
 
 
-def _stop(module, args, output):
-    raise _StopForward
-
-
-def _stop_pre(module, args, kwargs):
+def _stop(*_hook_args):
+    """The hook that ends the pass (a forward hook or a pre-hook: both raise)."""
     raise _StopForward
 
 
