@@ -110,6 +110,20 @@ def test_edges_the_dtype_cannot_hold_are_compared_exactly(dtype, threshold):
         assert np.array_equal(stats.top_values, runs["dense"].top_values, equal_nan=True), backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hook_points_of_different_dtypes(backend):
+    """A model whose hooked tensors differ in dtype (float16, then float32; and the reverse): the
+    position buffer widens to hold both exactly; the statistics of the float32 copies."""
+    x = torch.randn(1, 300, 4, generator=torch.Generator().manual_seed(4)) * 4
+    y = torch.randn(1, 300, 4, generator=torch.Generator().manual_seed(5)) * 4
+    half = x.half()
+    reference = _collect([[half.float(), y]], backend="dense")
+    for acts in ([[half, y]], [[y, half]]):
+        mixed = _collect(acts, backend=backend)
+        ordered = reference if acts[0][0] is half else _collect([[y, half.float()]], backend="dense")
+        _assert_identical(mixed, ordered)
+
+
 def test_threshold_sweep_from_one_collection_is_exact():
     x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
     stats = _collect([[x, x * 2]], backend="sparse")

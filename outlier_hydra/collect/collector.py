@@ -115,12 +115,13 @@ class _BatchState:
             self.pval[dev] = torch.zeros(x.shape, dtype=x.dtype, device=dev)
             if self.backend != "fused":  # the fused reduction keeps |pval| instead
                 self.pabs[dev] = torch.zeros(x.shape, dtype=x.dtype, device=dev)
+        if x.dtype != self.pval[dev].dtype:  # hook points of different dtypes: widen all, exactly
+            wide = torch.promote_types(x.dtype, self.pval[dev].dtype)
+            x, self.pval[dev] = x.to(wide), self.pval[dev].to(wide)
+            if dev in self.pabs:
+                self.pabs[dev] = self.pabs[dev].to(wide)
         edges_t = edges_on(self.edges, dev)
         if self.backend == "fused":
-            pval = self.pval[dev]
-            if x.dtype != pval.dtype:  # hook points of different dtypes: widen both, exactly
-                wide = torch.promote_types(x.dtype, pval.dtype)
-                x, self.pval[dev] = x.to(wide), pval.to(wide)
             ge, amax, bad = fused_cpu.reduce(x, self.pval[dev], edges_t)
             out = ge, amax, bad, None, self.pval[dev]
         elif self.backend == "sparse":
