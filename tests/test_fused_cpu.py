@@ -116,6 +116,38 @@ def test_a_kernel_that_cannot_be_built_means_the_sparse_reduction(tmp_path):
     assert len(warnings) == 1, out.stderr
 
 
+def test_a_compiler_without_openmp_or_native_flags_gets_the_portable_build(tmp_path):
+    """A compiler that refuses -fopenmp and -march=native (as Apple's clang does -fopenmp): the
+    second, portable set of flags builds, single-threaded, and gives the same numbers."""
+    import shutil
+
+    fake = tmp_path / "cxx"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in -fopenmp|-march=native) echo "unsupported: $a" >&2; exit 1;; esac; done\n'
+        f'exec {shutil.which("g++") or "c++"} "$@"\n'
+    )
+    fake.chmod(0o755)
+    code = (
+        "import torch\n"
+        "from outlier_hydra.collect import fused_cpu\n"
+        "from outlier_hydra.collect.reductions import dense_reduce\n"
+        "assert fused_cpu.available()\n"
+        "assert list(fused_cpu.build_directory(fused_cpu.FLAGS[1]).glob('*.so'))\n"
+        "assert not list(fused_cpu.build_directory(fused_cpu.FLAGS[0]).glob('*.so'))\n"
+        "x = torch.randn(300, 40, generator=torch.Generator().manual_seed(0)) * 4\n"
+        "edges = torch.tensor([3.0, 6.0, 8.0])\n"
+        "ge, amax, bad = fused_cpu.reduce(x, torch.zeros_like(x), edges)\n"
+        "want = dense_reduce(x, torch.zeros_like(x), torch.zeros_like(x), edges)\n"
+        "assert torch.equal(ge, want[0]) and torch.equal(amax, want[1]) and int(bad) == int(want[2])\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CXX=str(fake), OUTLIER_HYDRA_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    assert "could not be built" not in out.stderr
+
+
 def test_fused_is_the_cpu_default_and_refuses_another_device():
     from outlier_hydra.collect import OutlierCollector
     from outlier_hydra.errors import OutlierHydraError

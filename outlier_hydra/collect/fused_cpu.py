@@ -36,10 +36,17 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build_directory() -> Path:
+# Compiler flags, best first: for this CPU's instruction sets (AVX-512 where it has them) and
+# PyTorch's threads (at::parallel_for splits work only in code compiled with OpenMP, PyTorch's CPU
+# backend; libgomp.so.1 then resolves to the copy torch has already loaded); else portable and
+# single-threaded, for a compiler without those (Apple's clang has no -fopenmp).
+FLAGS = (("-O3", "-march=native", "-fopenmp"), ("-O3",))
+
+
+def build_directory(flags: tuple[str, ...] = FLAGS[0]) -> Path:
     root = Path(os.environ.get("OUTLIER_HYDRA_CACHE", Path.home() / ".cache" / "outlier_hydra"))
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags()]).encode()
+        "\n".join([SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags(), *flags]).encode()
     ).hexdigest()[:16]
     return root / "fused_cpu" / key
 
@@ -49,32 +56,34 @@ def available() -> bool:
     """Build (or find) and load the kernel once per process; False, with one warning, where it cannot."""
     if hasattr(torch.ops, _NAMESPACE) and hasattr(getattr(torch.ops, _NAMESPACE), "reduce"):
         return True
-    try:
-        from torch.utils.cpp_extension import load
+    reasons = []
+    for flags in FLAGS:
+        try:
+            _build(flags)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure to build: the next flags, then sparse
+            lines = str(exc).strip().splitlines()
+            reasons.append(lines[-1] if lines else type(exc).__name__)
+    log.warning("the one-pass CPU reduction could not be built (%s); using the sparse reduction", reasons[-1])
+    return False
 
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / "outlier_hydra_fused_cpu.so").exists():
-            log.info("building the one-pass CPU reduction in %s (once per machine type, about 15 s)", directory)
-        load(
-            name="outlier_hydra_fused_cpu",
-            sources=[str(SOURCE)],
-            build_directory=str(directory),
-            # -fopenmp: at::parallel_for splits work only in code compiled with OpenMP (PyTorch's CPU
-            # backend); libgomp.so.1 then resolves to the copy torch has already loaded
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-        return True
-    except Exception as exc:  # noqa: BLE001 - any failure to build means: use the sparse reduction
-        reason = str(exc).strip().splitlines()
-        log.warning(
-            "the one-pass CPU reduction could not be built (%s); using the sparse reduction",
-            reason[-1] if reason else type(exc).__name__,
-        )
-        return False
+
+def _build(flags: tuple[str, ...]) -> None:
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory(flags)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("outlier_hydra_fused_cpu*.so")):  # (torch names a rebuild *_v1.so)
+        log.info("building the one-pass CPU reduction in %s (once per machine type, about 15 s)", directory)
+    load(
+        name="outlier_hydra_fused_cpu",
+        sources=[str(SOURCE)],
+        build_directory=str(directory),
+        extra_cflags=list(flags),
+        extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+        is_python_module=False,
+        verbose=False,
+    )
 
 
 def reduce(x: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
