@@ -7,7 +7,7 @@ For every hooked module m and batch, with a = |x| (NaN/Inf counted, then treated
 When the batch is done: pos_ge_counts from pabs, the top-k positions of pabs give top_values, and
 everything is copied to the host once per device. Memory: O(tokens_per_batch x D) on the device,
 O(M x D x E) on the host; nothing grows with the number of tokens analysed. The reduction itself is
-one of three interchangeable implementations (reductions.py, ``backend``).
+one of four interchangeable implementations (reductions.py and fused_cpu.py, ``backend``).
 
 Each batch is one forward pass, which stops right after the last module anything reads (the layers
 after the last analysed one never run). With ``chunk_layers`` at most that many layers' statistics
