@@ -241,3 +241,35 @@ def test_each_source_torch_and_cpu_get_their_own_build(monkeypatch, tmp_path):
     assert len({here, other_cpu, other_torch, other_source}) == 4
     monkeypatch.delenv("OUTLIER_HYDRA_CACHE")
     assert fused_cpu.build_directory().parent == Path.home() / ".cache" / "outlier_hydra" / "fused_cpu"
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_routing_sums_equal_numpy(weighted):
+    """The router stage's sums in one pass: choices per expert (an expert chosen twice counts twice),
+    softmax entropy and top-1 share (1/k without weights), and each at the outlier positions per dim,
+    laid out [E | entropy | share | E + 3 rows of d] as the stage's state vector."""
+    g = torch.Generator().manual_seed(7)
+    n, e, k, d = 50, 6, 3, 5
+    logits = torch.randn(n, e, generator=g) * 3
+    idx = torch.randint(0, e, (n, k), generator=g)
+    weights = torch.rand(n, k, generator=g) if weighted else None
+    hits = torch.unique(torch.randint(0, n * d, (40,), generator=g))
+    got = fused_cpu.routing(logits, idx, weights, hits, d).numpy()
+    z = logits.double().numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    entropy = -(p * np.log(np.maximum(p, 1e-30))).sum(1)
+    w = weights.double().numpy() if weighted else np.ones((n, k))
+    share = w.max(1) / w.sum(1)
+    choices = np.zeros((n, e))
+    np.add.at(choices, (np.repeat(np.arange(n), k), idx.numpy().ravel()), 1.0)
+    v = np.concatenate([choices, entropy[:, None], share[:, None], np.ones((n, 1))], 1)  # [n, E + 3]
+    per_dim = np.zeros((d, e + 3))
+    for h in hits.tolist():
+        per_dim[h % d] += v[h // d]
+    want = np.concatenate([choices.sum(0), [entropy.sum(), share.sum()], per_dim.T.ravel()])
+    assert got.shape == want.shape
+    assert np.array_equal(got[:e], want[:e]) and np.array_equal(got[e + 2 :][: e * d], want[e + 2 :][: e * d])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="out of range"):
+        fused_cpu.routing(logits, torch.full((n, k), e), weights, hits, d)

@@ -14,6 +14,11 @@
 // segment_max(values [S] float32, segment [S] int64, token [S] int64, n) -> (best [n] float32, row [n] int64)
 //   per segment, the largest value >= 0 and its row: among equal values the smallest token, among
 //   equal tokens the last row; best -1 and row -1 where no value >= 0 (the experts stage's records)
+// routing(logits [N, E] float32, idx [N, k] int64, weights [N, k] float32 or None, hits [K], d)
+//   -> [E + 2 + (E + 3) * d] float64, the router stage's sums for one pass of one layer: choices per
+//   expert, sum of the softmax entropies (nats), sum of the top-1 shares of the top-k weight (1/k
+//   without weights), then per column c of [choices per expert | entropy | share | 1] and dim j, the
+//   sum over the outlier positions (hits: flat n * d + j) at dim j. Softmax and sums in float64.
 // Comparisons are made in float (double for double tensors) against the float32 edges, as the dense
 // reduction's promotion does, so all four reductions give the same integers.
 //
@@ -29,6 +34,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -308,6 +314,53 @@ void segment_max_impl(const float* values, const int64_t* segment, const int64_t
   }
 }
 
+void routing_impl(const float* logits, const int64_t* idx, const float* weights, const int64_t* hits, int64_t n,
+                  int64_t e, int64_t k, int64_t nh, int64_t d, double* out) {
+  std::fill(out, out + e + 2 + (e + 3) * d, 0.0);
+  double* counts = out;
+  double* feature = out + e + 2;  // [E + 3, d]
+  std::vector<double> entropy(n), share(n), p(e);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* l = logits + i * e;
+    double top = -std::numeric_limits<double>::infinity();
+    for (int64_t c = 0; c < e; ++c) top = std::max(top, static_cast<double>(l[c]));
+    double z = 0.0;
+    for (int64_t c = 0; c < e; ++c) z += (p[c] = std::exp(static_cast<double>(l[c]) - top));
+    double h = 0.0;
+    for (int64_t c = 0; c < e; ++c) {
+      const double q = p[c] / z;
+      h -= q * std::log(std::max(q, 1e-30));
+    }
+    entropy[i] = h;
+    double best = 1.0, total = static_cast<double>(k);
+    if (weights != nullptr) {
+      const float* w = weights + i * k;
+      best = -std::numeric_limits<double>::infinity();
+      total = 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        best = std::max(best, static_cast<double>(w[j]));
+        total += w[j];
+      }
+    }
+    share[i] = best / std::max(total, 1e-30);
+    out[e] += entropy[i];
+    out[e + 1] += share[i];
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t c = idx[i * k + j];
+      TORCH_CHECK(c >= 0 && c < e, "fused_cpu.routing: expert ", c, " out of range");
+      counts[c] += 1.0;
+    }
+  }
+  for (int64_t h = 0; h < nh; ++h) {
+    const int64_t i = hits[h] / d, j = hits[h] % d;
+    TORCH_CHECK(i >= 0 && i < n, "fused_cpu.routing: position out of range");
+    for (int64_t c = 0; c < k; ++c) feature[idx[i * k + c] * d + j] += 1.0;
+    feature[e * d + j] += entropy[i];
+    feature[(e + 1) * d + j] += share[i];
+    feature[(e + 2) * d + j] += 1.0;
+  }
+}
+
 void check(const at::Tensor& t, const char* name, int64_t dims) {
   TORCH_CHECK(t.device().is_cpu(), "fused_cpu: ", name, " must be on the CPU");
   TORCH_CHECK(t.dim() == dims, "fused_cpu: ", name, " must have ", dims, " dimensions");
@@ -384,6 +437,29 @@ std::tuple<at::Tensor, at::Tensor> segment_max(const at::Tensor& values, const a
   return {best, row};
 }
 
+at::Tensor routing(const at::Tensor& logits_in, const at::Tensor& idx_in, const std::optional<at::Tensor>& weights_in,
+                   const at::Tensor& hits_in, int64_t d) {
+  const at::Tensor logits = logits_in.to(at::kFloat).contiguous();
+  const at::Tensor idx = idx_in.to(at::kLong).contiguous();
+  const at::Tensor hits = hits_in.to(at::kLong).contiguous();
+  check(logits, "logits", 2);
+  check(idx, "idx", 2);
+  check(hits, "hits", 1);
+  TORCH_CHECK(idx.size(0) == logits.size(0), "fused_cpu.routing: one row of choices per row of logits");
+  at::Tensor weights;
+  if (weights_in.has_value()) {
+    weights = weights_in->to(at::kFloat).contiguous();
+    check(weights, "weights", 2);
+    TORCH_CHECK(weights.sizes() == idx.sizes(), "fused_cpu.routing: weights must match the choices");
+  }
+  const int64_t n = logits.size(0), e = logits.size(1), k = idx.size(1);
+  auto out = at::empty({e + 2 + (e + 3) * d}, at::kDouble);
+  routing_impl(logits.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(),
+               weights.defined() ? weights.const_data_ptr<float>() : nullptr, hits.const_data_ptr<int64_t>(), n, e, k,
+               hits.numel(), d, out.data_ptr<double>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(outlier_hydra_fused_cpu, m) {
@@ -392,7 +468,9 @@ TORCH_LIBRARY(outlier_hydra_fused_cpu, m) {
   m.def("row_absmax(Tensor t) -> Tensor");
   m.def("hits(Tensor x, float threshold) -> Tensor");
   m.def("segment_max(Tensor values, Tensor segment, Tensor token, int n) -> (Tensor, Tensor)");
+  m.def("routing(Tensor logits, Tensor idx, Tensor? weights, Tensor hits, int d) -> Tensor");
   m.impl("reduce", c10::DispatchKey::CPU, TORCH_FN(reduce));
+  m.impl("routing", c10::DispatchKey::CPU, TORCH_FN(routing));
   m.impl("segment_max", c10::DispatchKey::CPU, TORCH_FN(segment_max));
   m.impl("row_absmax", c10::DispatchKey::CPU, TORCH_FN(row_absmax));
   m.impl("hits", c10::DispatchKey::CPU, TORCH_FN(hits));

@@ -111,3 +111,10 @@ def segment_max(values: torch.Tensor, segment: torch.Tensor, token: torch.Tensor
     """Per segment the largest value >= 0 and its row (equal values: the smallest token, then the
     last row; -1 and -1 where none): (best [n] float32, row [n] int64)."""
     return getattr(torch.ops, _NAMESPACE).segment_max(values, segment, token, n)
+
+
+def routing(logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None, hits: torch.Tensor, d: int):
+    """The router stage's sums for one pass of one layer, float64 [E + 2 + (E + 3) * d]: choices per
+    expert, entropy sum, top-1 share sum, then [choices per expert | entropy | share | 1] summed over
+    the outlier positions (flat hits into [N, d]) per dim (see fused_cpu.cpp)."""
+    return getattr(torch.ops, _NAMESPACE).routing(logits, idx, weights, hits, d)

@@ -9,7 +9,7 @@ experts are always on and never counted as a choice. Per MoE layer, on the devic
   per feature d: counts[d, e] = (H^T R)[d, e]    expert choices at d's outlier positions, with the
                  positions, entropy and top-1 share at those positions (H^T applied to each)
 H^T R is one small matmul per layer: exact counts, no host sync (on the CPU: H as the positions where
-|x| >= t, found in one read of x by collect/fused_cpu.cpp, and the rows of [R | ...] there summed). Per-feature rows are kept only for
+|x| >= t, found in one read of x, and every sum in one pass, by collect/fused_cpu.cpp). Per-feature rows are kept only for
 dims that had an outlier at that layer (a handful), so the statistics stay small.
 """
 
@@ -152,22 +152,23 @@ class MoeRouting(Stage):
 
     def _update(self, layer: int, logits: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor | None) -> None:
         idx = idx.reshape(-1, idx.shape[-1])
+        h = self.pending_h.pop(layer)
+        e = logits.shape[1]
+        if isinstance(h, tuple):  # (CPU) h as the flat indices of its ones: every sum in one C++ pass
+            flat, d = h
+            w = None if weights is None else weights.reshape(idx.shape)
+            self._add(layer, fused_cpu.routing(logits, idx, w, flat, d), int(logits.shape[0]), e)
+            return
         weights = torch.ones_like(idx, dtype=torch.float32) if weights is None else weights.float()
         weights = weights.reshape(-1, weights.shape[-1])
-        h = self.pending_h.pop(layer)
         idx = idx.long()  # R: top-k choices per expert (an expert listed twice counts twice)
         one_hot = torch.zeros_like(logits).scatter_add_(1, idx, torch.ones(idx.shape, dtype=logits.dtype, device=idx.device))
         probs = torch.softmax(logits, -1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
         share = weights.max(-1).values / weights.sum(-1).clamp_min(1e-30)
-        # the four per-feature sums at once: H^T [R | entropy | share | 1]
+        # the four per-feature sums at once, one matmul, no host sync: H^T [R | entropy | share | 1]
         v = torch.cat([one_hot, entropy[:, None], share[:, None], torch.ones_like(share)[:, None]], 1)
-        if isinstance(h, tuple):  # (CPU) h as the flat indices of its ones: sum those rows of v
-            flat, d = h
-            per_feature = torch.zeros((d, v.shape[1]), dtype=torch.float64).index_add_(0, flat % d, v[flat // d].double())
-        else:  # one matmul, no host sync
-            per_feature = (h.t() @ v).double()
-        e = one_hot.shape[1]
+        per_feature = (h.t() @ v).double()
         upd = torch.cat(
             [
                 one_hot.sum(0).double(),  # expert_counts
@@ -176,10 +177,14 @@ class MoeRouting(Stage):
                 per_feature.t().reshape(-1),  # [E + 3, D]: choices per expert, entropy, share, positions
             ]
         )
+        self._add(layer, upd, int(logits.shape[0]), e)
+
+    def _add(self, layer: int, upd: torch.Tensor, tokens: int, width: int) -> None:
+        """Add one pass's sums [E + 2 + (E + 3) D] (a layer's router may run twice in a pass)."""
         st = self.state.get(layer)
         self.state[layer] = upd if st is None else st + upd
-        self.tokens[layer] = self.tokens.get(layer, 0) + int(logits.shape[0])  # a shape: no device read
-        self.width = e
+        self.tokens[layer] = self.tokens.get(layer, 0) + tokens  # a shape: no device read
+        self.width = width
 
     def finish_batch(self) -> RouterStats:
         """Host copies of the per-layer sums and of the per-feature rows only where a dim has outlier
