@@ -231,6 +231,26 @@ def test_chunks_group_whole_layers_in_model_order():
     assert OutlierCollector(6.0, 5, 2).chunk_of_row(points) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
 
 
+def test_position_buffers_of_several_devices_combine_in_model_order():
+    """A model split over devices (device_map) keeps one position buffer per device; at the end of
+    the batch a later device's larger |x| replaces the earlier one's, equal ones keep the earlier
+    (three "devices" here: cpu, cpu:0 and cpu:1 are distinct keys and need no GPU)."""
+    from outlier_hydra.collect.collector import _BatchState
+    from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
+
+    state = _BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, 3, "dense")
+    vals = [
+        torch.tensor([[7.0, -3.0, 9.0, 1.0]]),
+        torch.tensor([[-7.0, 4.0, 2.0, 0.5]]),
+        torch.tensor([[8.0, -4.0, 1.0, 2.0]]),
+    ]
+    for dev, v in zip(["cpu", "cpu:0", "cpu:1"], vals):
+        state.pabs[torch.device(dev)], state.pval[torch.device(dev)] = v.abs(), v
+    pabs, pval = state._positions()
+    assert pval.tolist() == [[8.0, 4.0, 9.0, 2.0]]  # 7 then -7 (tie: 7 stays) then 8; 3 < 4 = -4 (tie: 4 stays)
+    assert pabs.tolist() == [[8.0, 4.0, 9.0, 2.0]] and pabs.device == torch.device("cpu")
+
+
 def test_each_chunk_is_flushed_when_the_pass_reaches_the_next(monkeypatch):
     """Within the one pass, the counts of a finished group of layers are handed to the host when the
     first hook of the next group fires (on a GPU: pinned, non-blocking copies; a CPU has none to make)."""
