@@ -230,6 +230,9 @@ def test_each_source_torch_and_cpu_get_their_own_build(monkeypatch, tmp_path):
     assert here.parent == tmp_path / "fused_cpu" and len(here.name) == 16
     if platform.system() == "Linux":
         assert fused_cpu._cpu_flags().split(":")[0].strip() in ("flags", "Features")
+    arm = tmp_path / "cpuinfo"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve\n")
+    assert fused_cpu._cpu_flags(arm) == "Features\t: fp asimd sve"
     monkeypatch.setattr(fused_cpu, "_cpu_flags", lambda: "flags : sse2")
     other_cpu = fused_cpu.build_directory()
     monkeypatch.setattr(torch, "__version__", "0.0.0")

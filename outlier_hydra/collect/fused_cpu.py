@@ -26,9 +26,10 @@ SOURCE = Path(__file__).with_name("fused_cpu.cpp")
 _NAMESPACE = "outlier_hydra_fused_cpu"
 
 
-def _cpu_flags() -> str:
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's instruction sets as Linux lists them ("flags" on x86, "Features" on ARM)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return line
     except OSError:
