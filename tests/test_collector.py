@@ -124,6 +124,18 @@ def test_hook_points_of_different_dtypes(backend):
         _assert_identical(mixed, ordered)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fewer_tokens_than_examples(backend):
+    """A batch of 3 tokens with num_examples 5: 5 rows of examples per dim all the same, the missing
+    ones NaN, as any other batch (so that batches merge)."""
+    x = torch.zeros(1, 3, 2)
+    x[0, :, 0] = torch.tensor([7.0, -9.0, 6.5])
+    stats = _collect([[x, torch.zeros(1, 3, 2)]], k=5, backend=backend)
+    assert stats.top_values.shape == (5, 2) and stats.top_values.dtype == np.float32
+    assert stats.top_values[:3, 0].tolist() == [-9.0, 7.0, 6.5] and np.isnan(stats.top_values[3:, 0]).all()
+    assert np.isnan(stats.top_values[:, 1]).all()
+
+
 def test_threshold_sweep_from_one_collection_is_exact():
     x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
     stats = _collect([[x, x * 2]], backend="sparse")
