@@ -276,3 +276,30 @@ def test_routing_sums_equal_numpy(weighted):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="out of range"):
         fused_cpu.routing(logits, torch.full((n, k), e), weights, hits, d)
+
+
+def test_a_build_killed_midway_blocks_nothing(tmp_path):
+    """A process killed while building leaves torch's lock file and this project's lock (a dead pid on
+    this host): the next process takes over and loads the kernel instead of waiting forever."""
+    import json
+    import shutil
+    import socket
+
+    cache = tmp_path / "cache"
+    built = fused_cpu.build_directory()
+    target = cache / "fused_cpu" / built.name
+    shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock", ".lock*"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (target / "lock").touch()  # torch's baton
+    (target / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "slurm_job_id": None}))
+    code = "from outlier_hydra.collect import fused_cpu\nassert fused_cpu.available()\nprint('ok')\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, OUTLIER_HYDRA_CACHE=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert not (target / "lock").exists() and not (target / ".lock").exists()

@@ -2,7 +2,8 @@
 
 torch.utils.cpp_extension compiles the file (about 15 s, once) into a cache directory keyed by the
 source, the torch version and the CPU's instruction sets (it is built for the CPU it runs on, so a
-cluster whose nodes differ gets one build per kind of node). Concurrent builds wait for each other.
+cluster whose nodes differ gets one build per kind of node). Concurrent builds wait for each other;
+a build killed midway leaves nothing that blocks the next.
 Where it cannot be built (no compiler, no headers), :func:`available` says why once and the collector
 uses the sparse reduction instead: the statistics are the same, only slower.
 
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -69,22 +71,44 @@ def available() -> bool:
     return False
 
 
+BUILD_WAIT_S = 600.0  # how long to wait for another process's build before giving up on it
+
+
 def _build(flags: tuple[str, ...]) -> None:
+    """Build or load under this project's lock (pipeline/lock.py: a dead holder's lock is taken
+    over), not only torch's: torch's own lock file, left by a build that was killed, makes every
+    later load wait forever, so the holder of ours removes it first."""
     from torch.utils.cpp_extension import load
+
+    from outlier_hydra.errors import OutlierHydraError
+    from outlier_hydra.pipeline.lock import RunLock
 
     directory = build_directory(flags)
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("outlier_hydra_fused_cpu*.so")):  # (torch names a rebuild *_v1.so)
-        log.info("building the one-pass CPU reduction in %s (once per machine type, about 15 s)", directory)
-    load(
-        name="outlier_hydra_fused_cpu",
-        sources=[str(SOURCE)],
-        build_directory=str(directory),
-        extra_cflags=list(flags),
-        extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
-        is_python_module=False,
-        verbose=False,
-    )
+    lock, deadline = RunLock(directory), time.monotonic() + BUILD_WAIT_S
+    while True:
+        try:
+            lock.acquire()
+            break
+        except OutlierHydraError:  # another live process is building it: wait for it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    try:
+        (directory / "lock").unlink(missing_ok=True)  # torch's, from a build killed midway
+        if not any(directory.glob("outlier_hydra_fused_cpu*.so")):  # (torch names a rebuild *_v1.so)
+            log.info("building the one-pass CPU reduction in %s (once per machine type, about 15 s)", directory)
+        load(
+            name="outlier_hydra_fused_cpu",
+            sources=[str(SOURCE)],
+            build_directory=str(directory),
+            extra_cflags=list(flags),
+            extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        lock.release()
 
 
 def reduce(x: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
