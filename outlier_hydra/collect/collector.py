@@ -22,7 +22,6 @@ back their own mergeable statistics, which land in OutlierStats.extras under the
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import defaultdict
 
@@ -36,6 +35,7 @@ from outlier_hydra.collect.reductions import (
     compile_errors,
     compiled_reduce,
     dense_reduce,
+    edges_on,
     example_order_key,
     position_counts,
     sorted_top,
@@ -61,13 +61,6 @@ def layer_chunks(points: list[HookPoint], chunk_layers: int | None) -> list[list
         return [list(points)]
     groups = [set(layers[i : i + chunk_layers]) for i in range(0, len(layers), chunk_layers)]
     return [[p for p in points if p.layer in g] for g in groups]
-
-
-@functools.lru_cache(maxsize=64)
-def edges_on(edges: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """The histogram edges as a float32 tensor on the device, made once: a copy to a GPU from the
-    host waits for the GPU, so no batch should make it again in a hook. Read-only."""
-    return torch.tensor(edges, dtype=torch.float32, device=device)
 
 
 class _BatchState:
@@ -121,18 +114,11 @@ class _BatchState:
             if dev in self.pabs:
                 self.pabs[dev] = self.pabs[dev].to(wide)
         edges_t = edges_on(self.edges, dev)
-        if self.backend == "fused":
+        if self.backend == "fused":  # pval updated in place
             ge, amax, bad = fused_cpu.reduce(x, self.pval[dev], edges_t)
-            out = ge, amax, bad, None, self.pval[dev]
-        elif self.backend == "sparse":
-            out = sparse_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
-        elif self.backend == "compiled":
-            out = compiled_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         else:
-            out = dense_reduce(x, self.pabs[dev], self.pval[dev], edges_t)
-        ge, amax, bad, pabs, self.pval[dev] = out
-        if pabs is not None:
-            self.pabs[dev] = pabs
+            reduce = {"sparse": sparse_reduce, "compiled": compiled_reduce}.get(self.backend, dense_reduce)
+            ge, amax, bad, self.pabs[dev], self.pval[dev] = reduce(x, self.pabs[dev], self.pval[dev], edges_t)
         old_ge, old_max, old_bad = self.ge[row], self.max_abs[row], self.nonfinite[row]
         if old_ge is None or old_max is None or old_bad is None:
             self.ge[row], self.max_abs[row], self.nonfinite[row] = ge, amax.float(), bad

@@ -267,28 +267,14 @@ std::vector<int64_t> hits_impl(const T* x, int64_t n, int64_t d, double threshol
   using C = Compute<T>;
   // t as float32 holds it, as every threshold and edge; |x| exact
   const C low = static_cast<C>(static_cast<float>(threshold));
-  std::vector<std::vector<int64_t>> parts((n + 63) / 64);
+  std::vector<std::vector<int64_t>> parts((n + 63) / 64);  // per block of 64 rows, in row order
   at::parallel_for(0, (n + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<C> mx(d, C(0));  // (scan_row's maxima: not needed here)
     for (int64_t b = b0; b < b1; ++b) {
       auto& out = parts[b];
-      for (int64_t i = b * 64; i < std::min(n, b * 64 + 64); ++i) {
-        const T* __restrict__ row = x + i * d;
-        int64_t j = 0;
-#ifdef __AVX512F__
-        if constexpr (kVector<T>) {
-          const __m512 lowv = _mm512_set1_ps(low);
-          for (; j + 16 <= d; j += 16) {
-            __mmask16 hit = _mm512_cmp_ps_mask(abs16(row + j), lowv, _CMP_GE_OQ);  // NaN: False
-            while (hit) {
-              out.push_back(i * d + j + __builtin_ctz(hit));
-              hit &= hit - 1;
-            }
-          }
-        }
-#endif
-        for (; j < d; ++j)
-          if (std::fabs(static_cast<C>(row[j])) >= low) out.push_back(i * d + j);
-      }
+      for (int64_t i = b * 64; i < std::min(n, b * 64 + 64); ++i) scan_row<T>(x + i * d, d, i * d, low, mx.data(), out);
+      // scan_row also lists NaN: not an outlier here
+      out.erase(std::remove_if(out.begin(), out.end(), [&](int64_t h) { return x[h] != x[h]; }), out.end());
     }
   });
   std::vector<int64_t> all;

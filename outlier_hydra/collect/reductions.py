@@ -14,6 +14,8 @@ its signed value (ties keep the earlier).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -59,11 +61,18 @@ def sparse_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges
     return ge, amax, nonfinite, pabs, pval
 
 
+@functools.lru_cache(maxsize=64)
+def edges_on(edges: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The histogram edges as a float32 tensor on the device, made once: a copy to a GPU from the
+    host waits for the GPU, so no batch should make it again in a hook. Read-only."""
+    return torch.tensor(edges, dtype=torch.float32, device=device)
+
+
 def at_least(t: torch.Tensor, value: float) -> torch.Tensor:
     """t >= value, with value as float32 holds it (as the histogram edges) and t's values exact: a
     1-element float32 tensor promotes a half-precision t, where a Python float would be rounded to
     t's dtype (6.11 to float16's 6.1094)."""
-    return t >= torch.full((1,), value, dtype=torch.float32, device=t.device)
+    return t >= edges_on((float(value),), t.device)
 
 
 _compiled_reduce = None

@@ -8,9 +8,10 @@ experts are always on and never counted as a choice. Per MoE layer, on the devic
   entropy_sum   += sum_p H(softmax(logits_p))    top1_share_sum += sum_p w_top1 / sum_k w_k
   per feature d: counts[d, e] = (H^T R)[d, e]    expert choices at d's outlier positions, with the
                  positions, entropy and top-1 share at those positions (H^T applied to each)
-H^T R is one small matmul per layer: exact counts, no host sync (on the CPU: H as the positions where
-|x| >= t, found in one read of x, and every sum in one pass, by collect/fused_cpu.cpp). Per-feature rows are kept only for
-dims that had an outlier at that layer (a handful), so the statistics stay small.
+H^T R is one small matmul per layer: exact counts, no host sync (on the CPU: H as the positions
+where |x| >= t, found in one read of x, and every sum in one pass, by collect/fused_cpu.cpp).
+Per-feature rows are kept only for dims that had an outlier at that layer (a handful), so the
+statistics stay small.
 """
 
 from __future__ import annotations
