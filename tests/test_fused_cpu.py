@@ -86,6 +86,25 @@ def test_reduce_and_positions_equal_numpy(dtype, d, threads):
         assert pval[0, 0].item() == -6.0  # a tie keeps the earlier module's value
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_in_any_row_of_a_block_of_four_hides_no_maximum(dtype):
+    """Rows are read four at a time: a NaN in any of the four, beside a larger value in another, must
+    neither enter the maxima nor hide that value (nor its hit)."""
+    edges_t = torch.from_numpy(EDGES)
+    for nan_row in range(4):
+        for big_row in range(4):
+            if nan_row == big_row:
+                continue
+            x = torch.zeros(4, 33, dtype=dtype)  # 33 columns: two 16-wide steps and a scalar tail
+            for col in (5, 32):
+                x[nan_row, col], x[big_row, col] = float("nan"), 50.0
+            ge, amax, bad = fused_cpu.reduce(x, torch.zeros_like(x), edges_t)
+            want_ge, want_max, want_bad, _ = _numpy_reduce(x.double().numpy(), np.zeros((4, 33)))
+            assert amax[5].item() == amax[32].item() == 50.0, (nan_row, big_row)
+            assert np.array_equal(amax.numpy(), want_max) and np.array_equal(ge.numpy(), want_ge)
+            assert int(bad) == want_bad == 2
+
+
 def test_wider_activations_and_one_row():
     """Hidden sizes of real models, one token, and a value the float32 edges meet exactly in bf16."""
     edges_t = torch.from_numpy(EDGES)
