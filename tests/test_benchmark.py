@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, make_cfg
@@ -47,6 +48,57 @@ def test_benchmark_cpu_tiny_end_to_end(tmp_path):
     assert (
         result["chunk_layers"] == 1 and result["ratio_collect_chunked_over_forward"] > 0 and "same, chunked" in proc.stdout
     )
+    # every ratio: the median over its pairs of collection / the forward beside it, recomputed here,
+    # inside its 95% interval; the forward's median over all pairs
+    kinds = {
+        "collect": "ratio_collect_over_forward",
+        "full_forward": "ratio_collect_full_forward_over_forward",
+        "chunked": "ratio_collect_chunked_over_forward",
+        "no_stage": "ratio_collect_no_stage_over_forward",
+    }
+    assert set(result["pairs"]) == set(kinds)
+    for kind, key in kinds.items():
+        pair = result["pairs"][kind]
+        assert len(pair["s"]) == len(pair["forward_s"]) == result["repeats"] > 1
+        want = float(np.median(np.array(pair["s"]) / np.array(pair["forward_s"])))
+        lo, hi = result[f"{key}_ci95"]
+        assert result[key] == pytest.approx(want, rel=1e-12) and lo <= want <= hi, kind
+    forwards = [f for p in result["pairs"].values() for f in p["forward_s"]]
+    assert result["forward_s"] == pytest.approx(float(np.median(forwards)), rel=1e-12)
+    assert "95% interval" in proc.stdout
+
+
+def test_pairs_keep_each_time_beside_its_forward_whatever_the_order():
+    """The timing loop: each kind's times and the forwards beside them stay apart although the order
+    inside a pair alternates (sleeps of 1 ms and 20 ms: far apart whatever the machine's noise)."""
+    import time
+
+    from outlier_hydra.tools.benchmark import time_pairs
+
+    calls: list[str] = []
+
+    def fake(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    kinds = {"a": fake("a", 0.02), "b": fake("b", 0.02)}
+    pairs = time_pairs(fake("forward", 0.001), kinds, torch.device("cpu"), 4)
+    for kind in kinds:
+        assert len(pairs[kind]["s"]) == len(pairs[kind]["forward_s"]) == 4
+        assert min(pairs[kind]["s"]) > 0.015 > 0.01 > max(pairs[kind]["forward_s"]), kind
+    # repeat 0: forward, a, forward, b; repeat 1 (rotated, reversed pairs): b, forward, a, forward
+    assert calls[:8] == ["forward", "a", "forward", "b", "b", "forward", "a", "forward"]
+
+
+def test_paired_ratio_is_the_median_of_the_pairs_with_its_interval():
+    from outlier_hydra.tools.benchmark import paired_ratio
+
+    assert paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == (2.0, 2.0, 2.0)
+    ratio, lo, hi = paired_ratio([1.0, 1.1, 1.2, 9.0, 1.05], [1.0] * 5)  # one slow spell: not the median
+    assert ratio == 1.1 and 1.0 <= lo <= ratio <= hi <= 9.0
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path is checked on one)")

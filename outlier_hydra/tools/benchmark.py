@@ -3,9 +3,12 @@
     outlier-hydra benchmark benchmark=cpu_mid            (also scripts/benchmark.py)
     outlier-hydra benchmark benchmark=olmoe_shape        (GPU: real shape, random weights)
 
-On one model and one batch of random tokens it times, as medians over `repeats` after `warmup`
-runs (the device synchronised around each; each ratio is the median of a repeat's time over the
-forward timed just before it):
+On one model and one batch of random tokens it times, after `warmup` runs, `repeats` pairs of each
+collection and a bare forward run right beside it (the device synchronised around each; the order
+inside a pair alternates, and the order of the collections rotates, from one repeat to the next).
+A ratio is the median over the pairs of collection / forward, with a 95% bootstrap interval of that
+median: a slow spell of the machine slows both halves of a pair, and the interval says how far the
+machine's noise leaves the figure uncertain.
   (a) forward   the bare base-model forward
   (b) collect   a full outlier_hydra collection: every stage on by default, the host copy included
                 (each pass ends after the last module anything reads, as in a run); timed again
@@ -79,6 +82,32 @@ def timed(fn, device, repeats: int, warmup: int) -> list[float]:
         sync(device)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def time_pairs(forward, kinds: dict, device: torch.device, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """For each kind, `repeats` pairs (its time, the time of a forward run right beside it): the order
+    inside a pair alternates and the order of the kinds rotates from one repeat to the next, so that
+    neither what runs first nor what ran before favours one. {kind: {"s": [...], "forward_s": [...]}}."""
+    pairs: dict[str, dict[str, list[float]]] = {name: {"forward_s": [], "s": []} for name in kinds}
+    names = list(kinds)
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            if i % 2 == 0:
+                f, t = timed(forward, device, 1, 0)[0], timed(kinds[name], device, 1, 0)[0]
+            else:
+                t, f = timed(kinds[name], device, 1, 0)[0], timed(forward, device, 1, 0)[0]
+            pairs[name]["forward_s"].append(f)
+            pairs[name]["s"].append(t)
+    return pairs
+
+
+def paired_ratio(times: list[float], forwards: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of times[i] / forwards[i] over the pairs, and a 95% percentile-bootstrap interval
+    of that median (a fixed seed: the same timings give the same interval)."""
+    r = np.asarray(times, np.float64) / np.asarray(forwards, np.float64)
+    boot = np.median(np.random.default_rng(0).choice(r, (resamples, r.size)), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(r)), float(lo), float(hi)
 
 
 def copy_to_host_baseline(model, points, ids, threshold: float, folder: Path) -> None:
@@ -190,21 +219,23 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     peak_forward = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     timed(collect, device, 0, b.warmup)
     peak_collect = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    timed(collect_full_forward, device, 0, b.warmup)
-    timed(collect_chunked, device, 0, b.warmup)
-    timed(collect_no_stage, device, 0, b.warmup)
-    fwd, col, colf, colc, coln = [], [], [], [], []
-    for _ in range(b.repeats):  # interleaved, so that drift (clocks, other load) hits all alike
-        fwd += timed(forward, device, 1, 0)
-        col += timed(collect, device, 1, 0)
-        colf += timed(collect_full_forward, device, 1, 0)
-        colc += timed(collect_chunked, device, 1, 0)
-        coln += timed(collect_no_stage, device, 1, 0)
+    kinds = {
+        "collect": collect,
+        "full_forward": collect_full_forward,
+        "chunked": collect_chunked,
+        "no_stage": collect_no_stage,
+    }
+    for fn in list(kinds.values())[1:]:
+        timed(fn, device, 0, b.warmup)
+    pairs = time_pairs(forward, kinds, device, b.repeats)
+    fwd = [f for p in pairs.values() for f in p["forward_s"]]
+    col, colf, colc, coln = (pairs[name]["s"] for name in kinds)
 
-    def ratio(times: list[float]) -> float:
-        """Median of each repeat's time over the forward timed just before it (paired: a slow spell
-        of the machine slows both)."""
-        return st.median(t / f for t, f in zip(times, fwd))
+    def ratio(name: str) -> float:
+        return paired_ratio(pairs[name]["s"], pairs[name]["forward_s"])[0]
+
+    def ci95(name: str) -> list[float]:
+        return list(paired_ratio(pairs[name]["s"], pairs[name]["forward_s"])[1:])
 
     result = {
         "preset": b.name,
@@ -220,16 +251,20 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         "collect_s": st.median(col),
         "forward_tokens_per_s": tokens / st.median(fwd),
         "collect_tokens_per_s": tokens / st.median(col),
-        "ratio_collect_over_forward": ratio(col),
+        "ratio_collect_over_forward": ratio("collect"),
+        "ratio_collect_over_forward_ci95": ci95("collect"),
         "collect_full_forward_s": st.median(colf),
-        "ratio_collect_full_forward_over_forward": ratio(colf),
+        "ratio_collect_full_forward_over_forward": ratio("full_forward"),
+        "ratio_collect_full_forward_over_forward_ci95": ci95("full_forward"),
         "chunk_layers": chunk,
         "collect_chunked_s": st.median(colc),
-        "ratio_collect_chunked_over_forward": ratio(colc),
+        "ratio_collect_chunked_over_forward": ratio("chunked"),
+        "ratio_collect_chunked_over_forward_ci95": ci95("chunked"),
         "collect_no_stage_s": st.median(coln),
-        "ratio_collect_no_stage_over_forward": ratio(coln),
-        "forward_all_s": fwd,
-        "collect_all_s": col,
+        "ratio_collect_no_stage_over_forward": ratio("no_stage"),
+        "ratio_collect_no_stage_over_forward_ci95": ci95("no_stage"),
+        "repeats": b.repeats,
+        "pairs": pairs,
         "peak_device_mem_forward_gb": peak_forward / 2**30 if peak_forward else None,
         "peak_device_mem_collect_gb": peak_collect / 2**30 if peak_collect else None,
     }
@@ -251,19 +286,35 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
 
 
 def table(r: dict) -> str:
+    def row(label: str, seconds: float, key: str, note: str = "") -> str:
+        lo, hi = r[f"{key}_ci95"]
+        return f"  {label:<22}{seconds:>10.4f}{r['tokens'] / seconds:>12.0f}{r[key]:>11.3f}{f'{lo:.3f}-{hi:.3f}':>14}{note}"
+
     lines = [
         f"benchmark {r['preset']} on {r['device']}, {r['dtype']}, {r['tokens']} tokens, "
         f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}, "
-        f"stages: {', '.join(r['stages']) or 'none'}",
-        f"  {'':<22}{'seconds':>10}{'tokens/s':>12}{'x forward':>11}",
+        f"stages: {', '.join(r['stages']) or 'none'}; {r['repeats']} pairs each",
+        f"  {'':<22}{'seconds':>10}{'tokens/s':>12}{'x forward':>11}{'95% interval':>14}",
         f"  {'(a) forward':<22}{r['forward_s']:>10.4f}{r['forward_tokens_per_s']:>12.0f}{1:>11.3f}",
-        f"  {'(b) outlier_hydra':<22}{r['collect_s']:>10.4f}{r['collect_tokens_per_s']:>12.0f}{r['ratio_collect_over_forward']:>11.3f}",
-        f"  {'    same, full forward':<22}{r['collect_full_forward_s']:>10.4f}{r['tokens'] / r['collect_full_forward_s']:>12.0f}"
-        f"{r['ratio_collect_full_forward_over_forward']:>11.3f}   (no early stop: the reductions' own cost)",
-        f"  {'    same, chunked':<22}{r['collect_chunked_s']:>10.4f}{r['tokens'] / r['collect_chunked_s']:>12.0f}"
-        f"{r['ratio_collect_chunked_over_forward']:>11.3f}   (analysis.chunk_layers={r['chunk_layers']})",
-        f"  {'    no stage':<22}{r['collect_no_stage_s']:>10.4f}{r['tokens'] / r['collect_no_stage_s']:>12.0f}"
-        f"{r['ratio_collect_no_stage_over_forward']:>11.3f}   (full forward, outlier statistics only)",
+        row("(b) outlier_hydra", r["collect_s"], "ratio_collect_over_forward"),
+        row(
+            "    same, full forward",
+            r["collect_full_forward_s"],
+            "ratio_collect_full_forward_over_forward",
+            "   (no early stop: the reductions' own cost)",
+        ),
+        row(
+            "    same, chunked",
+            r["collect_chunked_s"],
+            "ratio_collect_chunked_over_forward",
+            f"   (analysis.chunk_layers={r['chunk_layers']})",
+        ),
+        row(
+            "    no stage",
+            r["collect_no_stage_s"],
+            "ratio_collect_no_stage_over_forward",
+            "   (full forward, outlier statistics only)",
+        ),
     ]
     if "baseline_s" in r:
         lines.append(
