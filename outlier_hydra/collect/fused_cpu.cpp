@@ -22,9 +22,10 @@
 // Comparisons are made in float (double for double tensors) against the float32 edges, as the dense
 // reduction's promotion does, so all four reductions give the same integers.
 //
-// Each row is read once: a vectorised pass (AVX-512 where the compiler targets it) keeps the per-dim
-// maxima and the positions of the few values >= edges[0]; only those are binned and compared with
-// the position buffer. Rows are split over PyTorch's own intra-op threads (at::parallel_for), each
+// Each row is read once: a vectorised pass (AVX-512 where the compiler targets it; four rows per load
+// and store of the per-dim maxima) keeps the maxima and the positions of the few values >= edges[0];
+// only those are binned and compared with the position buffer, a block of 32 rows at a time while
+// the block is still in the cache. Rows are split over PyTorch's own intra-op threads (at::parallel_for), each
 // with private counts merged at the end, so the integers do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
