@@ -74,11 +74,8 @@ def benchmark_app(cfg: DictConfig) -> float:
     from outlier_hydra.tools.benchmark import run_benchmark
 
     if cfg.get("benchmark") is None:
-        print(
-            "outlier-hydra benchmark: error: choose a preset: benchmark=cpu_tiny | cpu_mid | memory | olmoe_shape | "
-            "qwen3_shape",
-            file=sys.stderr,
-        )
+        presets = " | ".join(sorted(p.stem for p in (Path(config_dir()) / "benchmark").glob("*.yaml")))
+        print(f"outlier-hydra benchmark: error: choose a preset: benchmark={presets}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     return run_benchmark(cfg, Path(HydraConfig.get().runtime.output_dir))["ratio_collect_over_forward"]
 

@@ -68,6 +68,20 @@ def test_benchmark_cpu_tiny_end_to_end(tmp_path):
     assert "95% interval" in proc.stdout
 
 
+def test_no_preset_is_one_line_naming_every_preset(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", "benchmark", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    presets = sorted(p.stem for p in (REPO / "conf" / "benchmark").glob("*.yaml"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.strip().endswith("benchmark=" + " | ".join(presets))
+    assert len(presets) == 7 and "mixtral_shape" in presets
+
+
 def test_pairs_keep_each_time_beside_its_forward_whatever_the_order():
     """The timing loop: each kind's times and the forwards beside them stay apart although the order
     inside a pair alternates (sleeps of 1 ms and 20 ms: far apart whatever the machine's noise)."""
