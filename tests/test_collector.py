@@ -136,6 +136,19 @@ def test_fewer_tokens_than_examples(backend):
     assert np.isnan(stats.top_values[:, 1]).all()
 
 
+def test_the_analysis_reports_at_most_its_num_examples():
+    """Statistics kept with 8 examples per dim: the analysis reports its own num_examples of them,
+    largest |x| first (5 by default, as analysis.num_examples), at distinct positions."""
+    x = torch.zeros(1, 10, 2)
+    x[0, :, 1] = torch.tensor([6.0, -7.0, 8.0, -9.0, 10.0, -11.0, 12.0, -13.0, 14.0, -15.0])
+    stats = _collect([[x, torch.zeros(1, 10, 2)]], k=8, backend="sparse")
+    assert stats.top_values.shape == (8, 2)
+    [default] = SystematicOutlierAnalysis(6.0, 0.5, 0.1).records(stats)
+    assert default["feature_dim"] == 1 and default["example_values"] == [-15.0, 14.0, -13.0, 12.0, -11.0]
+    [three] = SystematicOutlierAnalysis(6.0, 0.5, 0.1, num_examples=3).records(stats)
+    assert three["example_values"] == [-15.0, 14.0, -13.0]
+
+
 def test_threshold_sweep_from_one_collection_is_exact():
     x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
     stats = _collect([[x, x * 2]], backend="sparse")
