@@ -149,6 +149,38 @@ def test_the_analysis_reports_at_most_its_num_examples():
     assert three["example_values"] == [-15.0, 14.0, -13.0]
 
 
+def test_systematic_dims_at_thresholds_other_than_the_collections():
+    """The criteria applied at each threshold t of one collection (made for 6): a dim is systematic
+    where >= 50% of the modules have a value >= t and >= 6% of the positions do, recomputed from the
+    activations; one module with a single value >= t counts as a module hit."""
+    x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
+    y = x * 2
+    x[0, 5, 4], y[0, :, 4] = 13.0, 0.0  # dim 4 at t = 12: one value in one module of two
+    stats = _collect([[x, y]], backend="sparse")
+    a = torch.stack([x, y]).abs().reshape(2, 400, 6)
+    for t in (3.0, 4.0, 6.0, 8.0, 12.0, 16.0):
+        want = [
+            d
+            for d in range(6)
+            if int(((a[:, :, d] >= t).sum(1) > 0).sum()) / 2 >= 0.5 and int((a[:, :, d].amax(0) >= t).sum()) / 400 >= 0.0
+        ]
+        assert SystematicOutlierAnalysis(t, 0.5, 0.0).systematic_dims(stats).tolist() == want, t
+        want_seq = [d for d in range(6) if int((a[:, :, d].amax(0) >= t).sum()) >= 0.06 * 400]
+        assert SystematicOutlierAnalysis(t, 0.0, 0.06).systematic_dims(stats).tolist() == want_seq, t
+    # the case discriminates: dim 4 at 12 by its single value; the seq criterion keeps five dims at 6
+    # and one at 12 (a threshold left at the collection's 6 would keep the five)
+    assert 4 in SystematicOutlierAnalysis(12.0, 0.5, 0.0).systematic_dims(stats)
+    assert SystematicOutlierAnalysis(6.0, 0.0, 0.06).systematic_dims(stats).tolist() == [0, 1, 2, 3, 5]
+    assert SystematicOutlierAnalysis(12.0, 0.0, 0.06).systematic_dims(stats).tolist() == [1]  # 25 of 400
+
+
+def test_statistics_of_no_tokens_are_refused():
+    stats = _collect([[torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)]])
+    stats.num_tokens = 0
+    with pytest.raises(ValueError, match="statistics cover no tokens"):
+        SystematicOutlierAnalysis(6.0, 0.25, 0.06).systematic_dims(stats)
+
+
 def test_threshold_sweep_from_one_collection_is_exact():
     x = torch.randn(1, 400, 6, generator=torch.Generator().manual_seed(1)) * 3
     stats = _collect([[x, x * 2]], backend="sparse")
