@@ -199,8 +199,24 @@ def test_threshold_sweep_from_one_collection_is_exact():
             assert all(abs(v) >= t for v in r["example_values"])
     from outlier_hydra.stats import ThresholdNotAnEdge
 
-    with pytest.raises(ThresholdNotAnEdge, match="6.5 is not a histogram edge"):
+    with pytest.raises(ThresholdNotAnEdge) as err:
         stats.occurrences(6.5)
+    assert str(err.value) == (
+        "magnitude_threshold 6.5 is not a histogram edge of these statistics (edges: 3, 4, 5, 6, 7, 8, 10, 12, "
+        "16, 20, 32, 64, 100, 1000); collect again with it in analysis.histogram_edges"
+    )
+
+
+def test_histogram_edges_are_sorted_float64_with_the_threshold_and_positive():
+    from outlier_hydra.errors import OutlierHydraError
+    from outlier_hydra.stats.outlier_stats import histogram_edges
+
+    edges = histogram_edges([8, 3, 4, 3], 6)  # integers from a command line: still float64 edges
+    assert edges.dtype == np.float64 and edges.tolist() == [3.0, 4.0, 6.0, 8.0]
+    for bad, lowest in (([0.0, 3.0], "0.0"), ([-1.0, 3.0, 0.5], "-1.0")):
+        with pytest.raises(OutlierHydraError) as err:
+            OutlierCollector(6.0, histogram_edges=bad)
+        assert str(err.value) == f"analysis.histogram_edges: histogram edges must be > 0, got {lowest}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
