@@ -17,6 +17,15 @@ EDGES = np.array([3.0, 4.0, 6.0, 8.0, 100.0], np.float32)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
+# the subprocesses import the package this process imported (under mutmut: its mutated copy, which
+# the inherited MUTANT_UNDER_TEST switches), not whatever the environment's install points to
+PACKAGE_ROOT = str(Path(fused_cpu.__file__).resolve().parents[2])
+
+
+def _env(**extra: str) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])), **extra)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def built():
     assert fused_cpu.available(), "the kernel builds on this machine (g++ is part of the set-up)"
@@ -127,7 +136,7 @@ def test_a_kernel_that_cannot_be_built_means_the_sparse_reduction(tmp_path):
         "assert not fused_cpu.available()\n"
         "print(OutlierCollector(6.0).backend_for(torch.device('cpu')))\n"
     )
-    env = dict(os.environ, CXX=str(tmp_path / "no-compiler"), OUTLIER_HYDRA_CACHE=str(tmp_path / "cache"))
+    env = _env(CXX=str(tmp_path / "no-compiler"), OUTLIER_HYDRA_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "sparse"
@@ -161,7 +170,7 @@ def test_a_compiler_without_openmp_or_native_flags_gets_the_portable_build(tmp_p
         "assert torch.equal(ge, want[0]) and torch.equal(amax, want[1]) and int(bad) == int(want[2])\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, CXX=str(fake), OUTLIER_HYDRA_CACHE=str(tmp_path / "cache"))
+    env = _env(CXX=str(fake), OUTLIER_HYDRA_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
     assert "could not be built" not in out.stderr
@@ -315,7 +324,7 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     code = "from outlier_hydra.collect import fused_cpu\nassert fused_cpu.available()\nprint('ok')\n"
     out = subprocess.run(
         [sys.executable, "-c", code],
-        env=dict(os.environ, OUTLIER_HYDRA_CACHE=str(cache)),
+        env=_env(OUTLIER_HYDRA_CACHE=str(cache)),
         capture_output=True,
         text=True,
         timeout=120,
