@@ -120,12 +120,8 @@ inline void scan_rows4(const T* __restrict__ row, int64_t d, int64_t base, float
         for (__mmask16 h = hs[r]; h; h &= h - 1) hits.push_back(base + r * d + j + __builtin_ctz(h));
     }
   }
-  for (int r = 0; r < 4; ++r)
-    for (int64_t jj = j; jj < d; ++jj) {
-      float v = std::fabs(static_cast<float>(row[r * d + jj]));
-      mx[jj] = v > mx[jj] ? v : mx[jj];
-      if (!(v < low)) hits.push_back(base + r * d + jj);
-    }
+  for (int r = 0; r < 4 && j < d; ++r)  // the last d % 16 columns: scan_row's scalar loop
+    scan_row<T>(row + r * d + j, d - j, base + r * d + j, low, mx + j, hits);
 }
 #endif
 

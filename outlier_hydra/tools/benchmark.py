@@ -230,12 +230,13 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
     pairs = time_pairs(forward, kinds, device, b.repeats)
     fwd = [f for p in pairs.values() for f in p["forward_s"]]
     col, colf, colc, coln = (pairs[name]["s"] for name in kinds)
+    ratios = {name: paired_ratio(p["s"], p["forward_s"]) for name, p in pairs.items()}  # (median, lo, hi)
 
     def ratio(name: str) -> float:
-        return paired_ratio(pairs[name]["s"], pairs[name]["forward_s"])[0]
+        return ratios[name][0]
 
     def ci95(name: str) -> list[float]:
-        return list(paired_ratio(pairs[name]["s"], pairs[name]["forward_s"])[1:])
+        return list(ratios[name][1:])
 
     result = {
         "preset": b.name,
