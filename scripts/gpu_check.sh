@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command (about 6 minutes on one H100/H200, from a fresh copy of the repo):
-#   scripts/gpu_check.sh              the CUDA tests, then benchmark=olmoe_shape, qwen3_shape,
+#   scripts/gpu_check.sh              the CUDA tests, the reductions alone (reduce_bench.py --tune),
+#                                     then benchmark=olmoe_shape, qwen3_shape,
 #                                     gpt_oss_20b_shape and mixtral_shape (16 of Mixtral's 32 layers)
 #   DEVICE=cpu scripts/gpu_check.sh   the same steps on the CPU presets (cpu_tiny, cpu_mid): the
 #                                     script checked end to end on a machine without a GPU
@@ -45,6 +46,11 @@ fi
 WORK=$(mktemp -d)
 echo "== CUDA tests (they skip without a GPU)"
 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_benchmark.py tests/test_experts.py || echo "gpu_check: CUDA tests FAILED"
+
+if [ "$DEVICE" = cuda ]; then
+  echo "== the reductions alone, one [8192, 2048] bf16 tensor (Triton launch shapes tuned)"
+  "$PY" scripts/reduce_bench.py --tune || echo "gpu_check: reduce_bench FAILED"
+fi
 
 failed=""
 for preset in $PRESETS; do

@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HOME", str(_TMP / "hf"))
 for _var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):  # wandb writes there even with dir=
     os.environ.setdefault(_var, str(_TMP / _var.lower()))
 os.environ.setdefault("WANDB_MODE", "offline")
+# Without a GPU the Triton reduction runs in Triton's interpreter, which must be on before triton is
+# imported (on a GPU box the kernel is compiled for the GPU as in a run)
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -129,11 +129,11 @@ def test_gpu_backends_match_the_reference(dtype, tiny_models):
     ids = torch.randint(1000, 20000, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
     points = structure_points(model, [0, 1, 2, 3])
     reference = OutlierCollector(6.0, 5, None, backend="dense").collect_batch(model, points, ids)
-    for backend in ("compiled", "sparse"):
+    for backend in ("compiled", "sparse", "triton"):
         collector = OutlierCollector(6.0, 5, None, backend=backend)
         _assert_identical(collector.collect_batch(model, points, ids), reference)
         assert collector.backend == backend
-    assert OutlierCollector(6.0).backend_for(ids.device) == "compiled"
+    assert OutlierCollector(6.0).backend_for(ids.device) == "triton"
 
 
 def test_gpu_check_script_runs_end_to_end_in_its_cpu_mode(tmp_path):

@@ -8,7 +8,10 @@ from doubles import ReplayModel, structure_points
 from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector
 
-BACKENDS = ["dense", "sparse", "fused"]  # compiled: its own tests below (it compiles once per shape)
+# compiled: its own tests below (it compiles once per shape). triton: without a GPU in Triton's
+# interpreter (conftest); on a GPU machine these CPU tensors cannot go to it, and the GPU tests
+# (test_gpu_backends_match_the_reference) compare it with the reference there instead
+BACKENDS = ["dense", "sparse", "fused"] + ([] if torch.cuda.is_available() else ["triton"])
 
 
 def _collect(acts, threshold=6.0, chunk_layers=None, k=5, backend="dense"):

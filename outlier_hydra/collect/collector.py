@@ -28,7 +28,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from outlier_hydra.collect import fused_cpu
+from outlier_hydra.collect import fused_cpu, fused_triton
 from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.collect.reductions import (
     BACKENDS,
@@ -106,7 +106,7 @@ class _BatchState:
             self.num_tokens, self.num_features = x.shape[0], d
         if dev not in self.pval:
             self.pval[dev] = torch.zeros(x.shape, dtype=x.dtype, device=dev)
-            if self.backend != "fused":  # the fused reduction keeps |pval| instead
+            if self.backend not in ("fused", "triton"):  # the one-pass reductions keep |pval| instead
                 self.pabs[dev] = torch.zeros(x.shape, dtype=x.dtype, device=dev)
         if x.dtype != self.pval[dev].dtype:  # hook points of different dtypes: widen all, exactly
             wide = torch.promote_types(x.dtype, self.pval[dev].dtype)
@@ -116,6 +116,10 @@ class _BatchState:
         edges_t = edges_on(self.edges, dev)
         if self.backend == "fused":  # pval updated in place
             ge, amax, bad = fused_cpu.reduce(x, self.pval[dev], edges_t)
+        elif self.backend == "triton" and x.dtype in fused_triton.DTYPES:  # pval updated in place
+            ge, amax, bad = fused_triton.reduce(x, self.pval[dev], edges_t)
+        elif self.backend == "triton":  # a dtype the kernel does not take (float64): the reference
+            ge, amax, bad, _, self.pval[dev] = dense_reduce(x, self.pval[dev].abs(), self.pval[dev], edges_t)
         else:
             reduce = {"sparse": sparse_reduce, "compiled": compiled_reduce}.get(self.backend, dense_reduce)
             ge, amax, bad, self.pabs[dev], self.pval[dev] = reduce(x, self.pabs[dev], self.pval[dev], edges_t)
@@ -130,11 +134,13 @@ class _BatchState:
             )
 
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Combine the devices' position buffers (layers sit on devices in model order)."""
-        devs = list(self.pabs)
-        pabs, pval = self.pabs[devs[0]], self.pval[devs[0]]
+        """Combine the devices' position buffers (layers sit on devices in model order); where only
+        pval is kept (the one-pass reductions), |pval| is the largest |x|."""
+        devs = list(self.pval)
+        pabs, pval = self.pabs.get(devs[0], self.pval[devs[0]].abs()), self.pval[devs[0]]
         for dev in devs[1:]:
-            other_abs, other_val = self.pabs[dev].to(pabs.device), self.pval[dev].to(pabs.device)
+            other_abs = self.pabs.get(dev, self.pval[dev].abs()).to(pabs.device)
+            other_val = self.pval[dev].to(pabs.device)
             wins = other_abs > pabs
             pabs, pval = torch.where(wins, other_abs, pabs), torch.where(wins, other_val, pval)
         return pabs, pval
@@ -166,7 +172,10 @@ class _BatchState:
         if self.backend == "sparse":
             pos_ge, top = sparse_positions(pabs, pval, edges_t, self.k)
         else:
-            pos_ge = counts_to_host(position_counts(pabs, edges_t))
+            if self.backend == "triton" and pval.dtype in fused_triton.DTYPES:
+                pos_ge = counts_to_host(fused_triton.counts(pval, edges_t))
+            else:
+                pos_ge = counts_to_host(position_counts(pabs, edges_t))
             k = min(self.k, pabs.shape[0])
             best = example_order_key(pabs, pval, edges_t).topk(k, dim=0)
             top = pval.gather(0, best.indices).float()  # below the lowest edge (key 0): NaN
@@ -218,15 +227,24 @@ class OutlierCollector:
         return [chunk[p.name] for p in points]
 
     def backend_for(self, device: torch.device) -> str:
-        """The reduction for a model on `device`: on the CPU the one-pass kernel where it builds
-        (else the sparse reduction, same statistics), torch.compile's elsewhere."""
+        """The reduction for a model on `device`: on the CPU the one-pass C++ kernel where it builds
+        (else the sparse reduction, same statistics), on CUDA the one-pass Triton kernel (else
+        torch.compile's), the sparse reduction elsewhere."""
         if self.backend in ("auto", "fused") and device.type == "cpu":
             return "fused" if fused_cpu.available() else "sparse"
         if self.backend == "fused":
             raise OutlierHydraError(f"analysis.collector.backend: fused runs on the CPU only, the model is on {device}")
+        if self.backend == "triton" and not fused_triton.available(device.type):
+            raise OutlierHydraError(
+                f"analysis.collector.backend: triton needs a CUDA device and the triton package, the model is on "
+                f"{device}"
+                + (" (on the CPU: only in Triton's interpreter, TRITON_INTERPRET=1)" if device.type == "cpu" else "")
+            )
         if self.backend != "auto":
             return self.backend
-        return "compiled" if device.type == "cuda" else "sparse"
+        if device.type == "cuda":
+            return "triton" if fused_triton.available("cuda") else "compiled"
+        return "sparse"
 
     @torch.inference_mode()
     def collect_batch(
@@ -238,10 +256,11 @@ class OutlierCollector:
         try:
             stats = self._collect(model, points, input_ids, backend, stages, first_sequence)
         except compile_errors() as exc:
-            if backend != "compiled":
+            if backend not in ("compiled", "triton"):
                 raise
             log.warning(
-                "torch.compile could not build the reduction (%s); using the dense reduction from now on",
+                "%s could not build the reduction (%s); using the dense reduction from now on",
+                "torch.compile" if backend == "compiled" else "Triton",
                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
             )
             self.backend = backend = "dense"

@@ -1,4 +1,5 @@
-"""The per-tensor reductions, four interchangeable implementations (the fourth, fused, in fused_cpu.cpp) with identical statistics.
+"""The per-tensor reductions, five interchangeable implementations with identical statistics (the one-pass
+ones in fused_cpu.cpp for the CPU and fused_triton_kernel.py for CUDA).
 
 For a hooked tensor x [N, D] with a = |x| (NaN/Inf counted, then treated as 0):
   ge[d, e] = #(a[:, d] >= edges[e])     amax[d] = max a[:, d]     nonfinite = #(NaN, Inf)
@@ -10,6 +11,8 @@ its signed value (ties keep the earlier).
             position buffer; it asks the host how many there are, which is free on a CPU
   fused     one pass in C++ over each tensor (fused_cpu.cpp, built on first use; CPU default where it
             builds, else sparse): the maxima and the values >= the lowest edge, nothing else
+  triton    one pass in Triton over each tensor (fused_triton.py; CUDA default where triton imports,
+            else compiled): one read of x and of the position buffer, two launches, no host sync
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 import numpy as np
 import torch
 
-BACKENDS = ("auto", "dense", "compiled", "sparse", "fused")
+BACKENDS = ("auto", "dense", "compiled", "sparse", "fused", "triton")
 
 
 def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
@@ -126,7 +129,7 @@ def sorted_top(top: np.ndarray) -> np.ndarray:
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean torch.compile could not build the kernel (not OOM, not a bug in a hook)."""
+    """The exceptions that mean torch.compile or Triton could not build the kernel (not OOM, not a bug in a hook)."""
     errors: list[type[BaseException]] = []
     try:
         from torch._dynamo.exc import TorchDynamoException
@@ -139,5 +142,12 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 
         errors.append(InductorError)
     except ImportError:  # pragma: no cover - torch without it
+        pass
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
+        errors += [CompilationError, OutOfResources]
+    except ImportError:  # pragma: no cover - no triton
         pass
     return tuple(errors)

@@ -110,7 +110,7 @@ class CollectorConfig:
     num_examples: int = "${analysis.num_examples}"  # type: ignore[assignment]
     chunk_layers: int | None = "${analysis.chunk_layers}"  # type: ignore[assignment]
     histogram_edges: List[float] | None = "${analysis.histogram_edges}"  # type: ignore[assignment]
-    backend: str = "auto"  # auto | dense | compiled | sparse (see collect/reductions.py)
+    backend: str = "auto"  # auto | dense | compiled | sparse | fused | triton (see collect/reductions.py)
     early_stop: bool = True  # end each forward pass after the last module anything reads
 
 

@@ -1,0 +1,145 @@
+"""The one-pass GPU reduction: a Triton kernel (fused_triton_kernel.py) per hooked tensor.
+
+The same statistics as reductions.dense_reduce, bit for bit, at the cost of one read of x and of the
+position buffer: two launches per hook (the zeroed outputs, then the kernel), no host sync, and none
+of torch.compile's per-call guard checks. Like the C++ CPU reduction it keeps only the signed
+position buffer pval; |pval| is the position's largest |x| so far.
+
+Triton ships with PyTorch's CUDA builds. On the CPU the kernel runs only in Triton's interpreter
+(TRITON_INTERPRET=1 before triton is imported; numpy, slow): the tests' way to run it without a GPU.
+Where triton cannot be imported the collector uses torch.compile's reduction instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # |x| exact in float32, as the edges
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The launch shape: rows and columns per tile, programs per multiprocessor, warps per program,
+    and whether per-element accumulators replace per-tile reductions (fused_triton_kernel.py).
+    Tuned with scripts/reduce_bench.py; $OUTLIER_HYDRA_TRITON_BLOCKS ("rows,cols,programs,warps" and
+    optionally ",elementwise") overrides the default without a code change."""
+
+    rows: int = 64  # the fastest of 13 shapes on an H200, bf16 [8192, 2048]: 139 us (the others 150-400)
+    cols: int = 32
+    programs_per_sm: int = 8
+    warps: int = 4
+    elementwise: bool = False
+
+    @classmethod
+    def default(cls) -> Blocks:
+        text = os.environ.get("OUTLIER_HYDRA_TRITON_BLOCKS")
+        if not text:
+            return cls()
+        fields = text.split(",")
+        try:
+            if len(fields) not in (4, 5) or fields[4:] not in ([], ["elementwise"]):
+                raise ValueError
+            rows, cols, programs, warps = (int(v) for v in fields[:4])
+        except ValueError:
+            raise ValueError(
+                f"OUTLIER_HYDRA_TRITON_BLOCKS: {text!r} is not rows,cols,programs,warps[,elementwise]"
+            ) from None
+        return cls(rows, cols, programs, warps, len(fields) == 5)
+
+    def __str__(self) -> str:
+        return f"{self.rows},{self.cols},{self.programs_per_sm},{self.warps}" + (",elementwise" if self.elementwise else "")
+
+
+@functools.lru_cache(maxsize=4)
+def available(device_type: str = "cuda") -> bool:
+    """Whether the kernel runs on this kind of device: CUDA where triton imports; the CPU only where
+    triton was imported with TRITON_INTERPRET=1 (its interpreter: the tests' way without a GPU)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and _interpreting()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel():
+    import triton
+
+    from outlier_hydra.collect import fused_triton_kernel
+
+    return triton.jit(fused_triton_kernel.reduce_kernel)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _launch(x: torch.Tensor, pval: torch.Tensor | None, edges_t: torch.Tensor, blocks: Blocks | None):
+    b = blocks or _BLOCKS
+    n, d = x.shape
+    e = edges_t.numel()
+    out = torch.zeros(d * e + d + 1, dtype=torch.int32, device=x.device)
+    ge, amax, bad = out[: d * e].view(d, e), out[d * e : d * e + d].view(torch.float32), out[-1]
+    col_blocks = _ceil_div(d, b.cols)
+    # rows split so that there are about programs_per_sm programs per multiprocessor
+    splits = max(1, min(_ceil_div(n, b.rows), _ceil_div(b.programs_per_sm * _multiprocessors(x.device), col_blocks)))
+    rows_per_program = max(1, _ceil_div(_ceil_div(n, splits), b.rows)) * b.rows
+    splits = max(1, _ceil_div(n, rows_per_program))
+    _kernel()[(col_blocks, splits)](
+        x,
+        x if pval is None else pval,
+        edges_t,
+        ge,
+        amax,
+        bad,
+        n,
+        d,
+        x.stride(0),
+        x.stride(1),
+        rows_per_program,
+        E=e,
+        EP=triton_next_power_of_2(e),
+        BN=b.rows,
+        BD=b.cols,
+        UPDATE=pval is not None,
+        ELEMENTWISE=b.elementwise,
+        num_warps=b.warps,
+    )
+    return ge, amax, bad
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def reduce(x: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor, blocks: Blocks | None = None):
+    """x [N, D] -> (ge [D, E] int32, amax [D] float32, nonfinite [] int32); pval [N, D] (contiguous,
+    x's dtype) updated in place. x may have any strides."""
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the triton reduction takes {', '.join(map(str, DTYPES))}, not {x.dtype}")
+    if not pval.is_contiguous() or pval.shape != x.shape or pval.dtype != x.dtype:
+        raise ValueError("the position buffer must be contiguous, of x's shape and dtype")
+    return _launch(x, pval, edges_t, blocks)
+
+
+def counts(x: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
+    """ge [D, E] int32: per column, the count of |x| at or above each edge (NaN/Inf not counted)."""
+    return _launch(x, None, edges_t, None)[0]
+
+
+_BLOCKS = Blocks.default()

@@ -1,0 +1,91 @@
+"""The Triton kernel of fused_triton.py (imported only where triton is installed; jit applied there).
+
+One program owns BD columns and a span of rows of x [N, D]. Per tile of BN rows it reads x once
+(and, with UPDATE, the position buffer pval), and keeps in registers, per column: the largest |x|,
+the count of non-finite values, and the count at or above each histogram edge. An edge's count is
+taken only when some |x| of the tile reaches it (edges are sorted; most tiles reach two or three).
+At the end the program adds its counts to the outputs with integer atomics and takes the maxima with
+float atomics on non-negative values: exact and independent of the order programs finish in.
+With ELEMENTWISE, the maxima, the non-finite count and the lowest edge's count stay per element until
+the end instead of being reduced per tile (fewer reductions, more registers: which is faster is the
+GPU's to say, scripts/reduce_bench.py --tune). With UPDATE, a value replaces the position buffer's
+where |x| > |pval| (ties keep the earlier), so |pval| is the position's largest |x| over the modules
+so far, as the dense reduction's pabs.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+
+def reduce_kernel(
+    x_ptr,
+    pval_ptr,
+    edges_ptr,
+    ge_ptr,
+    amax_ptr,
+    bad_ptr,
+    n_rows,
+    n_cols,
+    stride_row,
+    stride_col,
+    rows_per_program,
+    E: tl.constexpr,
+    EP: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+    UPDATE: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
+):
+    cols = tl.program_id(0) * BD + tl.arange(0, BD)
+    col_ok = cols < n_cols
+    begin = tl.program_id(1) * rows_per_program
+    end = tl.minimum(begin + rows_per_program, n_rows)
+    edge_ids = tl.arange(0, EP)
+    amax = tl.zeros([BD], dtype=tl.float32)
+    bad = tl.zeros([BD], dtype=tl.int32)
+    counts = tl.zeros([BD, EP], dtype=tl.int32)
+    # ELEMENTWISE: the maxima, the non-finite count and the lowest edge's count (the one nearly every
+    # tile reaches) kept per element across the tiles, reduced over rows once at the end
+    amax_all = tl.zeros([BN, BD], dtype=tl.float32)
+    bad_all = tl.zeros([BN, BD], dtype=tl.int32)
+    lowest_all = tl.zeros([BN, BD], dtype=tl.int32)
+    lowest = tl.load(edges_ptr)
+    for start in range(begin, end, BN):
+        rows = start + tl.arange(0, BN)
+        ok = (rows < end)[:, None] & col_ok[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0)
+        a = tl.abs(x.to(tl.float32))
+        finite = a < float("inf")  # False for NaN and Inf; masked-off entries are 0
+        if ELEMENTWISE:
+            bad_all += tl.where(finite, 0, 1)
+            a = tl.where(finite, a, 0.0)
+            amax_all = tl.maximum(amax_all, a)
+            lowest_all += tl.where(a >= lowest, 1, 0)
+            top = tl.max(a)
+        else:
+            bad += tl.sum(tl.where(finite, 0, 1), axis=0)
+            a = tl.where(finite, a, 0.0)
+            tile_max = tl.max(a, axis=0)
+            amax = tl.maximum(amax, tile_max)
+            top = tl.max(tile_max, axis=0)
+        for e in tl.static_range(1 if ELEMENTWISE else 0, E):
+            edge = tl.load(edges_ptr + e)
+            if top >= edge:
+                reached = tl.sum(tl.where(a >= edge, 1, 0), axis=0)
+                counts += tl.where(edge_ids[None, :] == e, reached[:, None], 0)
+        if UPDATE:
+            slots = pval_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+            kept = tl.load(slots, mask=ok, other=0.0)
+            tl.store(slots, x, mask=ok & (a > tl.abs(kept.to(tl.float32))))
+    if ELEMENTWISE:
+        amax = tl.max(amax_all, axis=0)
+        bad = tl.sum(bad_all, axis=0)
+        counts += tl.where(edge_ids[None, :] == 0, tl.sum(lowest_all, axis=0)[:, None], 0)
+    counted = col_ok[:, None] & (edge_ids[None, :] < E) & (counts > 0)
+    tl.atomic_add(ge_ptr + cols[:, None] * E + edge_ids[None, :], counts, mask=counted, sem="relaxed")
+    tl.atomic_max(amax_ptr + cols, amax, mask=col_ok & (amax > 0), sem="relaxed")
+    nonfinite = tl.sum(bad, axis=0)
+    if nonfinite > 0:
+        tl.atomic_add(bad_ptr, nonfinite, sem="relaxed")

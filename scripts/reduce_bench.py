@@ -1,0 +1,137 @@
+"""The per-tensor reductions alone, on one CUDA device: what each costs per hooked tensor.
+
+    python scripts/reduce_bench.py [--rows 8192] [--cols 2048] [--dtype bfloat16] [--tune]
+
+On one hooked tensor of the given shape (normal values, three outlier dims at 20x, as a layer norm's
+output), it prints for each reduction the time per call when calls follow each other (the device's
+time, or the host's where launching is slower) and the host's time to launch one call alone, next to
+x.sum() (one read of x: the floor). Then the end of a batch (32 hooked tensors, the host copy) for
+the compiled and the Triton reductions. Each Triton launch shape is checked bit for bit against the
+dense reduction before it is timed; --tune tries several and prints the fastest as
+OUTLIER_HYDRA_TRITON_BLOCKS=rows,cols,programs,warps[,elementwise] (the best also goes to $OUT_BLOCKS if set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from outlier_hydra.collect import fused_triton
+from outlier_hydra.collect.collector import _BatchState
+from outlier_hydra.collect.reductions import compiled_reduce, dense_reduce, edges_on
+from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
+from outlier_hydra.tools.benchmark import sync
+
+
+def timed(fn, device: torch.device, reps: int = 50) -> tuple[float, float]:
+    """(seconds per call back to back, seconds of host time to launch one call while the GPU is busy)."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    per_call = (time.perf_counter() - start) / reps
+    if device.type == "cuda":
+        torch.cuda._sleep(int(3e8))  # keep the GPU busy so that only the launching is timed
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    launch = (time.perf_counter() - start) / reps
+    sync(device)
+    return per_call, launch
+
+
+def check(x, edges_t, blocks) -> None:
+    pabs, pval = torch.zeros_like(x), torch.zeros_like(x)
+    ge, amax, bad, pabs, pval = dense_reduce(x, pabs, pval, edges_t)
+    mine = torch.zeros_like(x)
+    ge2, amax2, bad2 = fused_triton.reduce(x, mine, edges_t, blocks)
+    same = torch.equal(ge, ge2.long()) and torch.equal(amax.float(), amax2) and int(bad) == int(bad2)
+    if not (same and torch.equal(pval, mine)):
+        raise AssertionError(f"triton {blocks} differs from the dense reduction")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--device", default="cuda", help="cpu: the script itself checked (TRITON_INTERPRET=1)")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.rows, args.cols, device=device).to(getattr(torch, args.dtype))
+    x[:, [7, args.cols // 2 + 3, args.cols - 5]] *= 20
+    edges_t = edges_on(tuple(histogram_edges(DEFAULT_EDGES, 6.0)), device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, x [{args.rows}, {args.cols}] {args.dtype}, {edges_t.numel()} edges")
+    print(f"{'reduction':46s} {'us/call':>8s} {'launch us':>9s}")
+
+    def show(name, fn):
+        per_call, launch = timed(fn, device, args.reps)
+        print(f"{name:46s} {per_call * 1e6:8.1f} {launch * 1e6:9.1f}", flush=True)
+        return per_call
+
+    show("x.sum() (one read of x)", lambda: x.sum())
+    pabs, pval = torch.zeros_like(x), torch.zeros_like(x)
+    show("dense", lambda: dense_reduce(x, pabs, pval, edges_t))
+    show("compiled", lambda: compiled_reduce(x, pabs, pval, edges_t))
+    candidates = [fused_triton.Blocks.default()]
+    if args.tune:  # around the H200's fastest of 2026-11-28 (64,32,8,4), each with and without elementwise
+        candidates += [
+            fused_triton.Blocks(rows, cols, programs, warps, elementwise)
+            for rows, cols, programs, warps in [
+                (64, 32, 8, 4), (128, 32, 8, 4), (64, 32, 16, 4), (64, 32, 8, 2), (32, 32, 8, 4),
+                (64, 64, 8, 4), (128, 64, 8, 8), (64, 16, 8, 2),
+            ]
+            for elementwise in (False, True)
+        ]  # fmt: skip
+    best = None
+    for blocks in candidates:
+        try:
+            check(x, edges_t, blocks)
+        except Exception as exc:  # noqa: BLE001 - a launch shape that does not build is skipped
+            print(f"triton {blocks}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            continue
+        mine = torch.zeros_like(x)
+        per_call = show(
+            f"triton {blocks}",
+            lambda blocks=blocks, mine=mine: fused_triton.reduce(x, mine, edges_t, blocks),
+        )
+        if best is None or per_call < best[0]:
+            best = (per_call, blocks)
+    if best is not None:
+        print(f"fastest: OUTLIER_HYDRA_TRITON_BLOCKS={best[1]}")
+        if os.environ.get("OUT_BLOCKS"):
+            with open(os.environ["OUT_BLOCKS"], "w") as f:
+                f.write(f"{best[1]}\n")
+
+    modules = 32
+    names = [f"m{i}" for i in range(modules)]
+    for backend in ("compiled", "triton"):
+
+        def batch(backend=backend):
+            state = _BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, modules, backend)
+            for row in range(modules):
+                state.update(row, x)
+            return state
+
+        state = batch()
+        show(f"{backend}: {modules} tensors (hooks only)", batch)
+        state.to_host(names, 6.0)  # the first call compiles the counting kernel, allocates pinned memory
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            state.to_host(names, 6.0)
+        print(f"{backend + ': end of batch (to_host)':46s} {(time.perf_counter() - start) / 5 * 1e6:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
