@@ -5,7 +5,8 @@
 On one hooked tensor of the given shape (normal values, three outlier dims at 20x, as a layer norm's
 output), it prints for each reduction the time per call when calls follow each other (the device's
 time, or the host's where launching is slower) and the host's time to launch one call alone, next to
-x.sum() (one read of x: the floor). Then the end of a batch (32 hooked tensors, the host copy) for
+x.sum() (one read of x: the floor). Then the experts stage's reads of one MoE layer (torch ops and
+the Triton kernel). Then the end of a batch (32 hooked tensors, the host copy) for
 the compiled and the Triton reductions. Each Triton launch shape is checked bit for bit against the
 dense reduction before it is timed; --tune tries several and prints the fastest as
 OUTLIER_HYDRA_TRITON_BLOCKS=rows,cols,programs,warps[,elementwise] (the best also goes to $OUT_BLOCKS if set).
@@ -21,7 +22,8 @@ import torch
 
 from outlier_hydra.collect import fused_triton
 from outlier_hydra.collect.collector import _BatchState
-from outlier_hydra.collect.reductions import compiled_reduce, dense_reduce, edges_on
+from outlier_hydra.collect.reductions import at_least, compiled_reduce, dense_reduce, edges_on
+from outlier_hydra.stages.experts import Experts, segment_counts
 from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
 from outlier_hydra.tools.benchmark import sync
 
@@ -112,6 +114,30 @@ def main() -> None:
         if os.environ.get("OUT_BLOCKS"):
             with open(os.environ["OUT_BLOCKS"], "w") as f:
                 f.write(f"{best[1]}\n")
+
+    # the experts stage's reads of one MoE layer's down projection: olmoe_shape routes 8 x 8192 rows
+    # of [2048] out of [1024] through 64 experts, sorted by expert as grouped_mm does
+    routed = 8 * args.rows
+    g = torch.Generator(device=device).manual_seed(1)
+    y = torch.randn(routed, args.cols, device=device, generator=g).to(x.dtype)
+    inner = torch.randn(routed, args.cols // 2, device=device, generator=g).to(x.dtype)
+    expert = torch.randint(0, 64, (routed,), device=device, generator=g).sort().values
+    valid = torch.ones(routed, dtype=torch.bool, device=device)
+
+    def experts_torch():
+        y_abs = y.abs()
+        y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
+        return y_row, Experts._row_absmax(inner), segment_counts(expert, valid, at_least(y_abs, 6.0), 64)
+
+    print(f"experts, one layer: y [{routed}, {args.cols}], x [{routed}, {args.cols // 2}], 64 experts")
+    show("experts: torch ops (|y|, maxima, one-hot counts)", experts_torch)
+    if fused_triton.available(device.type):
+        want = experts_torch()
+        got = fused_triton.expert_rows(y, inner, expert, valid, 6.0, 64)
+        if not all(torch.equal(a, b) for a, b in zip(want, got)):
+            raise AssertionError("expert_rows differs from the torch ops")
+        show("experts: triton expert_rows", lambda: fused_triton.expert_rows(y, inner, expert, valid, 6.0, 64))
+    show("y.abs().amax(1) (one read of y, one write)", lambda: y.abs().amax(1))
 
     modules = 32
     names = [f"m{i}" for i in range(modules)]

@@ -254,9 +254,10 @@ def test_segment_counts_against_numpy():
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
 def test_sync_free_counting_gives_the_same_statistics(impl, tmp_path, monkeypatch):
-    """The GPU's way (no host sync: |y| once, one-hot products; row maxima and records in torch ops)
-    run on the CPU against the CPU's way (only the rows at the threshold; the C++ row maxima and
-    records): every array of the statistics equal, bit for bit."""
+    """The GPU's ways (no host sync: |y| once, one-hot products, row maxima and records in torch ops;
+    or the row maxima and counts in one Triton kernel, here in Triton's interpreter) run on the CPU
+    against the CPU's way (only the rows at the threshold; the C++ row maxima and records): every
+    array of the statistics equal, bit for bit."""
     from doubles import structure_points
     from transformers import AutoModel
 
@@ -273,16 +274,17 @@ def test_sync_free_counting_gives_the_same_statistics(impl, tmp_path, monkeypatc
     got = {}
     from outlier_hydra.collect import fused_cpu
 
-    for sync_free in (False, True):
-        if sync_free:  # the torch ops the GPU runs, not the C++ kernels
+    for way in ("cpu", "torch", "triton"):
+        if way != "cpu":  # the torch ops the GPU runs, not the C++ kernels
             monkeypatch.setattr(fused_cpu, "available", lambda: False)
         stage = Experts(make_cfg().analysis.stages.experts)
-        stage.sync_free = sync_free
+        stage.sync_free, stage.triton = way != "cpu", way == "triton"
         assert stage.bind(structure, [0, 1, 2, 3])
-        got[sync_free] = OutlierCollector(6.0).collect_batch(model, points, ids, stages=[stage]).extras["experts"]
-    assert len(got[False].counts) > 0 and got[False].counts.max() > 1
-    for name in got[False].__dataclass_fields__:
-        assert np.array_equal(getattr(got[False], name), getattr(got[True], name)), name
+        got[way] = OutlierCollector(6.0).collect_batch(model, points, ids, stages=[stage]).extras["experts"]
+    assert len(got["cpu"].counts) > 0 and got["cpu"].counts.max() > 1
+    for way in ("torch", "triton"):
+        for name in got["cpu"].__dataclass_fields__:
+            assert np.array_equal(getattr(got["cpu"], name), getattr(got[way], name)), (way, name)
 
 
 def _reanalyze(run_dir, *args):

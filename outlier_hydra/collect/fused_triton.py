@@ -71,13 +71,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
+@functools.lru_cache(maxsize=2)
+def _kernel(name: str = "reduce_kernel"):
     import triton
 
     from outlier_hydra.collect import fused_triton_kernel
 
-    return triton.jit(fused_triton_kernel.reduce_kernel)
+    return triton.jit(getattr(fused_triton_kernel, name))
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,3 +143,42 @@ def counts(x: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
 
 
 _BLOCKS = Blocks.default()
+
+
+EXPERT_ROWS = 16  # rows per program of expert_rows (a tile of 16 x 256)
+EXPERT_COLS = 256
+
+
+def expert_rows(
+    y: torch.Tensor, x: torch.Tensor, expert: torch.Tensor, valid: torch.Tensor | None, threshold: float, n_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read of a down projection's output rows y [S, H] and input rows x [S, I] (stages/experts.py):
+    (max |y| per row, max |x| per row: float32, -1 for a row with a NaN; counts [n_experts, H] int64
+    of |y| >= threshold, threshold as float32 holds it, over rows where valid, by expert[s])."""
+    if y.dtype not in DTYPES or x.dtype not in DTYPES:
+        raise TypeError(f"expert_rows takes {', '.join(map(str, DTYPES))}, not {y.dtype} / {x.dtype}")
+    n, h = y.shape
+    y_row = torch.empty(n, dtype=torch.float32, device=y.device)
+    x_row = torch.empty(n, dtype=torch.float32, device=y.device)
+    counts = torch.zeros(n_experts, h, dtype=torch.int32, device=y.device)
+    _kernel("expert_rows_kernel")[(max(1, _ceil_div(n, EXPERT_ROWS)),)](
+        y,
+        x,
+        expert,
+        y if valid is None else valid,
+        y_row,
+        x_row,
+        counts,
+        n,
+        h,
+        x.shape[1],
+        y.stride(0),
+        y.stride(1),
+        x.stride(0),
+        x.stride(1),
+        float(threshold),
+        HAS_VALID=valid is not None,
+        BR=EXPERT_ROWS,
+        BC=EXPERT_COLS,
+    )
+    return y_row, x_row, counts.long()

@@ -89,3 +89,68 @@ def reduce_kernel(
     nonfinite = tl.sum(bad, axis=0)
     if nonfinite > 0:
         tl.atomic_add(bad_ptr, nonfinite, sem="relaxed")
+
+
+def expert_rows_kernel(
+    y_ptr,
+    x_ptr,
+    expert_ptr,
+    valid_ptr,
+    y_row_ptr,
+    x_row_ptr,
+    counts_ptr,
+    n_rows,
+    n_out,
+    n_in,
+    stride_y_row,
+    stride_y_col,
+    stride_x_row,
+    stride_x_col,
+    threshold,
+    HAS_VALID: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """The experts stage's reads of one down projection's rows (stages/experts.py): per row the
+    largest |y| and |x| (float32; a row holding a NaN: -1; Inf is a maximum), and per (expert, output
+    dim) the count of |y| >= threshold over the counted rows, added with integer atomics (one per
+    dim where a tile's counted rows all belong to one expert, as the sorted rows of grouped_mm do)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < n_rows
+    expert = tl.load(expert_ptr + rows, mask=row_ok, other=0)
+    counted = row_ok
+    if HAS_VALID:
+        counted = counted & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
+    lowest_expert = tl.min(tl.where(counted, expert, 2**62))
+    one_expert = lowest_expert == tl.max(tl.where(counted, expert, -1))
+    y_max = tl.zeros([BR], dtype=tl.float32)
+    y_nan = tl.zeros([BR], dtype=tl.int32)
+    for start in range(0, n_out, BC):
+        cols = start + tl.arange(0, BC)
+        ok = row_ok[:, None] & (cols < n_out)[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_y_row + cols[None, :].to(tl.int64) * stride_y_col
+        a = tl.abs(tl.load(y_ptr + offsets, mask=ok, other=0.0).to(tl.float32))
+        nan = a != a
+        y_nan = tl.maximum(y_nan, tl.max(tl.where(nan, 1, 0), axis=1))
+        y_max = tl.maximum(y_max, tl.max(tl.where(nan, 0.0, a), axis=1))
+        hits = ok & counted[:, None] & (a >= threshold)
+        if tl.max(tl.where(hits, 1, 0)) > 0:
+            if one_expert:
+                per_dim = tl.sum(tl.where(hits, 1, 0), axis=0)
+                slots = counts_ptr + lowest_expert * n_out + cols
+                tl.atomic_add(slots, per_dim, mask=per_dim > 0, sem="relaxed")
+            else:
+                slots = counts_ptr + expert[:, None] * n_out + cols[None, :]
+                tl.atomic_add(slots, tl.where(hits, 1, 0), mask=hits, sem="relaxed")
+    tl.store(y_row_ptr + rows, tl.where(y_nan > 0, -1.0, y_max), mask=row_ok)
+    x_max = tl.zeros([BR], dtype=tl.float32)
+    x_nan = tl.zeros([BR], dtype=tl.int32)
+    for start in range(0, n_in, BC):
+        cols = start + tl.arange(0, BC)
+        ok = row_ok[:, None] & (cols < n_in)[None, :]
+        offsets = rows[:, None].to(tl.int64) * stride_x_row + cols[None, :].to(tl.int64) * stride_x_col
+        a = tl.abs(tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32))
+        nan = a != a
+        x_nan = tl.maximum(x_nan, tl.max(tl.where(nan, 1, 0), axis=1))
+        x_max = tl.maximum(x_max, tl.max(tl.where(nan, 0.0, a), axis=1))
+    tl.store(x_row_ptr + rows, tl.where(x_nan > 0, -1.0, x_max), mask=row_ok)

@@ -39,7 +39,7 @@ import torch
 from omegaconf import MISSING
 from torch.overrides import TorchFunctionMode
 
-from outlier_hydra.collect import fused_cpu
+from outlier_hydra.collect import fused_cpu, fused_triton
 from outlier_hydra.collect.reductions import at_least
 from outlier_hydra.collect.transfer import to_host
 from outlier_hydra.models.structure import is_conv1d, matrix_dims
@@ -212,6 +212,9 @@ class Experts(Stage):
     # the outlier counts without a host sync (one-hot matmul) or from the rows that reach the
     # threshold (asks the host how many); None: by device (sync-free off the CPU). Tests set it.
     sync_free: bool | None = None
+    # sync-free, the row maxima and counts in one Triton kernel (collect/fused_triton.py); None: on CUDA
+    # where triton imports. Tests set it (on the CPU it runs in Triton's interpreter).
+    triton: bool | None = None
 
     def stop_after(self, layer: int) -> tuple | None:
         """The forward must finish the last layer's MLP / MoE block (rank 2.5: after its experts)."""
@@ -347,8 +350,9 @@ class Experts(Stage):
     def _update(self, unit, x, y, expert, token, valid=None) -> None:
         """Rows x [S, I] -> y [S, H] of `unit`, row s by expert[s] for token[s] (batch-local, flat).
 
-        Two reads of the rows (|y| and |x| row maxima); everything else touches one row per expert,
-        or (CPU) only the rows that reach the threshold. NaN rows count as never reaching anything."""
+        Two reads of the rows (|y| and |x| row maxima; on CUDA one Triton kernel, which counts the
+        outliers too); everything else touches one row per expert, or (CPU) only the rows that reach
+        the threshold. NaN rows count as never reaching anything."""
         x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])
         if x.shape[0] == 0:
             return
@@ -358,12 +362,17 @@ class Experts(Stage):
             token = torch.full((x.shape[0],), UNKNOWN_TOKEN, dtype=torch.long, device=dev)
         expert, token = expert.to(dev).long(), token.to(dev).long()
         sync_free = dev.type != "cpu" if self.sync_free is None else self.sync_free
-        if sync_free:  # |y| once: its row maxima and the outlier mask
+        triton = dev.type == "cuda" and fused_triton.available("cuda") if self.triton is None else self.triton
+        counts = None
+        if sync_free and triton and x.dtype in fused_triton.DTYPES and y.dtype in fused_triton.DTYPES:
+            # one read of y and of x: row maxima and outlier counts in one kernel
+            y_row, x_row, counts = fused_triton.expert_rows(y, x, expert, valid, self.threshold, e_count)
+        elif sync_free:  # |y| once: its row maxima and the outlier mask
             y_abs = y.abs()
-            y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0)
+            y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
+            x_row = self._row_absmax(x)
         else:  # no |y| temporary on the CPU (see _row_absmax)
-            y_row = self._row_absmax(y)
-        x_row = self._row_absmax(x)
+            y_row, x_row = self._row_absmax(y), self._row_absmax(x)
         if valid is not None:
             y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
             weight_of_row = valid.long()
@@ -377,12 +386,12 @@ class Experts(Stage):
         wrow = self._weight_rows(unit, dim)  # [E, I]: W_e[dim_e, :]
         contrib = wrow.float() * x[safe].float()
         col = contrib.abs().argmax(1)
-        if not sync_free:  # only the rows that reach the threshold (usually none): the host knows how many
+        if counts is None and not sync_free:  # only the rows at the threshold (usually none): the host knows how many
             rows = (y_row >= self.threshold).nonzero()[:, 0]
             counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
             if len(rows):
                 counts.index_add_(0, expert[rows], at_least(y[rows].abs(), self.threshold).long())
-        else:  # no host sync (a GPU): one-hot(expert)^T @ mask on the tensor cores, exact
+        elif counts is None:  # no host sync (a GPU without triton): one-hot(expert)^T @ mask on the tensor cores, exact
             counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, self.threshold), e_count)
         new = {
             "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, weight_of_row),
@@ -402,10 +411,11 @@ class Experts(Stage):
     @staticmethod
     def _row_absmax(t: torch.Tensor) -> torch.Tensor:
         """max |t| per row without a |t| temporary (float32; NaN rows: -1). On the CPU one read of t
-        (collect/fused_cpu.cpp); else amax and amin, not aminmax (4x slower over dim 1, torch 2.13)."""
+        (collect/fused_cpu.cpp); else amax and amin, not aminmax (4x slower over dim 1, torch 2.13), an
+        Inf kept as a maximum as the C++ does (nan_to_num would make it float32's largest)."""
         if t.device.type == "cpu" and fused_cpu.available():
             return fused_cpu.row_absmax(t)
-        return torch.nan_to_num(torch.maximum(t.amax(1), -t.amin(1)).float(), nan=-1.0)
+        return torch.nan_to_num(torch.maximum(t.amax(1), -t.amin(1)).float(), nan=-1.0, posinf=float("inf"))
 
     @staticmethod
     def _segment_max(values, segment, token, n):
