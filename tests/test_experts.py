@@ -287,6 +287,44 @@ def test_sync_free_counting_gives_the_same_statistics(impl, tmp_path, monkeypatc
             assert np.array_equal(getattr(got["cpu"], name), getattr(got[way], name)), (way, name)
 
 
+def test_a_triton_kernel_that_does_not_build_falls_back_to_torch_ops(tmp_path, monkeypatch, caplog):
+    """Where Triton cannot compile the experts kernel (an old GPU, a broken toolchain), one warning and
+    the torch ops: the same statistics, the collection goes on."""
+    from doubles import structure_points
+    from transformers import AutoModel
+    from triton.compiler.errors import CompilationError
+
+    from outlier_hydra.collect import OutlierCollector, fused_triton
+    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.stages.experts import Experts
+
+    folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
+    model = AutoModel.from_pretrained(folder).eval()
+    ids = torch.randint(1000, 20000, (2, 64), generator=torch.Generator().manual_seed(0))
+    structure = discover(model, 4, 64, None, "test")
+    probe(structure, model, torch.device("cpu"), "test", config_top_k(model.config))
+    points = structure_points(model, [0, 1])
+    got = {}
+    for broken in (False, True):
+        if broken:
+
+            def refuse(*args, **kwargs):
+                raise CompilationError("kernel.py", None, "no such GPU")
+
+            monkeypatch.setattr(fused_triton, "expert_rows", refuse)
+        stage = Experts(make_cfg().analysis.stages.experts)
+        stage.sync_free, stage.triton = True, broken  # the reference: the torch ops
+        assert stage.bind(structure, [0, 1])
+        with caplog.at_level("WARNING"):
+            got[broken] = OutlierCollector(6.0).collect_batch(model, points, ids, stages=[stage]).extras["experts"]
+    assert stage.triton is False
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelname == "WARNING"] == [
+        "experts: Triton could not build its kernel"
+    ]
+    for name in got[False].__dataclass_fields__:
+        assert np.array_equal(getattr(got[False], name), getattr(got[True], name)), name
+
+
 def _reanalyze(run_dir, *args):
     return subprocess.run(
         [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO

@@ -30,6 +30,7 @@ reads arguments and results.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from omegaconf import MISSING
 from torch.overrides import TorchFunctionMode
 
 from outlier_hydra.collect import fused_cpu, fused_triton
-from outlier_hydra.collect.reductions import at_least
+from outlier_hydra.collect.reductions import at_least, compile_errors
 from outlier_hydra.collect.transfer import to_host
 from outlier_hydra.models.structure import is_conv1d, matrix_dims
 from outlier_hydra.stages import ArrayStats, ReportContext, Stage
@@ -50,6 +51,7 @@ RECORD = ("out_max", "out_dim", "out_token", "col", "weight", "contribution")  #
 RECORD_IN = ("in_max", "in_channel", "in_token")  # moves with in_max
 INT_KEYS = ("tokens", "out_dim", "out_token", "col", "in_channel", "in_token")  # int64 on the device
 FLOAT_KEYS = ("out_max", "weight", "contribution", "in_max")  # float32 on the device
+log = logging.getLogger(__name__)
 UNKNOWN_TOKEN = 2**60  # rows whose token the experts implementation does not reveal (sorts after all)
 
 
@@ -366,7 +368,15 @@ class Experts(Stage):
         counts = None
         if sync_free and triton and x.dtype in fused_triton.DTYPES and y.dtype in fused_triton.DTYPES:
             # one read of y and of x: row maxima and outlier counts in one kernel
-            y_row, x_row, counts = fused_triton.expert_rows(y, x, expert, valid, self.threshold, e_count)
+            try:
+                y_row, x_row, counts = fused_triton.expert_rows(y, x, expert, valid, self.threshold, e_count)
+            except compile_errors() as exc:
+                log.warning(
+                    "experts: Triton could not build its kernel (%s); using torch ops from now on",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                )
+                self.triton = False
+                return self._update(unit, x, y, expert, token, valid)
         elif sync_free:  # |y| once: its row maxima and the outlier mask
             y_abs = y.abs()
             y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
