@@ -49,7 +49,11 @@ echo "== CUDA tests (they skip without a GPU)"
 
 if [ "$DEVICE" = cuda ]; then
   echo "== the reductions alone, one [8192, 2048] bf16 tensor (Triton launch shapes tuned)"
-  "$PY" scripts/reduce_bench.py --tune || echo "gpu_check: reduce_bench FAILED"
+  OUT_BLOCKS="$WORK/blocks" "$PY" scripts/reduce_bench.py --tune || echo "gpu_check: reduce_bench FAILED"
+  # the presets run with the fastest launch shape found (each benchmark.json records the one it used)
+  if [ -z "${OUTLIER_HYDRA_TRITON_BLOCKS:-}" ] && [ -s "$WORK/blocks" ]; then
+    export OUTLIER_HYDRA_TRITON_BLOCKS=$(cat "$WORK/blocks")
+  fi
 fi
 
 failed=""

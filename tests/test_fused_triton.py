@@ -18,8 +18,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EDGES = edges_on(tuple(histogram_edges(DEFAULT_EDGES, 6.0)), DEVICE)
 SHAPES = [
     fused_triton.Blocks(),
-    fused_triton.Blocks(16, 32, 2, 4, True),  # several programs per column block, per-element sums
-    fused_triton.Blocks(32, 64, 1, 2, False),
+    fused_triton.Blocks(16, 32, 2, 4, 1),  # several programs per column block, per-element sums
+    fused_triton.Blocks(32, 64, 1, 2, 2),
 ]
 
 
@@ -80,13 +80,13 @@ def test_the_kernel_takes_only_dtypes_whose_magnitudes_float32_holds_and_a_match
 
 def test_launch_shape_from_the_environment(monkeypatch):
     monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", "128,16,2,8")
-    assert fused_triton.Blocks.default() == fused_triton.Blocks(128, 16, 2, 8, False)
-    monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", "16,32,4,4,elementwise")
-    assert fused_triton.Blocks.default() == fused_triton.Blocks(16, 32, 4, 4, True)
-    assert str(fused_triton.Blocks.default()) == "16,32,4,4,elementwise"
-    for bad in ("16,32,4", "16,32,4,4,fast", "a,b,c,d"):
+    assert fused_triton.Blocks.default() == fused_triton.Blocks(128, 16, 2, 8, 0)
+    monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", "16,32,4,4,2")
+    assert fused_triton.Blocks.default() == fused_triton.Blocks(16, 32, 4, 4, 2)
+    assert str(fused_triton.Blocks.default()) == "16,32,4,4,2"
+    for bad in ("16,32,4", "16,32,4,4,3", "16,32,0,4", "a,b,c,d", "16,32,4,4,1,1"):
         monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", bad)
-        with pytest.raises(ValueError, match=f"OUTLIER_HYDRA_TRITON_BLOCKS: '{bad}' is not"):
+        with pytest.raises(ValueError, match=f"OUTLIER_HYDRA_TRITON_BLOCKS: '{bad}' is not rows,cols"):
             fused_triton.Blocks.default()
     monkeypatch.delenv("OUTLIER_HYDRA_TRITON_BLOCKS")
     assert fused_triton.Blocks.default() == fused_triton.Blocks()

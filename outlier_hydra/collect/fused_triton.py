@@ -24,34 +24,33 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # |x| exact in float32,
 @dataclass(frozen=True)
 class Blocks:
     """The launch shape: rows and columns per tile, programs per multiprocessor, warps per program,
-    and whether per-element accumulators replace per-tile reductions (fused_triton_kernel.py).
-    Tuned with scripts/reduce_bench.py; $OUTLIER_HYDRA_TRITON_BLOCKS ("rows,cols,programs,warps" and
-    optionally ",elementwise") overrides the default without a code change."""
+    and how many of the lowest edges (0, 1, 2) are counted per element instead of by a reduction per
+    tile (fused_triton_kernel.py). Tuned with scripts/reduce_bench.py; $OUTLIER_HYDRA_TRITON_BLOCKS
+    ("rows,cols,programs,warps[,elementwise]") overrides the default without a code change."""
 
     rows: int = 64  # the fastest of 13 shapes on an H200, bf16 [8192, 2048]: 139 us (the others 150-400)
     cols: int = 32
     programs_per_sm: int = 8
     warps: int = 4
-    elementwise: bool = False
+    elementwise: int = 0
 
     @classmethod
     def default(cls) -> Blocks:
         text = os.environ.get("OUTLIER_HYDRA_TRITON_BLOCKS")
         if not text:
             return cls()
-        fields = text.split(",")
         try:
-            if len(fields) not in (4, 5) or fields[4:] not in ([], ["elementwise"]):
+            values = [int(v) for v in text.split(",")]
+            if len(values) not in (4, 5) or min(values[:4]) < 1 or values[4:] not in ([], [0], [1], [2]):
                 raise ValueError
-            rows, cols, programs, warps = (int(v) for v in fields[:4])
         except ValueError:
             raise ValueError(
-                f"OUTLIER_HYDRA_TRITON_BLOCKS: {text!r} is not rows,cols,programs,warps[,elementwise]"
+                f"OUTLIER_HYDRA_TRITON_BLOCKS: {text!r} is not rows,cols,programs,warps[,elementwise 0-2]"
             ) from None
-        return cls(rows, cols, programs, warps, len(fields) == 5)
+        return cls(*values)
 
     def __str__(self) -> str:
-        return f"{self.rows},{self.cols},{self.programs_per_sm},{self.warps}" + (",elementwise" if self.elementwise else "")
+        return f"{self.rows},{self.cols},{self.programs_per_sm},{self.warps},{self.elementwise}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,7 +85,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch(x: torch.Tensor, pval: torch.Tensor | None, edges_t: torch.Tensor, blocks: Blocks | None):
-    b = blocks or _BLOCKS
+    b = blocks or BLOCKS
     n, d = x.shape
     e = edges_t.numel()
     out = torch.zeros(d * e + d + 1, dtype=torch.int32, device=x.device)
@@ -113,7 +112,7 @@ def _launch(x: torch.Tensor, pval: torch.Tensor | None, edges_t: torch.Tensor, b
         BN=b.rows,
         BD=b.cols,
         UPDATE=pval is not None,
-        ELEMENTWISE=b.elementwise,
+        ELEMENTWISE=min(b.elementwise, e),
         num_warps=b.warps,
     )
     return ge, amax, bad
@@ -142,7 +141,7 @@ def counts(x: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
     return _launch(x, None, edges_t, None)[0]
 
 
-_BLOCKS = Blocks.default()
+BLOCKS = Blocks.default()  # the launch shape in use (read once, at import)
 
 
 EXPERT_ROWS = 16  # rows per program of expert_rows (a tile of 16 x 256)

@@ -6,9 +6,9 @@ the count of non-finite values, and the count at or above each histogram edge. A
 taken only when some |x| of the tile reaches it (edges are sorted; most tiles reach two or three).
 At the end the program adds its counts to the outputs with integer atomics and takes the maxima with
 float atomics on non-negative values: exact and independent of the order programs finish in.
-With ELEMENTWISE, the maxima, the non-finite count and the lowest edge's count stay per element until
-the end instead of being reduced per tile (fewer reductions, more registers: which is faster is the
-GPU's to say, scripts/reduce_bench.py --tune). With UPDATE, a value replaces the position buffer's
+With ELEMENTWISE (1 or 2), the maxima, the non-finite count and the lowest edges' counts stay per
+element until the end instead of being reduced per tile (fewer reductions, more registers: which is
+faster is the GPU's to say, scripts/reduce_bench.py --tune). With UPDATE, a value replaces the position buffer's
 where |x| > |pval| (ties keep the earlier), so |pval| is the position's largest |x| over the modules
 so far, as the dense reduction's pabs.
 """
@@ -45,12 +45,15 @@ def reduce_kernel(
     amax = tl.zeros([BD], dtype=tl.float32)
     bad = tl.zeros([BD], dtype=tl.int32)
     counts = tl.zeros([BD, EP], dtype=tl.int32)
-    # ELEMENTWISE: the maxima, the non-finite count and the lowest edge's count (the one nearly every
-    # tile reaches) kept per element across the tiles, reduced over rows once at the end
+    # ELEMENTWISE (0, 1 or 2): the maxima, the non-finite count and the counts of the lowest one or
+    # two edges (those nearly every tile reaches) kept per element across the tiles, reduced over rows
+    # once at the end
     amax_all = tl.zeros([BN, BD], dtype=tl.float32)
     bad_all = tl.zeros([BN, BD], dtype=tl.int32)
     lowest_all = tl.zeros([BN, BD], dtype=tl.int32)
+    second_all = tl.zeros([BN, BD], dtype=tl.int32)
     lowest = tl.load(edges_ptr)
+    second = tl.load(edges_ptr + (1 if ELEMENTWISE >= 2 else 0))
     for start in range(begin, end, BN):
         rows = start + tl.arange(0, BN)
         ok = (rows < end)[:, None] & col_ok[None, :]
@@ -63,6 +66,8 @@ def reduce_kernel(
             a = tl.where(finite, a, 0.0)
             amax_all = tl.maximum(amax_all, a)
             lowest_all += tl.where(a >= lowest, 1, 0)
+            if ELEMENTWISE >= 2:
+                second_all += tl.where(a >= second, 1, 0)
             top = tl.max(a)
         else:
             bad += tl.sum(tl.where(finite, 0, 1), axis=0)
@@ -70,7 +75,7 @@ def reduce_kernel(
             tile_max = tl.max(a, axis=0)
             amax = tl.maximum(amax, tile_max)
             top = tl.max(tile_max, axis=0)
-        for e in tl.static_range(1 if ELEMENTWISE else 0, E):
+        for e in tl.static_range(ELEMENTWISE, E):
             edge = tl.load(edges_ptr + e)
             if top >= edge:
                 reached = tl.sum(tl.where(a >= edge, 1, 0), axis=0)
@@ -83,6 +88,8 @@ def reduce_kernel(
         amax = tl.max(amax_all, axis=0)
         bad = tl.sum(bad_all, axis=0)
         counts += tl.where(edge_ids[None, :] == 0, tl.sum(lowest_all, axis=0)[:, None], 0)
+        if ELEMENTWISE >= 2:
+            counts += tl.where(edge_ids[None, :] == 1, tl.sum(second_all, axis=0)[:, None], 0)
     counted = col_ok[:, None] & (edge_ids[None, :] < E) & (counts > 0)
     tl.atomic_add(ge_ptr + cols[:, None] * E + edge_ids[None, :], counts, mask=counted, sem="relaxed")
     tl.atomic_max(amax_ptr + cols, amax, mask=col_ok & (amax > 0), sem="relaxed")

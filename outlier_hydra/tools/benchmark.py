@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from outlier_hydra.collect import fused_triton
 from outlier_hydra.collect.hooks import attached, on_input
 from outlier_hydra.config.targets import instantiate_node
 from outlier_hydra.models.loading import DTYPES
@@ -247,6 +248,8 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         "tokens": tokens,
         "hooked_modules": len(points),
         "collector_backend": collector.backend_for(device),
+        # the Triton kernel's launch shape (fused_triton.Blocks; $OUTLIER_HYDRA_TRITON_BLOCKS)
+        "triton_blocks": str(fused_triton.BLOCKS) if collector.backend_for(device) == "triton" else None,
         "stages": [s.name for s in stages],
         "forward_s": st.median(fwd),
         "collect_s": st.median(col),
@@ -293,7 +296,9 @@ def table(r: dict) -> str:
 
     lines = [
         f"benchmark {r['preset']} on {r['device']}, {r['dtype']}, {r['tokens']} tokens, "
-        f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}, "
+        f"{r['hooked_modules']} hooked modules, collector backend {r['collector_backend']}"
+        + (f" ({r['triton_blocks']})" if r.get("triton_blocks") else "")
+        + ", "
         f"stages: {', '.join(r['stages']) or 'none'}; {r['repeats']} pairs each",
         f"  {'':<22}{'seconds':>10}{'tokens/s':>12}{'x forward':>11}{'95% interval':>14}",
         f"  {'(a) forward':<22}{r['forward_s']:>10.4f}{r['forward_tokens_per_s']:>12.0f}{1:>11.3f}",
