@@ -218,5 +218,8 @@ class Config:
     debug: bool = False  # full tracebacks instead of one-line errors
     progress: bool = True  # progress bar and summary table
     plots: bool = True  # PNG plots in <run dir>/plots
+    # a model on the CPU: freed activations stay with the process for the next forward instead of going
+    # back to the OS page by page (glibc; collect/host_memory.py)
+    retain_host_memory: bool = True
     extras: Dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the results
     benchmark: BenchmarkConfig | None = None  # only the benchmark command reads it

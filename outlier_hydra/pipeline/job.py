@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from outlier_hydra.analysis import build_documents, collector_section
+from outlier_hydra.collect.host_memory import retain_freed_memory
 from outlier_hydra.config.runtime import hydra_output_dir
 from outlier_hydra.config.targets import instantiate_node
 from outlier_hydra.config.validate import check_config, check_sequence_length, resolve_layers
@@ -153,6 +154,8 @@ class LazyModel:
                 hf_logging.disable_progress_bar()
             self.model = load_model(self.cfg.model)
             self.device = input_device(self.model)
+            if self.device.type == "cpu" and self.cfg.retain_host_memory:
+                retain_freed_memory()
             if self.structure is not None:  # one forward on a few tokens checks the hook points
                 top_k = config_top_k(text_config(self.model_config)) if self.model_config is not None else None
                 probe(self.structure, self.model, self.device, self.cfg.model.name, top_k)

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from outlier_hydra.collect import fused_triton
 from outlier_hydra.collect.hooks import attached, on_input
+from outlier_hydra.collect.host_memory import retain_freed_memory
 from outlier_hydra.config.targets import instantiate_node
 from outlier_hydra.models.loading import DTYPES
 from outlier_hydra.models.structure import config_top_k, discover, probe
@@ -172,6 +173,8 @@ def prepare(cfg: DictConfig):
     (device, model, points, stages, ids)."""
     b = cfg.benchmark
     device = pick_device(b.device)
+    if device.type == "cpu" and cfg.retain_host_memory:  # as a run does (collect/host_memory.py)
+        retain_freed_memory()
     model = build_model(b, device)
     layers = list(range(b.shape.num_hidden_layers))
     config: Any = model.config  # type: ignore[assignment]
