@@ -196,3 +196,28 @@ def test_bad_value_on_the_command_line_is_one_line_and_exit_code_2(case, olmoe, 
     assert len(lines) == 1 and lines[0].startswith("outlier_hydra: error: "), proc.stderr[-2000:]
     assert re.search(match, lines[0]), lines[0]
     assert sorted(p.name for p in out.iterdir()) == [".hydra", "outlier_hydra.log"]
+
+
+def test_a_bad_triton_launch_shape_in_the_environment_is_one_line_before_loading(olmoe, no_weights, tmp_path, monkeypatch):
+    """$OUTLIER_HYDRA_TRITON_BLOCKS (the GPU kernel's tuning override) is read when the collector is
+    built, before any weights: a bad value names the variable, in a run and on the command line."""
+    from outlier_hydra.collect import fused_triton
+
+    monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", "64,32")
+    fused_triton.launch_shape.cache_clear()
+    try:
+        _fails(tiny_overrides(olmoe), r"OUTLIER_HYDRA_TRITON_BLOCKS: '64,32' is not rows,cols,programs,warps", tmp_path)
+    finally:
+        fused_triton.launch_shape.cache_clear()
+    out = tmp_path / "cli_run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "outlier_hydra", *tiny_overrides(olmoe), f"hydra.run.dir={out}", "progress=false"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == (
+        "outlier_hydra: error: OUTLIER_HYDRA_TRITON_BLOCKS: '64,32' is not rows,cols,programs,warps[,elementwise 0-2]"
+    )

@@ -85,7 +85,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch(x: torch.Tensor, pval: torch.Tensor | None, edges_t: torch.Tensor, blocks: Blocks | None):
-    b = blocks or BLOCKS
+    b = blocks or launch_shape()
     n, d = x.shape
     e = edges_t.numel()
     out = torch.zeros(d * e + d + 1, dtype=torch.int32, device=x.device)
@@ -108,7 +108,7 @@ def _launch(x: torch.Tensor, pval: torch.Tensor | None, edges_t: torch.Tensor, b
         x.stride(1),
         rows_per_program,
         E=e,
-        EP=triton_next_power_of_2(e),
+        EP=_next_power_of_2(e),
         BN=b.rows,
         BD=b.cols,
         UPDATE=pval is not None,
@@ -122,7 +122,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def triton_next_power_of_2(n: int) -> int:
+def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -141,7 +141,11 @@ def counts(x: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
     return _launch(x, None, edges_t, None)[0]
 
 
-BLOCKS = Blocks.default()  # the launch shape in use (read once, at import)
+@functools.lru_cache(maxsize=1)
+def launch_shape() -> Blocks:
+    """The launch shape in use: the default, or $OUTLIER_HYDRA_TRITON_BLOCKS (read once; a bad value
+    raises ValueError naming the variable, which a run checks with its config, before loading)."""
+    return Blocks.default()
 
 
 EXPERT_ROWS = 16  # rows per program of expert_rows (a tile of 16 x 256)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from outlier_hydra.collect import fused_triton
 from outlier_hydra.config import enum_value
 from outlier_hydra.config.targets import check_node
 from outlier_hydra.errors import OutlierHydraError
@@ -47,6 +48,10 @@ def check_config(cfg: DictConfig) -> None:
         0 <= d.shard_index < d.num_shards,
         f"dataset.shard_index: must be in [0, {d.num_shards}) for dataset.num_shards={d.num_shards}, got {d.shard_index}",
     )
+    try:  # the Triton kernel's launch shape, if $OUTLIER_HYDRA_TRITON_BLOCKS sets one
+        fused_triton.launch_shape()
+    except ValueError as exc:
+        raise OutlierHydraError(str(exc)) from None
     gpus = cfg.deployment.gpus_per_node
     _require(
         str(gpus) == "auto" or (isinstance(gpus, int) and gpus >= 0),

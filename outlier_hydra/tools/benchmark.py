@@ -252,7 +252,7 @@ def run_benchmark(cfg: DictConfig, out: Path) -> dict:
         "hooked_modules": len(points),
         "collector_backend": collector.backend_for(device),
         # the Triton kernel's launch shape (fused_triton.Blocks; $OUTLIER_HYDRA_TRITON_BLOCKS)
-        "triton_blocks": str(fused_triton.BLOCKS) if collector.backend_for(device) == "triton" else None,
+        "triton_blocks": str(fused_triton.launch_shape()) if collector.backend_for(device) == "triton" else None,
         "stages": [s.name for s in stages],
         "forward_s": st.median(fwd),
         "collect_s": st.median(col),
