@@ -142,13 +142,12 @@ def expert_rows_kernel(
         y_max = tl.maximum(y_max, tl.max(tl.where(nan, 0.0, a), axis=1))
         hits = ok & counted[:, None] & (a >= threshold)
         if tl.max(tl.where(hits, 1, 0)) > 0:
-            if one_expert:
+            if one_expert:  # (names differ per branch: Triton types a name once per if/else)
                 per_dim = tl.sum(tl.where(hits, 1, 0), axis=0)
-                slots = counts_ptr + lowest_expert * n_out + cols
-                tl.atomic_add(slots, per_dim, mask=per_dim > 0, sem="relaxed")
+                tl.atomic_add(counts_ptr + lowest_expert * n_out + cols, per_dim, mask=per_dim > 0, sem="relaxed")
             else:
-                slots = counts_ptr + expert[:, None] * n_out + cols[None, :]
-                tl.atomic_add(slots, tl.where(hits, 1, 0), mask=hits, sem="relaxed")
+                each = counts_ptr + expert[:, None] * n_out + cols[None, :]
+                tl.atomic_add(each, tl.where(hits, 1, 0), mask=hits, sem="relaxed")
     tl.store(y_row_ptr + rows, tl.where(y_nan > 0, -1.0, y_max), mask=row_ok)
     x_max = tl.zeros([BR], dtype=tl.float32)
     x_nan = tl.zeros([BR], dtype=tl.int32)
