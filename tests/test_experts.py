@@ -325,6 +325,47 @@ def test_a_triton_kernel_that_does_not_build_falls_back_to_torch_ops(tmp_path, m
         assert np.array_equal(getattr(got[False], name), getattr(got[True], name)), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sorted_rows", [True, False], ids=["sorted", "mixed"])
+@pytest.mark.parametrize("with_valid", [True, False], ids=["valid", "all"])
+def test_expert_rows_against_numpy(dtype, sorted_rows, with_valid):
+    """The experts stage's Triton kernel (without a GPU in Triton's interpreter, conftest): row maxima
+    of |y| and |x| (a NaN row -1, Inf a maximum) and the per-(expert, dim) counts at the threshold,
+    recomputed with numpy. Sorted rows (grouped_mm's order) take the one-atomic-per-dim way, mixed
+    rows the per-element one."""
+    from outlier_hydra.collect import fused_triton
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(3)
+    rows, out_dims, in_dims, experts = 300, 300, 40, 5  # several column tiles of y, rows across 19 programs
+    y = (torch.randn(rows, out_dims, generator=g) * 3).to(dtype)
+    x = torch.randn(rows, in_dims, generator=g).to(dtype)
+    y[:, 11] *= 10
+    y[5, 3], y[9, 2], y[10, 280], x[7, 1], x[8, 0] = float("nan"), float("inf"), -float("inf"), float("nan"), float("inf")
+    y[20, 4] = 6.0  # exactly the threshold
+    expert = torch.randint(0, experts, (rows,), generator=g)
+    if sorted_rows:
+        expert = expert.sort().values
+    valid = torch.rand(rows, generator=g) < 0.8 if with_valid else None
+    y_row, x_row, counts = fused_triton.expert_rows(
+        y.to(dev), x.to(dev), expert.to(dev), None if valid is None else valid.to(dev), 6.0, experts
+    )
+
+    def row_max(t):
+        a = np.abs(t.float().numpy())
+        return np.where(np.isnan(a).any(1), -1.0, np.nanmax(np.where(np.isnan(a), 0, a), 1)).astype(np.float32)
+
+    a = np.abs(y.float().numpy())
+    hit = a >= np.float32(6.0)
+    if valid is not None:
+        hit &= valid.numpy()[:, None]
+    want = np.zeros((experts, out_dims), np.int64)
+    np.add.at(want, expert.numpy(), hit.astype(np.int64))
+    assert np.array_equal(y_row.cpu().numpy(), row_max(y)) and np.array_equal(x_row.cpu().numpy(), row_max(x))
+    assert counts.dtype == torch.int64 and np.array_equal(counts.cpu().numpy(), want)
+    assert y_row[5] == -1 and y_row[9] == float("inf") and x_row[8] == float("inf") and want[:, 11].sum() > 100
+
+
 def _reanalyze(run_dir, *args):
     return subprocess.run(
         [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO

@@ -8,7 +8,6 @@ tests run the compiled kernel on CUDA tensors instead.
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -112,43 +111,6 @@ def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
         assert OutlierCollector(6.0).backend_for(torch.device("cpu")) == "fused", "auto never picks it there"
     finally:
         fused_triton.available.cache_clear()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("sorted_rows", [True, False], ids=["sorted", "mixed"])
-@pytest.mark.parametrize("with_valid", [True, False], ids=["valid", "all"])
-def test_expert_rows_against_numpy(dtype, sorted_rows, with_valid):
-    """The experts stage's kernel: row maxima of |y| and |x| (a NaN row -1, Inf a maximum) and the
-    per-(expert, dim) counts at the threshold, recomputed with numpy. Sorted rows (grouped_mm's
-    order) take the one-atomic-per-dim way, mixed rows the per-element one."""
-    g = torch.Generator().manual_seed(3)
-    rows, out_dims, in_dims, experts = 300, 300, 40, 5  # several column tiles of y, rows across 19 programs
-    y = (torch.randn(rows, out_dims, generator=g) * 3).to(dtype)
-    x = torch.randn(rows, in_dims, generator=g).to(dtype)
-    y[:, 11] *= 10
-    y[5, 3], y[9, 2], y[10, 280], x[7, 1], x[8, 0] = float("nan"), float("inf"), -float("inf"), float("nan"), float("inf")
-    y[20, 4] = 6.0  # exactly the threshold
-    expert = torch.randint(0, experts, (rows,), generator=g)
-    if sorted_rows:
-        expert = expert.sort().values
-    valid = torch.rand(rows, generator=g) < 0.8 if with_valid else None
-    y_row, x_row, counts = fused_triton.expert_rows(
-        y.to(DEVICE), x.to(DEVICE), expert.to(DEVICE), None if valid is None else valid.to(DEVICE), 6.0, experts
-    )
-
-    def row_max(t):
-        a = np.abs(t.float().numpy())
-        return np.where(np.isnan(a).any(1), -1.0, np.nanmax(np.where(np.isnan(a), 0, a), 1)).astype(np.float32)
-
-    a = np.abs(y.float().numpy())
-    hit = a >= np.float32(6.0)
-    if valid is not None:
-        hit &= valid.numpy()[:, None]
-    want = np.zeros((experts, out_dims), np.int64)
-    np.add.at(want, expert.numpy(), hit.astype(np.int64))
-    assert np.array_equal(y_row.cpu().numpy(), row_max(y)) and np.array_equal(x_row.cpu().numpy(), row_max(x))
-    assert counts.dtype == torch.int64 and np.array_equal(counts.cpu().numpy(), want)
-    assert y_row[5] == -1 and y_row[9] == float("inf") and x_row[8] == float("inf") and want[:, 11].sum() > 100
 
 
 def test_the_torch_row_maxima_keep_an_inf_as_the_cpu_kernel_does(monkeypatch):
