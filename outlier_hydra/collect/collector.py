@@ -137,13 +137,16 @@ class _BatchState:
         """Combine the devices' position buffers (layers sit on devices in model order); where only
         pval is kept (the one-pass reductions), |pval| is the largest |x|."""
         devs = list(self.pval)
-        pabs, pval = self.pabs.get(devs[0], self.pval[devs[0]].abs()), self.pval[devs[0]]
+        pabs, pval = self._abs(devs[0]), self.pval[devs[0]]
         for dev in devs[1:]:
-            other_abs = self.pabs.get(dev, self.pval[dev].abs()).to(pabs.device)
-            other_val = self.pval[dev].to(pabs.device)
+            other_abs, other_val = self._abs(dev).to(pabs.device), self.pval[dev].to(pabs.device)
             wins = other_abs > pabs
             pabs, pval = torch.where(wins, other_abs, pabs), torch.where(wins, other_val, pval)
         return pabs, pval
+
+    def _abs(self, dev: torch.device) -> torch.Tensor:
+        """The device's |x| buffer: kept, or |pval| where only pval is (made only then)."""
+        return self.pabs[dev] if dev in self.pabs else self.pval[dev].abs()
 
     def to_host(self, module_names: list[str], threshold: float) -> OutlierStats:
         if self.num_features is None or self.num_tokens is None:
@@ -172,10 +175,8 @@ class _BatchState:
         if self.backend == "sparse":
             pos_ge, top = sparse_positions(pabs, pval, edges_t, self.k)
         else:
-            if self.backend == "triton" and pval.dtype in fused_triton.DTYPES:
-                pos_ge = counts_to_host(fused_triton.counts(pval, edges_t))
-            else:
-                pos_ge = counts_to_host(position_counts(pabs, edges_t))
+            one_pass = self.backend == "triton" and pval.dtype in fused_triton.DTYPES
+            pos_ge = counts_to_host(fused_triton.counts(pval, edges_t) if one_pass else position_counts(pabs, edges_t))
             k = min(self.k, pabs.shape[0])
             best = example_order_key(pabs, pval, edges_t).topk(k, dim=0)
             top = pval.gather(0, best.indices).float()  # below the lowest edge (key 0): NaN
