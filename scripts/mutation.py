@@ -25,12 +25,15 @@ person judges it again (`mutmut show NAME`) before pinning it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("stats", "analysis", "collect", "stages")
@@ -130,7 +133,39 @@ def test_seconds() -> dict[str, float]:
     }
 
 
+def _fingerprint(values: list[str]) -> str:
+    """mutmut's hash of a config list (mutmut.configuration.Config.config_fingerprint)."""
+    return hashlib.sha256(repr(tuple(values)).encode()).hexdigest()[:12]
+
+
+def keep_verdicts_of_grown_selection() -> None:
+    """Let test files join [tool.mutmut]'s selection without discarding every verdict.
+
+    mutmut discards all stored results when the selection's hash changes. When files were only added,
+    that is needless: a mutant a test killed stays killed with more tests, the survivors run again
+    anyway (TO_RUN), and mutmut maps the new files' tests to functions as new tests. So when the
+    selection mutmut last ran with (recorded in mutants/selection.json) is a subset of the present
+    one, its stored hash is moved to the present one's. A removed file still resets."""
+    stats_path, record = ROOT / "mutants" / "mutmut-stats.json", ROOT / "mutants" / "selection.json"
+    if not stats_path.is_file():
+        return
+    selection = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+    stats = json.loads(stats_path.read_text())
+    stored = stats.get("config_fingerprint", {}).get("test_selection")
+    before = json.loads(record.read_text()) if record.is_file() else None
+    if stored != _fingerprint(selection) and before is not None and stored == _fingerprint(before):
+        if set(before) <= set(selection):
+            added = ", ".join(sorted(set(selection) - set(before)))
+            print(f"tests added to the selection ({added}): the stored verdicts stay", flush=True)
+            stats["config_fingerprint"]["test_selection"] = _fingerprint(selection)
+            stats_path.write_text(json.dumps(stats, indent=4))
+        else:
+            print("the test selection lost or reordered files: mutmut judges every mutant again", flush=True)
+    record.write_text(json.dumps(selection))
+
+
 def run(modules: list[str], limit: int | None) -> None:
+    keep_verdicts_of_grown_selection()
     status = statuses()
     if not status:  # first run: mutmut makes the mutants and maps the tests (no mutant matches)
         if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:

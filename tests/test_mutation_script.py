@@ -42,3 +42,45 @@ def test_equivalents_count_only_at_the_source_they_were_judged_at(tmp_path, monk
     ]
     script.pin([])
     assert script.equivalents()[f"{f}__mutmut_2"] == "gpu: judged at an older source"
+
+
+def _stats(tmp_path, selection_hash: str) -> dict:
+    stats = {"config_fingerprint": {"test_execution": "e", "test_selection": selection_hash}, "duration_by_test": {"t": 1.0}}
+    (tmp_path / "mutants" / "mutmut-stats.json").write_text(json.dumps(stats))
+    return stats
+
+
+def _selection(tmp_path, files: list[str]) -> None:
+    listed = ", ".join(f'"{f}"' for f in files)
+    (tmp_path / "pyproject.toml").write_text(f"[tool.mutmut]\npytest_add_cli_args_test_selection = [{listed}]\n")
+
+
+def test_test_files_can_join_the_selection_without_discarding_verdicts(tmp_path, monkeypatch):
+    """mutmut resets every verdict when its selection's hash changes; adding files needs no reset (a
+    killed mutant stays killed with more tests, survivors run again), so the script moves the hash;
+    removing a file must still reset."""
+    import hashlib
+
+    script = _script(tmp_path, monkeypatch)
+    before = ["tests/a.py", "tests/b.py"]
+    digest = hashlib.sha256(repr(tuple(before)).encode()).hexdigest()[:12]  # mutmut's own hash
+    _stats(tmp_path, digest)
+    _selection(tmp_path, before)
+    script.keep_verdicts_of_grown_selection()  # records what mutmut ran with
+    stored = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
+    assert stored["config_fingerprint"]["test_selection"] == digest
+
+    grown = ["tests/c.py", *before]
+    _selection(tmp_path, grown)
+    script.keep_verdicts_of_grown_selection()
+    stored = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
+    assert stored["config_fingerprint"] == {
+        "test_execution": "e",
+        "test_selection": hashlib.sha256(repr(tuple(grown)).encode()).hexdigest()[:12],
+    }
+    assert stored["duration_by_test"] == {"t": 1.0}
+
+    _selection(tmp_path, ["tests/c.py", "tests/a.py"])  # b.py left: its kills may not hold
+    script.keep_verdicts_of_grown_selection()
+    stored = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
+    assert stored["config_fingerprint"]["test_selection"] == hashlib.sha256(repr(tuple(grown)).encode()).hexdigest()[:12]
