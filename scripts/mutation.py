@@ -33,8 +33,6 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("stats", "analysis", "collect", "stages")
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
@@ -149,7 +147,11 @@ def keep_verdicts_of_grown_selection() -> None:
     stats_path, record = ROOT / "mutants" / "mutmut-stats.json", ROOT / "mutants" / "selection.json"
     if not stats_path.is_file():
         return
-    selection = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+    try:
+        from tomllib import loads
+    except ImportError:  # Python 3.10: mutmut depends on toml there
+        from toml import loads  # type: ignore[no-redef]
+    selection = loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
     stats = json.loads(stats_path.read_text())
     stored = stats.get("config_fingerprint", {}).get("test_selection")
     before = json.loads(record.read_text()) if record.is_file() else None
