@@ -2,10 +2,13 @@
 # The GPU check in one command (about 6 minutes on one H100/H200, from a fresh copy of the repo):
 #   scripts/gpu_check.sh              the CUDA tests, the reductions alone (reduce_bench.py --tune),
 #                                     then benchmark=olmoe_shape, qwen3_shape,
-#                                     gpt_oss_20b_shape and mixtral_shape (16 of Mixtral's 32 layers)
+#                                     gpt_oss_20b_shape and mixtral_shape (16 of Mixtral's 32 layers),
+#                                     then stage_breakdown.py on the first preset ($BREAKDOWN: which
+#                                     presets; empty: none)
 #   DEVICE=cpu scripts/gpu_check.sh   the same steps on the CPU presets (cpu_tiny, cpu_mid): the
 #                                     script checked end to end on a machine without a GPU
-# Writes benchmarks/results/<card>-<date>.json (every preset's benchmark.json) and prints one table:
+# Writes benchmarks/results/<card>-<date>.json (every preset's benchmark.json) and the breakdowns'
+# <card>-<date>-breakdown_<preset>.log ($RESULTS: another folder), and prints one table:
 # forward, collection, collection with the whole forward, chunked, copy-to-host (x forward),
 # tokens/s and peak memory. Commit that file with the card's name in it.
 #
@@ -65,4 +68,13 @@ for preset in $PRESETS; do
 done
 
 "$PY" -m outlier_hydra.tools.benchmark_results "$WORK" "${RESULTS:-benchmarks/results}" "$DEVICE"
+
+# where the time goes, stage by stage and by the project's functions (device time on a GPU)
+CARD=$("$PY" -c "import torch; from outlier_hydra.tools.benchmark_results import card_slug as s; print(s(torch.cuda.get_device_name(0)) if '$DEVICE' == 'cuda' else 'cpu')")
+for preset in ${BREAKDOWN-${PRESETS%% *}}; do
+  echo "== stage breakdown, benchmark=$preset"
+  log="${RESULTS:-benchmarks/results}/$CARD-$(date +%F)-breakdown_$preset.log"
+  "$PY" scripts/stage_breakdown.py "benchmark=$preset" > "$log" 2>&1 || failed="$failed breakdown_$preset"
+  grep -A12 "^experts: \|whole forward:" "$log" || true
+done
 if [ -n "$failed" ]; then echo "gpu_check: presets that failed:$failed"; exit 1; fi

@@ -4,15 +4,18 @@
 
 On the preset's model and batch (as `outlier-hydra benchmark`), with the whole forward run, it times
 (medians over `repeats`, interleaved): the bare forward, the collection with no stage, with each
-collect stage alone and with all of them, and prints each as x forward. Then the device time of a
-forward and of a collection with all stages, that collection's ops by device and by host time
-(torch.profiler), and the places where it makes the host wait for the GPU (torch's sync debug mode).
+collect stage alone and with all of them, and prints each as x forward. Then, for each of these
+collections, its time by the project's function that asked for it (device time on a GPU; the
+model's own ops one row), the device time of a forward and of a collection with all stages, that
+collection's ops by device and by host time (torch.profiler), and the places where it makes the
+host wait for the GPU (torch's sync debug mode).
 This is the diagnosis behind a benchmark ratio; the ratios themselves are the benchmark's.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 import statistics as st
 import sys
 import traceback
@@ -64,6 +67,8 @@ def main(overrides: list[str]) -> None:
         return prof
 
     forward_profile, collection_profile = profile(forward), profile(variants["all stages"])
+    for name in [k for k in variants if k != "forward"]:
+        print_time_by_function(variants[name], device, name)
     averages = collection_profile.key_averages()
     if device.type == "cuda":  # the kernels and copies themselves (an op's row repeats its kernels' time)
         device_ms = [
@@ -74,6 +79,53 @@ def main(overrides: list[str]) -> None:
         print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
         print_sync_sites(variants["all stages"], device)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+FRAME = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<function>.+)$")  # the profiler's Python events
+LIBRARIES = ("torch/", "triton/", "<built-in")
+PASS_THROUGH = ("__torch_function__",)  # the experts stage's mode: the model's ops pass through it
+
+
+def function_of(event) -> str | None:
+    """The project's function an op comes from: the innermost Python frame outside torch and triton
+    (the profiler names a frame by its function's first line), if it is the project's; None for the
+    model's own ops."""
+    while event is not None:
+        frame = FRAME.match(event.name)
+        if frame and not event.name.startswith(LIBRARIES) and frame["function"] not in PASS_THROUGH:
+            at = frame["file"].rfind("outlier_hydra/")
+            return event.name[at:] if at >= 0 else None
+        event = event.cpu_parent
+    return None
+
+
+def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
+    """One collection's time by the project's function that asked for it: on CUDA the device time of
+    the kernels each op launched, on the CPU the ops' own time. What a stage costs, function by
+    function; the model's own ops are one row, for scale."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
+        fn()
+        sync(device)
+    spent: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0:
+            where = function_of(event) or "(the model's own ops)"
+            spent[where] += us
+            calls[where] += 1
+    if cuda:  # kernels launched outside torch's ops (the Triton reductions) belong to no op's time
+        kernels = sum(e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        if kernels > sum(spent.values()):
+            spent["(kernels launched outside torch ops: the Triton reductions)"] = kernels - sum(spent.values())
+    total = sum(spent.values())
+    print(f"{name}: {'device' if cuda else 'CPU'} time by function, {total / 1e3:.1f} ms in all")
+    for where, us in spent.most_common(rows):
+        print(f"  {us / 1e3:>9.2f} ms {100 * us / total:>5.1f}% {calls[where]:>6} ops  {where}")
 
 
 def print_sync_sites(fn, device) -> None:

@@ -179,6 +179,12 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self._read(func, args, kwargs, out)
+        return out
+
+    def _read(self, func, args, kwargs, out) -> None:
+        """The stage's part of one op: the model's own call is __torch_function__'s (a profile tells
+        them apart by function: scripts/stage_breakdown.py)."""
         name = getattr(func, "__name__", "")
         if name in ("linear", "matmul") and len(args) >= 2 and self._is_bank(args[1]):
             e = args[1].storage_offset() // self.per_expert  # eager: one expert's slice (F.linear; h @ W[e] is matmul)
@@ -201,7 +207,6 @@ class _Watch(TorchFunctionMode):
             x = (args[1].squeeze(-1) if w_first else args[0].squeeze(1)).reshape(len(ids), -1)
             y = out.reshape(len(ids), -1)
             self.stage._update(self.unit, x, y, ids, torch.arange(len(ids), device=ids.device) // self.k)
-        return out
 
 
 class Experts(Stage):
