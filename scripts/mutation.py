@@ -166,8 +166,32 @@ def keep_verdicts_of_grown_selection() -> None:
     record.write_text(json.dumps(selection))
 
 
+def map_new_functions() -> None:
+    """Have mutmut map the tests to functions again when functions appeared since it last did.
+
+    mutmut runs only new *tests* to map them; a test it has already seen is never mapped to a function
+    added later (a method split in two: every mutant of the new part is "no tests"). Its mapping
+    (mutants/mutmut-stats.json) is made again from all tests when that file is gone; the verdicts live
+    elsewhere (the .meta files) and stay. mutants/mapped.json records the functions the last full
+    mapping saw, so a function no test reaches does not cause a new mapping every run."""
+    stats_path, record = ROOT / "mutants" / "mutmut-stats.json", ROOT / "mutants" / "mapped.json"
+    functions = set(function_hashes())
+    if not stats_path.is_file() or not functions:
+        return
+    mapped = set(json.loads(stats_path.read_text()).get("tests_by_mangled_function_name", {}))
+    seen = set(json.loads(record.read_text())) if record.is_file() else mapped
+    if new := sorted(functions - mapped - seen):
+        print(
+            f"{len(new)} functions no test was mapped to since the last mapping (e.g. {new[0]}): mapping again", flush=True
+        )
+        stats_path.unlink()
+        seen = functions
+    record.write_text(json.dumps(sorted(seen | mapped)))
+
+
 def run(modules: list[str], limit: int | None) -> None:
     keep_verdicts_of_grown_selection()
+    map_new_functions()
     status = statuses()
     if not status:  # first run: mutmut makes the mutants and maps the tests (no mutant matches)
         if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:

@@ -84,3 +84,22 @@ def test_test_files_can_join_the_selection_without_discarding_verdicts(tmp_path,
     script.keep_verdicts_of_grown_selection()
     stored = json.loads((tmp_path / "mutants" / "mutmut-stats.json").read_text())
     assert stored["config_fingerprint"]["test_selection"] == hashlib.sha256(repr(tuple(grown)).encode()).hexdigest()[:12]
+
+
+def test_functions_added_since_the_last_mapping_make_mutmut_map_the_tests_again(tmp_path, monkeypatch):
+    """mutmut never maps a test it has seen to a function added later (its mutants all read "no
+    tests"); the script removes mutmut's mapping then, once per new function, keeping the verdicts."""
+    script = _script(tmp_path, monkeypatch)
+    f, g = "outlier_hydra.stages.demo.xǁAǁf", "outlier_hydra.stages.demo.x_g"
+    stats_path = tmp_path / "mutants" / "mutmut-stats.json"
+    verdicts = (tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta").read_text()
+
+    stats_path.write_text(json.dumps({"tests_by_mangled_function_name": {f: ["tests/t.py::a"]}}))
+    script.map_new_functions()  # g appeared: no test maps to it yet
+    assert not stats_path.exists()
+    assert (tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta").read_text() == verdicts
+    assert json.loads((tmp_path / "mutants" / "mapped.json").read_text()) == sorted([f, g])
+
+    stats_path.write_text(json.dumps({"tests_by_mangled_function_name": {f: ["tests/t.py::a"]}}))
+    script.map_new_functions()  # g was in that mapping and no test reaches it: no new mapping
+    assert stats_path.exists()
