@@ -193,7 +193,9 @@ def run(modules: list[str], limit: int | None) -> None:
     keep_verdicts_of_grown_selection()
     map_new_functions()
     status = statuses()
-    if not status:  # first run: mutmut makes the mutants and maps the tests (no mutant matches)
+    # first run, or the mapping removed: mutmut makes the mutants and maps the tests (no mutant
+    # matches), before the mutants are ordered by their tests' time
+    if not status or not (ROOT / "mutants" / "mutmut-stats.json").is_file():
         if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:
             sys.exit("mutmut run failed (making the mutants)")
         status = statuses()
