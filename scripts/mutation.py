@@ -45,7 +45,8 @@ def mutmut(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     # TRITON_INTERPRET: the Triton kernels' tests run in its interpreter, which must be on before
     # anything imports triton (mutmut imports the package before the tests' conftest can set it)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TRITON_INTERPRET": "1"}
+    # OMP_NUM_THREADS: mutmut runs one test process per core; torch's threads in each would contend
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(exe), *args], cwd=ROOT, env=env, text=True, capture_output=args[0] == "results")
 
 
