@@ -5,6 +5,7 @@ imported): the same kernel source, the same launch shapes, numpy underneath. On 
 tests run the compiled kernel on CUDA tensors instead.
 """
 
+import math
 import subprocess
 import sys
 
@@ -80,12 +81,139 @@ def test_the_kernel_takes_only_dtypes_whose_magnitudes_float32_holds_and_a_match
         fused_triton.reduce(x, torch.zeros(4, 3, dtype=torch.bfloat16, device=DEVICE), EDGES)
 
 
+def test_the_refusals_say_what_was_given_and_what_is_taken():
+    x = torch.ones(4, 3, dtype=torch.float64, device=DEVICE)
+    taken = "torch.float32, torch.bfloat16, torch.float16"
+    with pytest.raises(TypeError) as e:
+        fused_triton.reduce(x, torch.zeros_like(x), EDGES)
+    assert str(e.value) == f"the triton reduction takes {taken}, not torch.float64"
+    with pytest.raises(ValueError) as e:
+        fused_triton.reduce(x.float(), torch.zeros(4, 3, device=DEVICE).t().contiguous().t(), EDGES)
+    assert str(e.value) == "the position buffer must be contiguous, of x's shape and dtype"
+    with pytest.raises(ValueError, match="position buffer"):  # contiguous, of x's dtype, not of its shape
+        fused_triton.reduce(x.float(), torch.zeros(3, 4, device=DEVICE), EDGES)
+    expert = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    for y_dtype, x_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        with pytest.raises(TypeError) as e:
+            fused_triton.expert_rows(x.to(y_dtype), x.to(x_dtype), expert, None, 6.0, 1)
+        assert str(e.value) == f"expert_rows takes {taken}, not {y_dtype} / {x_dtype}"
+
+
+class _Launches:
+    """A stand-in for the jitted kernels: records each launch's grid and arguments."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, name="reduce_kernel"):
+        return _Grid(self, name)
+
+
+class _Grid:
+    def __init__(self, launches, name):
+        self.launches, self.name = launches, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.calls.append((self.name, grid, args, kwargs))
+
+
+@pytest.mark.parametrize(
+    "n, d, sms", [(8192, 2048, 132), (8192, 2048, 4), (100, 2048, 132), (8192, 32, 4), (65, 7, 1), (1, 1, 1), (0, 7, 2)]
+)
+@pytest.mark.parametrize("blocks", SHAPES, ids=str)
+def test_each_launch_covers_every_row_and_column_once_in_the_shape_asked_for(monkeypatch, n, d, sms, blocks):
+    """What the kernel is told (Triton runs whatever grid it is given: a wrong one is silent on the
+    GPU): tiles of the asked shape, every row and column in exactly one program, about
+    programs_per_sm programs per multiprocessor where there are rows enough, the position buffer
+    updated only by reduce()."""
+    launches = _Launches()
+    monkeypatch.setattr(fused_triton, "_kernel", launches)
+    monkeypatch.setattr(fused_triton, "_multiprocessors", lambda device: sms)
+    x = torch.zeros(n, d)
+    pval = torch.zeros(n, d)
+    ge, amax, bad = fused_triton.reduce(x, pval, EDGES, blocks)
+    assert (ge.dtype, amax.dtype, bad.dtype) == (torch.int32, torch.float32, torch.int32)
+    assert ge.shape == (d, EDGES.numel()) and amax.shape == (d,) and bad.shape == ()
+    fused_triton.counts(pval, EDGES)
+    (_, grid, args, kw), (_, grid2, args2, kw2) = launches.calls
+    assert args[0] is x and args[1] is pval and args[2] is EDGES and kw["UPDATE"] is True
+    assert args2[0] is pval and args2[1] is pval and args2[2] is EDGES and kw2["UPDATE"] is False
+    assert args[3:6] == (ge, amax, bad)  # the kernel writes the buffers returned
+    e = EDGES.numel()
+    assert kw["E"] == e and kw["EP"] >= e and kw["EP"] & (kw["EP"] - 1) == 0 and kw["EP"] < 2 * e
+    assert (kw["BN"], kw["BD"], kw["num_warps"]) == (blocks.rows, blocks.cols, blocks.warps)
+    assert kw["ELEMENTWISE"] == min(blocks.elementwise, e)
+    assert args[6:10] == (n, d, x.stride(0), x.stride(1))
+    col_blocks, splits = grid
+    rows_per_program = args[10]
+    assert (col_blocks - 1) * blocks.cols < d <= col_blocks * blocks.cols
+    assert all(isinstance(v, int) for v in (col_blocks, splits, rows_per_program))
+    assert rows_per_program % blocks.rows == 0 and rows_per_program > 0 and splits >= 1
+    assert (splits - 1) * rows_per_program < max(n, 1) <= splits * rows_per_program  # no program without rows
+    assert (rows_per_program - blocks.rows) * splits < max(n, 1)  # no whole tile of slack per program
+    wanted = -(-blocks.programs_per_sm * sms // col_blocks)  # programs per column block for the target
+    assert splits <= max(1, wanted)
+    target = max(1, min(wanted, -(-n // blocks.rows)))  # as many as the target or the row tiles allow
+    assert splits >= (target + 1) // 2  # (tiles of whole BN rows: at worst half of them)
+    default = fused_triton.launch_shape()  # counts() launches in the shape in use
+    assert (kw2["BN"], kw2["BD"], kw2["num_warps"]) == (default.rows, default.cols, default.warps)
+
+
+def test_the_edges_are_padded_to_a_power_of_two():
+    """tl.arange needs a power of two: the smallest at or above the edge count (1 for none)."""
+    for n in range(70):
+        assert fused_triton._next_power_of_2(n) == (2 ** math.ceil(math.log2(n)) if n > 1 else 1), n
+
+
+def test_launch_shape_default_is_used_when_none_is_given(monkeypatch):
+    launches = _Launches()
+    monkeypatch.setattr(fused_triton, "_kernel", launches)
+    monkeypatch.setattr(fused_triton, "_multiprocessors", lambda device: 8)
+    monkeypatch.setattr(fused_triton, "launch_shape", lambda: fused_triton.Blocks(16, 8, 1, 2, 1))
+    x = torch.zeros(64, 16)
+    fused_triton.reduce(x, torch.zeros_like(x), EDGES)
+    fused_triton.counts(x, EDGES)
+    for _, grid, args, kw in launches.calls:
+        assert (kw["BN"], kw["BD"], kw["num_warps"], kw["ELEMENTWISE"]) == (16, 8, 2, 1)
+        assert grid == (2, 4) and args[10] == 16  # 2 column blocks, 8 programs of 16 rows over 2
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_the_experts_kernel_launch_and_outputs(monkeypatch, default_dtype):
+    """The grid and the buffers the kernel writes: float32 row maxima and int32 counts, whatever
+    torch's default dtype (research code sets float64)."""
+    launches = _Launches()
+    monkeypatch.setattr(fused_triton, "_kernel", launches)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        for n, valid in ((37, None), (0, torch.ones(0, dtype=torch.bool)), (16, torch.ones(16, dtype=torch.bool))):
+            y, x = torch.zeros(n, 6, dtype=torch.float32), torch.zeros(n, 4, dtype=torch.bfloat16)
+            expert = torch.zeros(n, dtype=torch.long)
+            y_row, x_row, counts = fused_triton.expert_rows(y, x, expert, valid, 6.0, 3)
+            name, grid, args, kw = launches.calls[-1]
+            assert name == "expert_rows_kernel" and grid == (max(1, -(-n // fused_triton.EXPERT_ROWS)),)
+            assert args[0] is y and args[1] is x and args[2] is expert and args[7:10] == (n, 6, 4)
+            assert args[3] is (y if valid is None else valid) and kw["HAS_VALID"] is (valid is not None)
+            assert args[4] is y_row and args[5] is x_row and args[6].dtype == torch.int32
+            assert args[10:] == (*y.stride(), *x.stride(), 6.0)
+            assert (kw["BR"], kw["BC"]) == (fused_triton.EXPERT_ROWS, fused_triton.EXPERT_COLS)
+            assert (y_row.dtype, x_row.dtype, counts.dtype) == (torch.float32, torch.float32, torch.int64)
+            assert y_row.shape == x_row.shape == (n,) and counts.shape == (3, 6) and not counts.any()
+            assert y_row.device == x_row.device == counts.device == y.device
+    finally:
+        torch.set_default_dtype(before)
+
+
 def test_launch_shape_from_the_environment(monkeypatch):
     monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", "128,16,2,8")
     assert fused_triton.Blocks.default() == fused_triton.Blocks(128, 16, 2, 8, 0)
     monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", "16,32,4,4,2")
     assert fused_triton.Blocks.default() == fused_triton.Blocks(16, 32, 4, 4, 2)
     assert str(fused_triton.Blocks.default()) == "16,32,4,4,2"
+    for text in ("1,1,1,1,0", "64,32,8,1,1", "64,32,8,4,0"):  # the smallest values each field takes
+        monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", text)
+        assert str(fused_triton.Blocks.default()) == text
     for bad in ("16,32,4", "16,32,4,4,3", "16,32,0,4", "a,b,c,d", "16,32,4,4,1,1"):
         monkeypatch.setenv("OUTLIER_HYDRA_TRITON_BLOCKS", bad)
         with pytest.raises(ValueError, match=f"OUTLIER_HYDRA_TRITON_BLOCKS: '{bad}' is not rows,cols"):
