@@ -45,8 +45,17 @@ def mutmut(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     # TRITON_INTERPRET: the Triton kernels' tests run in its interpreter, which must be on before
     # anything imports triton (mutmut imports the package before the tests' conftest can set it)
-    # OMP_NUM_THREADS: mutmut runs one test process per core; torch's threads in each would contend
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    # OMP_NUM_THREADS: mutmut runs one test process per core; torch's threads in each would contend.
+    # OUTLIER_HYDRA_CACHE: mutants of the C++ build step build and load libraries of other names and
+    # flags; they do it in mutants/, not in the cache the project's runs load from.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "TRITON_INTERPRET": "1",
+        "OMP_NUM_THREADS": "1",
+        "OUTLIER_HYDRA_CACHE": str(ROOT / "mutants" / "cache"),
+    }
     return subprocess.run([str(exe), *args], cwd=ROOT, env=env, text=True, capture_output=args[0] == "results")
 
 
@@ -249,9 +258,18 @@ def report(modules: list[str]) -> float:
             total.update(c)
         n = sum(c.values())
         judged = n - c["equivalent"] - c["gpu only"] - c["not checked"] - c["skipped"]
-        killed = c["killed"] + c["timeout"] + c["caught by type check"]
+        # a mutant that crashes the tests' process (mutmut: "segfault") is found as surely as a failing test
+        killed = c["killed"] + c["timeout"] + c["caught by type check"] + c["segfault"]
         score = 100.0 * killed / judged if judged else float("nan")
-        row = (n, c["killed"], c["timeout"], c["survived"] + c["suspicious"], c["no tests"], c["equivalent"], c["gpu only"])
+        row = (
+            n,
+            c["killed"] + c["segfault"],
+            c["timeout"],
+            c["survived"] + c["suspicious"],
+            c["no tests"],
+            c["equivalent"],
+            c["gpu only"],
+        )
         print(f"{mod:<10} " + " ".join(f"{v:>8}" for v in (*row, c["not checked"])) + f" {score:>7.1f}%")
     if survivors:
         print(f"\nnot killed ({len(survivors)}; `.venv/bin/mutmut show NAME` prints the change):")

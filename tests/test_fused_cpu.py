@@ -5,6 +5,7 @@ equal magnitudes of both signs, more and fewer than k values per dim, one thread
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -330,3 +331,85 @@ def test_a_build_killed_midway_blocks_nothing(tmp_path):
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
     assert not (target / "lock").exists() and not (target / ".lock").exists()
+
+
+def test_the_build_step_loads_its_kernel_with_its_flags_and_says_when_it_compiles(tmp_path, caplog):
+    """_build itself (the other build tests run it only in fresh processes, which mutation testing
+    cannot map to it): here, where the kernel is loaded already and loading it again changes nothing,
+    it clears torch's lock file left by a killed build and loads the library its name and flags make;
+    then in a fresh process whose cache holds the compiled object but not the library, it links it and
+    says so in its one log line."""
+    import shutil
+
+    directory = fused_cpu.build_directory()
+    (directory / "lock").touch()  # torch's baton, left by a build killed midway: waited on forever
+    with caplog.at_level("INFO", logger="outlier_hydra.collect.fused_cpu"):
+        fused_cpu._build(fused_cpu.FLAGS[0])
+    assert not caplog.records, "the library is there: nothing to build, nothing said"
+    assert not (directory / "lock").exists()
+    assert (directory / "outlier_hydra_fused_cpu.so").is_file()
+    lines = (directory / "build.ninja").read_text().splitlines()
+    cflags = next(line for line in lines if line.startswith("cflags ="))
+    ldflags = next(line for line in lines if line.startswith("ldflags ="))
+    assert cflags.split()[-len(fused_cpu.FLAGS[0]) :] == list(fused_cpu.FLAGS[0])
+    assert ldflags.split()[:3] == ["ldflags", "=", "-shared"] and "-fopenmp" in ldflags.split()
+
+    cache = tmp_path / "cache"
+    target = cache / "fused_cpu" / directory.name
+    shutil.copytree(directory, target, ignore=shutil.ignore_patterns("*.so", "lock", ".lock*"))
+    code = (
+        "import logging\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "from outlier_hydra.collect import fused_cpu\n"
+        "assert fused_cpu.available()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(OUTLIER_HYDRA_CACHE=str(cache)), capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if line.startswith("outlier_hydra.collect.fused_cpu:")]
+    assert said == [
+        f"outlier_hydra.collect.fused_cpu: building the one-pass CPU reduction in {target} "
+        "(once per machine type, about 15 s)"
+    ]
+    assert (target / "outlier_hydra_fused_cpu.so").is_file()
+
+
+def test_a_build_waits_while_another_live_process_holds_the_build_lock(tmp_path):
+    """Two processes on one cache: the second waits for the first's build instead of building over
+    it, and loads the library once the first lets go."""
+    import shutil
+
+    from outlier_hydra.pipeline.lock import RunLock
+
+    fused_cpu._build(fused_cpu.FLAGS[0])  # (here the library is loaded already: nothing changes)
+    directory = fused_cpu.build_directory()
+    target = tmp_path / "cache" / "fused_cpu" / directory.name
+    shutil.copytree(directory, target, ignore=shutil.ignore_patterns("lock", ".lock*"))
+    holder = RunLock(target)
+    holder.acquire()  # this process, alive, is building it
+    code = (
+        "import sys\n"
+        "from outlier_hydra.collect import fused_cpu\n"
+        "print('ready', flush=True)\n"
+        "assert fused_cpu.available()\n"
+        "assert not fused_cpu.build_directory(fused_cpu.FLAGS[1]).exists(), 'the portable build instead'\n"
+        "print('loaded', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=_env(OUTLIER_HYDRA_CACHE=str(tmp_path / "cache")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(5.0)  # loading a built library takes ~1 s: it would be done by now without waiting
+        assert proc.poll() is None, "it waits while the holder lives"
+    finally:
+        holder.release()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out.strip() == "loaded", err[-3000:]
+    assert "could not be built" not in err
