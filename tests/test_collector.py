@@ -414,3 +414,17 @@ def test_documents_of_statistics_collected_at_another_threshold():
     assert final["criteria"]["magnitude_threshold"] == 8.0 and final["run"] == "r"
     assert final["systematic_outliers"] == analyzer.analyze(stats, [stats])["systematic_outliers"]
     assert [d["systematic_outliers"] for d in per_batch] == [analyzer.analyze(stats, [stats])["systematic_outliers"]]
+
+
+def test_the_reference_reductions_count_in_integers():
+    """Counts stay exact past 2**24 per module and batch only as integers (float32 rounds there), so
+    each reduction returns its counts as int64, whatever the activations' dtype."""
+    from outlier_hydra.collect.reductions import dense_reduce, edges_on, sparse_reduce
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.tensor([[1.0, float("nan")], [7.0, float("inf")]], dtype=dtype)
+        edges = edges_on((3.0, 6.0), x.device)
+        for reduce in (dense_reduce, sparse_reduce):
+            ge, amax, bad, _, _ = reduce(x, torch.zeros_like(x), torch.zeros_like(x), edges)
+            assert (ge.dtype, bad.dtype) == (torch.int64, torch.int64), reduce.__name__
+            assert ge.tolist() == [[1, 1], [0, 0]] and int(bad) == 2 and amax.tolist() == [7.0, 0.0]

@@ -187,6 +187,13 @@ def test_fused_is_the_cpu_default_and_refuses_another_device():
         OutlierCollector(6.0, backend="fused").backend_for(torch.device("cuda"))
 
 
+def test_without_the_kernel_the_cpu_default_is_the_sparse_reduction(monkeypatch):
+    from outlier_hydra.collect import OutlierCollector
+
+    monkeypatch.setattr(fused_cpu, "available", lambda: False)
+    assert OutlierCollector(6.0).backend_for(torch.device("cpu")) == "sparse"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_absmax_and_hits_equal_numpy(dtype):
     """The stages' two reads on the CPU: max |t| per row (-1 for a row with a NaN; Inf is a maximum),
