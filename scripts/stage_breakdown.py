@@ -125,7 +125,7 @@ def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
     total = sum(spent.values())
     print(f"{name}: {'device' if cuda else 'CPU'} time by function, {total / 1e3:.1f} ms in all")
     for where, us in spent.most_common(rows):
-        print(f"  {us / 1e3:>9.2f} ms {100 * us / total:>5.1f}% {calls[where]:>6} ops  {where}")
+        print(f"  {us / 1e3:>9.2f} ms {100 * us / total:>5.1f}% {calls[where]:>6} events  {where}")
 
 
 def print_sync_sites(fn, device) -> None:

@@ -156,7 +156,7 @@ def test_gpu_check_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
     # (the experts stage's TorchFunctionMode passes the model's own ops: not the stage's time)
     [breakdown] = list(tmp_path.glob("cpu-*-breakdown_cpu_tiny.log"))
     experts = breakdown.read_text().split("\nexperts: CPU time by function")[1].split("\nall stages:")[0]
-    rows = [line.split(" ops  ")[1] for line in experts.splitlines() if " ops  " in line]
+    rows = [line.split(" events  ")[1] for line in experts.splitlines() if " events  " in line]
     assert "(the model's own ops)" in rows and "__torch_function__" not in experts
     assert any(r.startswith("outlier_hydra/stages/experts.py(") and r.endswith("_update") for r in rows)
 
