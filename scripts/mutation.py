@@ -41,6 +41,11 @@ CHUNK = 400  # mutants per `mutmut run`: each run first lists the tests and runs
 TO_RUN = ("not checked", "survived", "no tests", "suspicious")
 
 
+def stats_file() -> Path:
+    """mutmut's mapping of tests to functions, their durations and its config fingerprint."""
+    return ROOT / "mutants" / "mutmut-stats.json"
+
+
 def mutmut(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mutmut")
     # TRITON_INTERPRET: the Triton kernels' tests run in its interpreter, which must be on before
@@ -131,7 +136,7 @@ def statuses() -> dict[str, str]:
 
 def test_seconds() -> dict[str, float]:
     """Per mutated function, the seconds of the tests mutmut runs for it (mutmut's own stats file)."""
-    path = ROOT / "mutants" / "mutmut-stats.json"
+    path = stats_file()
     if not path.is_file():
         return {}
     stats = json.loads(path.read_text())
@@ -154,7 +159,7 @@ def keep_verdicts_of_grown_selection() -> None:
     anyway (TO_RUN), and mutmut maps the new files' tests to functions as new tests. So when the
     selection mutmut last ran with (recorded in mutants/selection.json) is a subset of the present
     one, its stored hash is moved to the present one's. A removed file still resets."""
-    stats_path, record = ROOT / "mutants" / "mutmut-stats.json", ROOT / "mutants" / "selection.json"
+    stats_path, record = stats_file(), ROOT / "mutants" / "selection.json"
     if not stats_path.is_file():
         return
     try:
@@ -172,7 +177,7 @@ def keep_verdicts_of_grown_selection() -> None:
             stats["config_fingerprint"]["test_selection"] = _fingerprint(selection)
             stats_path.write_text(json.dumps(stats, indent=4))
         else:
-            print("the test selection lost or reordered files: mutmut judges every mutant again", flush=True)
+            print("the test selection lost files: mutmut judges every mutant again", flush=True)
     record.write_text(json.dumps(selection))
 
 
@@ -184,7 +189,7 @@ def map_new_functions() -> None:
     (mutants/mutmut-stats.json) is made again from all tests when that file is gone; the verdicts live
     elsewhere (the .meta files) and stay. mutants/mapped.json records the functions the last full
     mapping saw, so a function no test reaches does not cause a new mapping every run."""
-    stats_path, record = ROOT / "mutants" / "mutmut-stats.json", ROOT / "mutants" / "mapped.json"
+    stats_path, record = stats_file(), ROOT / "mutants" / "mapped.json"
     functions = set(function_hashes())
     if not stats_path.is_file() or not functions:
         return
@@ -205,7 +210,7 @@ def run(modules: list[str], limit: int | None) -> None:
     status = statuses()
     # first run, or the mapping removed: mutmut makes the mutants and maps the tests (no mutant
     # matches), before the mutants are ordered by their tests' time
-    if not status or not (ROOT / "mutants" / "mutmut-stats.json").is_file():
+    if not status or not stats_file().is_file():
         if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:
             sys.exit("mutmut run failed (making the mutants)")
         status = statuses()

@@ -57,16 +57,7 @@ def main(overrides: list[str]) -> None:
     for k, v in times.items():
         print(f"  {k:<22}{st.median(v):>10.4f} s{st.median(v) / fwd:>9.3f}x")
 
-    def profile(fn):
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            fn()
-            sync(device)
-        return prof
-
-    forward_profile, collection_profile = profile(forward), profile(variants["all stages"])
+    forward_profile, collection_profile = profile(forward, device), profile(variants["all stages"], device)
     for name in [k for k in variants if k != "forward"]:
         print_time_by_function(variants[name], device, name)
     averages = collection_profile.key_averages()
@@ -79,6 +70,17 @@ def main(overrides: list[str]) -> None:
         print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
         print_sync_sites(variants["all stages"], device)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def profile(fn, device, with_stack: bool = False):
+    """One call of fn under torch.profiler (the GPU's kernels too on CUDA), waited for."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, with_stack=with_stack) as prof:
+        fn()
+        sync(device)
+    return prof
 
 
 FRAME = re.compile(r"^(?P<file>.+\.py)\((?P<line>\d+)\): (?P<function>.+)$")  # the profiler's Python events
@@ -104,10 +106,7 @@ def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
     the kernels each op launched, on the CPU the ops' own time. What a stage costs, function by
     function; the model's own ops are one row, for scale."""
     cuda = device.type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
-        fn()
-        sync(device)
+    prof = profile(fn, device, with_stack=True)
     spent: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for event in prof.events():
@@ -118,11 +117,12 @@ def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
             where = function_of(event) or "(the model's own ops)"
             spent[where] += us
             calls[where] += 1
+    total = sum(spent.values())
     if cuda:  # kernels launched outside torch's ops (the Triton reductions) belong to no op's time
         kernels = sum(e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        if kernels > sum(spent.values()):
-            spent["(kernels launched outside torch ops: the Triton reductions)"] = kernels - sum(spent.values())
-    total = sum(spent.values())
+        if kernels > total:
+            spent["(kernels launched outside torch ops: the Triton reductions)"] = kernels - total
+            total = kernels
     print(f"{name}: {'device' if cuda else 'CPU'} time by function, {total / 1e3:.1f} ms in all")
     for where, us in spent.most_common(rows):
         print(f"  {us / 1e3:>9.2f} ms {100 * us / total:>5.1f}% {calls[where]:>6} events  {where}")

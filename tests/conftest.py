@@ -24,6 +24,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from outlier_hydra.config import config_dir, corpus_path, register  # noqa: E402
+from outlier_hydra.config.paths import cache_dir  # noqa: E402
 
 register()
 
@@ -82,7 +83,7 @@ def built_once(name: str, plants: dict, families: tuple[str, ...]) -> dict[str, 
     source = (Path(__file__).parent / "helpers.py").read_text()
     made_of = repr((source, plants, families, torch.__version__, transformers.__version__, tokenizer))
     key = hashlib.sha256(made_of.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("OUTLIER_HYDRA_CACHE", Path.home() / ".cache" / "outlier_hydra")) / "test_models"
+    cache = cache_dir() / "test_models"
     done = cache / f"{name}-{key}"
     if not done.is_dir():
         cache.mkdir(parents=True, exist_ok=True)

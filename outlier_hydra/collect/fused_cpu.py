@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+from outlier_hydra.config.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ FLAGS = (("-O3", "-march=native", "-fopenmp"), ("-O3",))
 
 
 def build_directory(flags: tuple[str, ...] = FLAGS[0]) -> Path:
-    root = Path(os.environ.get("OUTLIER_HYDRA_CACHE", Path.home() / ".cache" / "outlier_hydra"))
+    root = cache_dir()
     key = hashlib.sha256(
         "\n".join([SOURCE.read_text(), torch.__version__, platform.machine(), _cpu_flags(), *flags]).encode()
     ).hexdigest()[:16]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CORPUS_DIR = PACKAGE_DIR / "data" / "corpus"
+
+
+def cache_dir() -> Path:
+    """This machine's cache for what is built once and kept (the C++ reduction; the tests' tiny
+    models): ``$OUTLIER_HYDRA_CACHE``, by default ``~/.cache/outlier_hydra``."""
+    return Path(os.environ.get("OUTLIER_HYDRA_CACHE", Path.home() / ".cache" / "outlier_hydra"))
 
 
 def config_dir() -> str:
