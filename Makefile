@@ -64,7 +64,8 @@ clean:
 
 # Mutation testing (mutmut) over stats/, analysis/, collect/ and stages/ with the fast tests that cover
 # each function; prints killed/survived/equivalent per module and the score. Hours on 2 cores for all
-# four; ARGS="stats collect" for some. Results are kept in mutants/, so a rerun checks what changed.
+# four; ARGS="stats collect" for some. Results are kept in mutants/, so a rerun checks what changed, and
+# the verdicts in tests/mutation_verdicts.json (committed), so a fresh clone reruns only changed functions.
 mutation: $(STAMP)
 	$(PY) -m pip install -q mutmut==3.8.1
 	$(PY) scripts/mutation.py $(ARGS)

@@ -13,6 +13,13 @@ mutmut (configured in pyproject.toml, [tool.mutmut]) copies the package to mutan
 mutant runs only the tests that reach the mutated function, from the fast test files listed there.
 Its results stay in mutants/ (git-ignored): a second run checks only what changed.
 
+mutants/ stays on the machine that ran it; the verdicts travel in tests/mutation_verdicts.json
+(committed, like a lock file): per function, the hash of its source and mutmut's exit code for each
+judged mutant. On a fresh clone the run copies them into the mutants mutmut has just made, for every
+function whose source is still the one they were judged at, so only changed functions (and the
+survivors) run again. A verdict is trusted as long as its function's source is unchanged, as mutmut
+trusts its own mutants/; `--fresh` takes none from the file.
+
 Score = killed / (mutants - equivalent - GPU-only), per module and in all. A mutant that no selected
 test reaches ("no tests") counts as not killed. Equivalent mutants (the program's behaviour is the
 same) are listed in tests/mutation_equivalent.txt, one per line: the mutant's name, @ and the hash of
@@ -36,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("stats", "analysis", "collect", "stages")
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
+VERDICTS = ROOT / "tests" / "mutation_verdicts.json"
 TARGET = 90.0
 CHUNK = 400  # mutants per `mutmut run`: each run first lists the tests and runs them clean (1-3 minutes)
 TO_RUN = ("not checked", "survived", "no tests", "suspicious")
@@ -78,14 +86,21 @@ def listed_equivalents() -> dict[str, tuple[str | None, str]]:
     return out
 
 
+def _meta_files() -> list[tuple[str, Path]]:
+    """mutmut's .meta files (verdicts and function hashes) with the module each belongs to."""
+    root = ROOT / "mutants"
+    return [
+        (".".join(meta.relative_to(root).with_suffix("").with_suffix("").parts), meta)
+        for meta in sorted(root.glob("outlier_hydra/**/*.py.meta"))
+    ]
+
+
 def function_hashes() -> dict[str, str]:
     """Per mutated function, the hash of its source when mutmut last made its mutants (mutmut's
     .meta files). A mutant's number is its place in its function: once the function changes, the
     same name can be another mutation."""
     out = {}
-    root = ROOT / "mutants"
-    for meta in root.glob("outlier_hydra/**/*.py.meta"):
-        module = ".".join(meta.relative_to(root).with_suffix("").with_suffix("").parts)
+    for module, meta in _meta_files():
         for function, digest in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
             out[f"{module}.{function}"] = digest
     return out
@@ -122,6 +137,83 @@ def pin(names: list[str]) -> None:
         else:
             lines.append(line)
     EQUIVALENT.write_text("\n".join(lines) + "\n")
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> "1-3,7,9-10"."""
+    out, numbers = [], sorted(numbers)
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ",".join(out)
+
+
+def _numbers(ranges: str) -> list[int]:
+    out = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+def save_verdicts() -> int:
+    """Write every judged mutant's exit code, with its function's hash, to tests/mutation_verdicts.json
+    (one line per function, so a rerun's change reads as a diff of the functions that changed)."""
+    functions: dict[str, dict] = {}
+    for module, meta in _meta_files():
+        data = json.loads(meta.read_text())
+        by_function: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for name, code in data.get("exit_code_by_key", {}).items():
+            if code is not None:
+                function, _, number = name.rpartition("__mutmut_")
+                by_function[function][code].append(int(number))
+        for function, codes in by_function.items():
+            digest = data.get("hash_by_function_name", {}).get(function.removeprefix(module + "."))
+            if digest is not None:
+                functions[function] = {"hash": digest, "exit_codes": {str(c): _ranges(n) for c, n in sorted(codes.items())}}
+    lines = [f"  {json.dumps(f, ensure_ascii=False)}: {json.dumps(v)}" for f, v in sorted(functions.items())]
+    VERDICTS.write_text(
+        f'{{\n "mutmut": {json.dumps(mutmut_version())},\n "functions": {{\n' + ",\n".join(lines) + "\n }\n}\n"
+    )
+    return sum(len(_numbers(r)) for v in functions.values() for r in v["exit_codes"].values())
+
+
+def seed_verdicts() -> int:
+    """Give the mutants mutmut has not judged here the committed verdict, where their function's source
+    is the one it was judged at (and mutmut the same version: its numbering of mutants may change)."""
+    if not VERDICTS.is_file():
+        return 0
+    ledger = json.loads(VERDICTS.read_text())
+    if ledger.get("mutmut") != mutmut_version():
+        print(f"{VERDICTS.name} was written by mutmut {ledger.get('mutmut')}: every mutant runs", flush=True)
+        return 0
+    seeded = 0
+    for module, meta in _meta_files():
+        data = json.loads(meta.read_text())
+        codes = data.get("exit_code_by_key", {})
+        for function, digest in data.get("hash_by_function_name", {}).items():
+            known = ledger["functions"].get(f"{module}.{function}")
+            if known is None or known["hash"] != digest:
+                continue
+            for code, ranges in known["exit_codes"].items():
+                for number in _numbers(ranges):
+                    name = f"{module}.{function}__mutmut_{number}"
+                    if name in codes and codes[name] is None:
+                        codes[name] = int(code)
+                        seeded += 1
+        meta.write_text(json.dumps(data, indent=4))
+    return seeded
 
 
 def statuses() -> dict[str, str]:
@@ -204,7 +296,7 @@ def map_new_functions() -> None:
     record.write_text(json.dumps(sorted(seen | mapped)))
 
 
-def run(modules: list[str], limit: int | None) -> None:
+def run(modules: list[str], limit: int | None, fresh: bool = False) -> None:
     keep_verdicts_of_grown_selection()
     map_new_functions()
     status = statuses()
@@ -213,7 +305,9 @@ def run(modules: list[str], limit: int | None) -> None:
     if not status or not stats_file().is_file():
         if mutmut("run", "outlier_hydra.no_such_function*").returncode != 0:
             sys.exit("mutmut run failed (making the mutants)")
-        status = statuses()
+    if not fresh and (seeded := seed_verdicts()):
+        print(f"{seeded} verdicts taken from {VERDICTS.name} (their functions are unchanged)", flush=True)
+    status = statuses()
     equiv = equivalents()
     todo = [n for n, st in status.items() if module_of(n) in modules and st in TO_RUN and n not in equiv]
     seconds = test_seconds()
@@ -224,6 +318,7 @@ def run(modules: list[str], limit: int | None) -> None:
         part = todo[i : i + CHUNK]
         if mutmut("run", *part).returncode != 0:
             sys.exit(f"mutmut run failed (mutants {i + 1}-{i + len(part)})")
+        save_verdicts()
         print(f"{i + len(part)}/{len(todo)} judged", flush=True)
 
 
@@ -287,6 +382,9 @@ def main() -> None:
     p.add_argument("modules", nargs="*", help=f"package folders: {', '.join(MODULES)} (default: all four)")
     p.add_argument("--report", action="store_true", help="only report the results mutants/ holds")
     p.add_argument("--limit", type=int, default=None, help="judge at most this many mutants this time")
+    p.add_argument(
+        "--fresh", action="store_true", help=f"take no verdicts from {VERDICTS.name} (with no mutants/: judge all)"
+    )
     p.add_argument("--pin", nargs="*", metavar="NAME", help="record that these listed equivalents (default all) hold")
     args = p.parse_args()
     if args.pin is not None:
@@ -296,7 +394,7 @@ def main() -> None:
     if unknown := sorted(set(modules) - set(MODULES)):
         p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")
     if not args.report:
-        run(modules, args.limit)
+        run(modules, args.limit, args.fresh)
     score = report(modules)
     print(f"\nscore {score:.1f}% (target {TARGET:.0f}%)")
 

@@ -103,3 +103,62 @@ def test_functions_added_since_the_last_mapping_make_mutmut_map_the_tests_again(
     stats_path.write_text(json.dumps({"tests_by_mangled_function_name": {f: ["tests/t.py::a"]}}))
     script.map_new_functions()  # g was in that mapping and no test reaches it: no new mapping
     assert stats_path.exists()
+
+
+def test_verdicts_travel_in_the_committed_file_for_unchanged_functions_only(tmp_path, monkeypatch):
+    """mutants/ stays on the machine that ran it; tests/mutation_verdicts.json carries each judged
+    mutant's exit code with its function's hash, and a fresh clone takes a verdict only where the
+    function's source (its hash) and mutmut's version are the ones it was judged with."""
+    script = _script(tmp_path, monkeypatch)
+    monkeypatch.setattr(script, "VERDICTS", tmp_path / "verdicts.json")
+    monkeypatch.setattr(script, "mutmut_version", lambda: "3.8.1")
+    meta = tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta"
+    f, g = "outlier_hydra.stages.demo.xǁAǁf", "outlier_hydra.stages.demo.x_g"
+
+    def write_meta(codes: dict, g_hash: str) -> None:
+        meta.write_text(
+            json.dumps({"exit_code_by_key": codes, "hash_by_function_name": {"xǁAǁf": "aaa111", "x_g": g_hash}}, indent=4)
+        )
+
+    judged = {f"{f}__mutmut_1": 1, f"{f}__mutmut_2": 1, f"{f}__mutmut_3": 0, f"{f}__mutmut_4": None}
+    judged |= {f"{f}__mutmut_5": 36, f"{f}__mutmut_7": 1, f"{g}__mutmut_1": None, f"{g}__mutmut_2": 33}
+    write_meta(judged, "bbb222")
+    assert script.save_verdicts() == 6
+    ledger = json.loads(script.VERDICTS.read_text())
+    assert ledger == {
+        "mutmut": "3.8.1",
+        "functions": {
+            f: {"hash": "aaa111", "exit_codes": {"0": "3", "1": "1-2,7", "36": "5"}},
+            g: {"hash": "bbb222", "exit_codes": {"33": "2"}},
+        },
+    }
+    lines = script.VERDICTS.read_text().splitlines()
+    assert [line.split('"')[1] for line in lines if "exit_codes" in line] == [g, f]  # one line per function
+
+    # a fresh clone: mutmut made the same mutants, none judged; g's source has changed since
+    fresh = {name: None for name in [*judged, f"{f}__mutmut_6"]}
+    write_meta(fresh, "ccc333")
+    assert script.seed_verdicts() == 5
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    assert codes == {
+        **fresh,
+        f"{f}__mutmut_1": 1,
+        f"{f}__mutmut_2": 1,
+        f"{f}__mutmut_3": 0,
+        f"{f}__mutmut_5": 36,
+        f"{f}__mutmut_7": 1,
+    }
+    assert script.seed_verdicts() == 0  # judged mutants are left as they are
+
+    write_meta(fresh, "bbb222")
+    monkeypatch.setattr(script, "mutmut_version", lambda: "3.9.0")  # it may number mutants otherwise
+    assert script.seed_verdicts() == 0
+    assert json.loads(meta.read_text())["exit_code_by_key"] == fresh
+
+
+def test_verdict_ranges_round_trip(tmp_path, monkeypatch):
+    script = _script(tmp_path, monkeypatch)
+    assert script._ranges([9, 1, 2, 3, 7, 10]) == "1-3,7,9-10"
+    assert script._ranges([4]) == "4"
+    for numbers in ([1], [1, 3], [2, 3, 4, 5], [1, 2, 4, 5, 6, 8, 10, 11]):
+        assert script._numbers(script._ranges(numbers)) == numbers
