@@ -307,6 +307,7 @@ def run(modules: list[str], limit: int | None, fresh: bool = False) -> None:
         mutmut("run", "outlier_hydra.no_such_function*")
         if not stats_file().is_file() or not function_hashes():
             sys.exit("mutmut run failed (making the mutants and mapping the tests: run `mutmut run` to see why)")
+        (ROOT / "mutants" / "mapped.json").write_text(json.dumps(sorted(function_hashes())))  # all just mapped
     if not fresh and (seeded := seed_verdicts()):
         print(f"{seeded} verdicts taken from {VERDICTS.name} (their functions are unchanged)", flush=True)
     status = statuses()
