@@ -55,7 +55,7 @@ def stats_file() -> Path:
 
 
 def mutmut(*args: str) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("mutmut")
+    """mutmut's command line (through scripts/mutmut_ordered.py: each mutant's tests cheapest first)."""
     # TRITON_INTERPRET: the Triton kernels' tests run in its interpreter, which must be on before
     # anything imports triton (mutmut imports the package before the tests' conftest can set it)
     # OMP_NUM_THREADS: mutmut runs one test process per core; torch's threads in each would contend.
@@ -69,7 +69,8 @@ def mutmut(*args: str) -> subprocess.CompletedProcess:
         "OMP_NUM_THREADS": "1",
         "OUTLIER_HYDRA_CACHE": str(ROOT / "mutants" / "cache"),
     }
-    return subprocess.run([str(exe), *args], cwd=ROOT, env=env, text=True, capture_output=args[0] == "results")
+    command = [sys.executable, str(Path(__file__).with_name("mutmut_ordered.py")), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, text=True, capture_output=args[0] == "results")
 
 
 def listed_equivalents() -> dict[str, tuple[str | None, str]]:

@@ -162,3 +162,24 @@ def test_verdict_ranges_round_trip(tmp_path, monkeypatch):
     assert script._ranges([4]) == "4"
     for numbers in ([1], [1, 3], [2, 3, 4, 5], [1, 2, 4, 5, 6, 8, 10, 11]):
         assert script._numbers(script._ranges(numbers)) == numbers
+
+
+def test_each_mutants_tests_run_file_by_file_cheapest_first():
+    """scripts/mutmut_ordered.py: the same tests, the files whose tests take least first, each file's
+    tests shortest first and together (a module's fixtures made once); unknown durations last."""
+    spec = importlib.util.spec_from_file_location("mutmut_ordered", REPO / "scripts" / "mutmut_ordered.py")
+    assert spec is not None and spec.loader is not None
+    ordered = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ordered)
+    seconds = {"tests/a.py::x": 5.0, "tests/a.py::y": 0.5, "tests/b.py::z": 2.0, "tests/b.py::w": 1.0}
+    seconds |= {"tests/c.py::v": 0.1}
+    tests = ["tests/a.py::x", "tests/b.py::z", "tests/c.py::u", "tests/a.py::y", "tests/b.py::w", "tests/c.py::v"]
+    assert ordered.cheapest_first(tests, seconds) == [
+        "tests/b.py::w",  # b: 3 s in all
+        "tests/b.py::z",
+        "tests/a.py::y",  # a: 5.5 s
+        "tests/a.py::x",
+        "tests/c.py::v",  # c holds a test of no recorded time
+        "tests/c.py::u",
+    ]
+    assert ordered.cheapest_first([], seconds) == []
