@@ -231,6 +231,10 @@ def test_triton_is_the_cuda_default_where_it_imports(monkeypatch):
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
+    # triton settles the interpreter when first imported: imported here with TRITON_INTERPRET=0, every
+    # later kernel of this process failed ("Cannot call @triton.jit'd outside of the scope of a kernel")
+    import triton  # noqa: F401
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     fused_triton.available.cache_clear()
     try:
