@@ -245,6 +245,18 @@ def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
         fused_triton.available.cache_clear()
 
 
+def test_the_interpreter_setting_is_read_as_triton_reads_it(monkeypatch):
+    """Whether the CPU may run the kernel follows TRITON_INTERPRET exactly as triton's own parser takes
+    it (its getenv_bool); "y" was once read as off here while triton ran the interpreter."""
+    from triton._C.libtriton import getenv_bool
+
+    for value in ["1", "0", "true", "TRUE", "On", "yes", "Y", "y", "off", "false", "no", "", "2", " 1", "1 "]:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert fused_triton._interpreting() == getenv_bool("TRITON_INTERPRET", False), repr(value)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not fused_triton._interpreting() and not getenv_bool("TRITON_INTERPRET", False)
+
+
 def test_the_torch_row_maxima_keep_an_inf_as_the_cpu_kernel_does(monkeypatch):
     """The experts stage's row maxima in torch ops (a GPU without triton): an Inf stays Inf (nan_to_num
     alone turned it into float32's largest value), a NaN row is -1, as the C++ kernel gives them."""

@@ -67,7 +67,8 @@ def available(device_type: str = "cuda") -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """TRITON_INTERPRET read as triton reads it (its getenv_bool: these words, any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
 @functools.lru_cache(maxsize=2)
