@@ -183,3 +183,55 @@ def test_each_mutants_tests_run_file_by_file_cheapest_first():
         "tests/c.py::u",
     ]
     assert ordered.cheapest_first([], seconds) == []
+
+
+def test_a_fresh_clone_makes_the_mutants_takes_the_committed_verdicts_and_runs_the_rest(tmp_path, monkeypatch):
+    """The whole run() with mutmut stood in for: the first step (mutants made, tests mapped) counts by
+    the files it leaves, although mutmut 3.8 exits non-zero after it (no mutant matches the name it is
+    given); the committed verdicts of unchanged functions are taken, only the others run, and every
+    verdict is written back; the functions that first mapping saw are recorded (no needless remapping)."""
+    import subprocess
+
+    script = _script(tmp_path, monkeypatch)
+    monkeypatch.setattr(script, "VERDICTS", tmp_path / "verdicts.json")
+    monkeypatch.setattr(script, "mutmut_version", lambda: "3.8.1")
+    meta = tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta"
+    meta.unlink()
+    f, g = "outlier_hydra.stages.demo.xǁAǁf", "outlier_hydra.stages.demo.x_g"
+    names = [f"{f}__mutmut_1", f"{f}__mutmut_2", f"{g}__mutmut_1"]
+    script.VERDICTS.write_text(
+        json.dumps({"mutmut": "3.8.1", "functions": {f: {"hash": "aaa111", "exit_codes": {"1": "1-2"}}}})
+    )
+    runs = []
+
+    def fake_mutmut(*args):
+        out = ""
+        if args[0] == "results" and meta.exists():
+            status = {None: "not checked", 1: "killed", 0: "survived"}
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+            out = "".join(f"    {n}: {status[c]}\n" for n, c in codes.items())
+        elif args[:2] == ("run", "outlier_hydra.no_such_function*"):
+            meta.write_text(
+                json.dumps(
+                    {"exit_code_by_key": dict.fromkeys(names), "hash_by_function_name": {"xǁAǁf": "aaa111", "x_g": "bbb222"}}
+                )
+            )
+            (tmp_path / "mutants" / "mutmut-stats.json").write_text(
+                json.dumps({"tests_by_mangled_function_name": {f: ["t"]}})
+            )
+            return subprocess.CompletedProcess(
+                args, 1, "", "AssertionError: Filtered for specific mutants, but nothing matches"
+            )
+        elif args[0] == "run":
+            runs.append(args[1:])
+            data = json.loads(meta.read_text())
+            data["exit_code_by_key"].update(dict.fromkeys(args[1:], 1))
+            meta.write_text(json.dumps(data))
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    monkeypatch.setattr(script, "mutmut", fake_mutmut)
+    script.run(["stages"], None)
+    assert runs == [(f"{g}__mutmut_1",)]  # f's two verdicts came from the committed file
+    ledger = json.loads(script.VERDICTS.read_text())["functions"]
+    assert ledger == {f: {"hash": "aaa111", "exit_codes": {"1": "1-2"}}, g: {"hash": "bbb222", "exit_codes": {"1": "1"}}}
+    assert json.loads((tmp_path / "mutants" / "mapped.json").read_text()) == sorted([f, g])
