@@ -383,6 +383,29 @@ def test_the_build_step_loads_its_kernel_with_its_flags_and_says_when_it_compile
     assert (target / "outlier_hydra_fused_cpu.so").is_file()
 
 
+def test_a_build_makes_its_cache_directory_parents_and_all(tmp_path, monkeypatch):
+    """A first build on a machine whose cache root does not exist yet ($OUTLIER_HYDRA_CACHE pointing
+    at new folders): the build directory is made with its parents, and torch is asked to build there
+    with each set of flags (OpenMP's linked only where compiled in). torch's compiler is stood in for."""
+    import torch.utils.cpp_extension
+
+    asked = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: asked.append(kw))
+    monkeypatch.setenv("OUTLIER_HYDRA_CACHE", str(tmp_path / "new" / "cache"))
+    for flags in fused_cpu.FLAGS:
+        fused_cpu._build(flags)
+        directory = fused_cpu.build_directory(flags)
+        assert directory.is_dir() and directory.is_relative_to(tmp_path / "new" / "cache" / "fused_cpu")
+        assert {k: asked[-1][k] for k in ("name", "sources", "build_directory", "extra_cflags", "extra_ldflags")} == {
+            "name": "outlier_hydra_fused_cpu",
+            "sources": [str(fused_cpu.SOURCE)],
+            "build_directory": str(directory),
+            "extra_cflags": list(flags),
+            "extra_ldflags": ["-fopenmp"] if "-fopenmp" in flags else [],
+        }
+    assert len(asked) == len(fused_cpu.FLAGS) > 1
+
+
 def test_a_build_waits_while_another_live_process_holds_the_build_lock(tmp_path):
     """Two processes on one cache: the second waits for the first's build instead of building over
     it, and loads the library once the first lets go."""
