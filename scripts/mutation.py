@@ -326,6 +326,18 @@ def run(modules: list[str], limit: int | None, fresh: bool = False) -> None:
         print(f"{i + len(part)}/{len(todo)} judged", flush=True)
 
 
+def aborted() -> set[str]:
+    """Mutants whose tests' process aborted (SIGABRT: exit code -6, or 134 from a shell); mutmut calls
+    them "suspicious", but like a segfault the crash is the mutant found (e.g. torch told to import
+    the C++ kernel's library of ops as a Python module aborts the process)."""
+    return {
+        name
+        for _, meta in _meta_files()
+        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items()
+        if code in (-6, 134)
+    }
+
+
 def module_of(name: str) -> str:
     parts = name.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "outlier_hydra" else "?"
@@ -342,10 +354,13 @@ def report(modules: list[str]) -> float:
         print(f"note: {EQUIVALENT.name} lists {name}, judged at another version of its function: run again")
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors = []
+    crashed = aborted()
     for name, st in status.items():
         mod = module_of(name)
         if mod not in modules:
             continue
+        if st == "suspicious" and name in crashed:
+            st = "segfault"
         if name in equiv:
             if st == "killed":
                 print(f"note: {name} is listed as equivalent but a test kills it")
@@ -362,7 +377,7 @@ def report(modules: list[str]) -> float:
             total.update(c)
         n = sum(c.values())
         judged = n - c["equivalent"] - c["gpu only"] - c["not checked"] - c["skipped"]
-        # a mutant that crashes the tests' process (mutmut: "segfault") is found as surely as a failing test
+        # a mutant that crashes the tests' process (a segfault or an abort) is found as surely as a failing test
         killed = c["killed"] + c["timeout"] + c["caught by type check"] + c["segfault"]
         score = 100.0 * killed / judged if judged else float("nan")
         row = (

@@ -251,6 +251,13 @@ def test_segment_max_equals_the_torch_ops_and_numpy():
             assert best.numpy().tolist() == want_best.tolist() and row.numpy().tolist() == want_row.tolist()
         if n > 1:
             assert want_row[n - 1] == -1 and want_best[n - 1] == -1.0  # the segment left empty
+    # a segment whose largest value is 0 still has its row (0 is a value; only -1 rows hold none)
+    values, segment, token = torch.tensor([0.0, 0.0, -1.0]), torch.tensor([0, 0, 1]), torch.tensor([5, 3, 1])
+    for best, row in (
+        fused_cpu.segment_max(values, segment, token, 2),
+        Experts._segment_max_torch(values, segment, token, 2),
+    ):
+        assert best.tolist() == [0.0, -1.0] and row.tolist() == [1, -1]
     with pytest.raises(RuntimeError, match="out of range"):
         fused_cpu.segment_max(torch.zeros(2), torch.tensor([0, 5]), torch.zeros(2, dtype=torch.long), 2)
 
@@ -403,6 +410,7 @@ def test_a_build_makes_its_cache_directory_parents_and_all(tmp_path, monkeypatch
             "extra_cflags": list(flags),
             "extra_ldflags": ["-fopenmp"] if "-fopenmp" in flags else [],
         }
+        assert not asked[-1].get("is_python_module", True), "a library of torch ops, not a Python module"
     assert len(asked) == len(fused_cpu.FLAGS) > 1
 
 

@@ -235,3 +235,20 @@ def test_a_fresh_clone_makes_the_mutants_takes_the_committed_verdicts_and_runs_t
     ledger = json.loads(script.VERDICTS.read_text())["functions"]
     assert ledger == {f: {"hash": "aaa111", "exit_codes": {"1": "1-2"}}, g: {"hash": "bbb222", "exit_codes": {"1": "1"}}}
     assert json.loads((tmp_path / "mutants" / "mapped.json").read_text()) == sorted([f, g])
+
+
+def test_a_mutant_whose_tests_process_aborts_counts_as_found(tmp_path, monkeypatch, capsys):
+    """mutmut reports a SIGABRT exit as "suspicious"; the score counts it as killed, as a segfault."""
+    import subprocess
+
+    script = _script(tmp_path, monkeypatch)
+    meta = tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta"
+    f = "outlier_hydra.stages.demo.x_g"
+    codes = {f"{f}__mutmut_1": -6, f"{f}__mutmut_2": 134, f"{f}__mutmut_3": 77, f"{f}__mutmut_4": 1}
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "hash_by_function_name": {"x_g": "bbb222"}}))
+    assert script.aborted() == {f"{f}__mutmut_1", f"{f}__mutmut_2"}
+    status = {-6: "suspicious", 134: "suspicious", 77: "suspicious", 1: "killed"}
+    out = "".join(f"    {n}: {status[c]}\n" for n, c in codes.items())
+    monkeypatch.setattr(script, "mutmut", lambda *a: subprocess.CompletedProcess(a, 0, out, ""))
+    assert script.report(["stages"]) == 75.0  # 3 of 4: the third is suspicious for another reason
+    assert f"suspicious  {f}__mutmut_3" in capsys.readouterr().out
