@@ -755,6 +755,9 @@ def _tables_and_summaries_carry_the_sections(stages, results):
             ],
         ),
     }
+    # where no token is known (an implementation that hides the positions, no tokenizer): an empty cell
+    unknown = {**experts, "super_experts": [{**experts["super_experts"][0], "max_output_at": {"token_index": None}}]}
+    assert [row[-1] for row in stage["experts"].rows(unknown)["super_experts"][1]] == [""]
     named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in experts["super_experts"])
     assert stage["experts"].summary(experts) == [f"super experts: {named}"]
     assert stage["experts"].summary({**experts, "super_experts": [], "unobserved_layers": [1, 3]}) == [
