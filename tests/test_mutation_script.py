@@ -183,6 +183,44 @@ def test_each_mutants_tests_run_file_by_file_cheapest_first():
         "tests/c.py::u",
     ]
     assert ordered.cheapest_first([], seconds) == []
+    # the tests that killed other mutants of the function first, most kills first
+    killers = ordered.Counter({"tests/c.py::u": 1, "tests/a.py::x": 3, "tests/z.py::gone": 9})
+    assert ordered.cheapest_first(tests, seconds, killers) == [
+        "tests/a.py::x",
+        "tests/c.py::u",
+        "tests/c.py::v",  # the rest as before: c now 0.1 s, a 0.5 s, b 3 s
+        "tests/a.py::y",
+        "tests/b.py::w",
+        "tests/b.py::z",
+    ]
+
+
+def test_the_tests_that_kill_a_functions_mutants_are_recorded_and_read_back(tmp_path):
+    """scripts/mutmut_ordered.py's pytest plugin appends each failing test with the mutant's function;
+    killers_of counts them for that function only."""
+    spec = importlib.util.spec_from_file_location("mutmut_ordered", REPO / "scripts" / "mutmut_ordered.py")
+    assert spec is not None and spec.loader is not None
+    ordered = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ordered)
+    log = tmp_path / "killers.log"
+    f = ordered.function_of("outlier_hydra.stages.demo.xǁAǁf__mutmut_12")
+    assert f == "outlier_hydra.stages.demo.xǁAǁf"
+
+    class Report:
+        def __init__(self, nodeid, failed):
+            self.nodeid, self.failed = nodeid, failed
+
+    for function, nodeid, failed in [
+        (f, "t.py::a", True),
+        (f, "t.py::b", False),
+        (f, "t.py::a", True),
+        ("g", "t.py::c", True),
+    ]:
+        ordered.RecordKills(function, log).pytest_runtest_logreport(Report(nodeid, failed))
+    ordered.RecordKills("", log).pytest_runtest_logreport(Report("t.py::d", True))  # the clean run: nothing
+    assert ordered.killers_of(f, log) == {"t.py::a": 2}
+    assert ordered.killers_of("g", log) == {"t.py::c": 1}
+    assert ordered.killers_of("", log) == {} and ordered.killers_of(f, tmp_path / "none.log") == {}
 
 
 def test_a_fresh_clone_makes_the_mutants_takes_the_committed_verdicts_and_runs_the_rest(tmp_path, monkeypatch):
