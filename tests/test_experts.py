@@ -814,6 +814,30 @@ def test_expert_statistics_merge_keeps_each_record_with_its_maximum_earlier_toke
         a.merge(other)
     assert str(err.value) == "expert statistics of different units"
 
+    # a maximum of 0 is a record (only -1 is none): the earlier token still wins the tie; with the same
+    # token (both unknown: an implementation that hides the positions) the first side keeps it, as one
+    # job's batches merge in order; a median |w| of 0 is known (only -1 is not); with no outlier counts
+    # on either side the count arrays are still int64
+    unknown = 2**60
+    c = stats([0, 3], [5, unknown], [0, 3], [5, unknown], 1, [0.0, -1], [], [])
+    d = stats([0, 3], [2, unknown], [0, 3], [2, unknown], 2, [-1, 0.0], [], [])
+    m = c.merge(d)
+    assert m.out_dim.tolist() == [2, 1] and m.out_token.tolist() == [2, unknown]
+    assert m.in_channel.tolist() == [202, 201] and m.in_token.tolist() == [2, unknown]
+    assert m.median_abs_weight.tolist() == [0.0, 0.0]
+    assert m.count_keys.shape == (0, 2) and m.count_keys.dtype == np.int64
+    assert m.counts.shape == (0,) and m.counts.dtype == np.int64
+
+
+def test_the_summary_names_the_first_six_super_experts():
+    from outlier_hydra.stages.experts import Experts
+
+    supers = [{"layer": i, "expert": 10 + i, "max_output": 100.0 * (9 - i)} for i in range(8)]
+    assert Experts(make_cfg().analysis.stages.experts).summary({"super_experts": supers}) == [
+        "super experts: layer 0 expert 10 (900), layer 1 expert 11 (800), layer 2 expert 12 (700), "
+        "layer 3 expert 13 (600), layer 4 expert 14 (500), layer 5 expert 15 (400)"
+    ]
+
 
 class _ListExperts(torch.nn.ModuleList):
     """Experts as a list of MLP modules, as remote-code MoE models keep them: a loop over the routing
