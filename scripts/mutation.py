@@ -297,7 +297,7 @@ def map_new_functions() -> None:
     record.write_text(json.dumps(sorted(seen | mapped)))
 
 
-def run(modules: list[str], limit: int | None, fresh: bool = False) -> None:
+def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: bool = False) -> None:
     keep_verdicts_of_grown_selection()
     map_new_functions()
     status = statuses()
@@ -313,7 +313,8 @@ def run(modules: list[str], limit: int | None, fresh: bool = False) -> None:
         print(f"{seeded} verdicts taken from {VERDICTS.name} (their functions are unchanged)", flush=True)
     status = statuses()
     equiv = equivalents()
-    todo = [n for n, st in status.items() if module_of(n) in modules and st in TO_RUN and n not in equiv]
+    wanted = [st for st in TO_RUN if st != "not checked"] if survivors else TO_RUN
+    todo = [n for n, st in status.items() if module_of(n) in modules and st in wanted and n not in equiv]
     seconds = test_seconds()
     todo.sort(key=lambda n: (seconds.get(n.split("__mutmut_")[0], 0.0), n))
     todo = todo[:limit] if limit is not None else todo
@@ -401,6 +402,7 @@ def main() -> None:
     p.add_argument("modules", nargs="*", help=f"package folders: {', '.join(MODULES)} (default: all four)")
     p.add_argument("--report", action="store_true", help="only report the results mutants/ holds")
     p.add_argument("--limit", type=int, default=None, help="judge at most this many mutants this time")
+    p.add_argument("--survivors", action="store_true", help="judge again only the mutants not killed (after adding tests)")
     p.add_argument(
         "--fresh", action="store_true", help=f"take no verdicts from {VERDICTS.name} (with no mutants/: judge all)"
     )
@@ -413,7 +415,7 @@ def main() -> None:
     if unknown := sorted(set(modules) - set(MODULES)):
         p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")
     if not args.report:
-        run(modules, args.limit, args.fresh)
+        run(modules, args.limit, args.fresh, args.survivors)
     score = report(modules)
     print(f"\nscore {score:.1f}% (target {TARGET:.0f}%)")
 
