@@ -100,14 +100,6 @@ def test_functions_added_since_the_last_mapping_make_mutmut_map_the_tests_again(
     assert (tmp_path / "mutants" / "outlier_hydra" / "stages" / "demo.py.meta").read_text() == verdicts
     assert json.loads((tmp_path / "mutants" / "mapped.json").read_text()) == sorted([f, g])
 
-    # --survivors: after tests were added, only the mutants not killed run again, not the unjudged
-    data = json.loads(meta.read_text())
-    data["exit_code_by_key"].update({f"{f}__mutmut_2": 0, f"{g}__mutmut_1": None})
-    meta.write_text(json.dumps(data))
-    runs.clear()
-    script.run(["stages"], None, survivors=True)
-    assert runs == [(f"{f}__mutmut_2",)]
-
     stats_path.write_text(json.dumps({"tests_by_mangled_function_name": {f: ["tests/t.py::a"]}}))
     script.map_new_functions()  # g was in that mapping and no test reaches it: no new mapping
     assert stats_path.exists()
@@ -287,6 +279,7 @@ def test_a_fresh_clone_makes_the_mutants_takes_the_committed_verdicts_and_runs_t
     data["exit_code_by_key"].update({f"{f}__mutmut_2": 0, f"{g}__mutmut_1": None})
     meta.write_text(json.dumps(data))
     runs.clear()
+    _selection(tmp_path, ["tests/t.py"])
     script.run(["stages"], None, survivors=True)
     assert runs == [(f"{f}__mutmut_2",)]
 
