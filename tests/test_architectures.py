@@ -103,9 +103,9 @@ def test_family_hook_points_and_numbers_equal_the_recomputation(model_type, tmp_
     check_family(model_type, tmp_path)
 
 
-def check_family(model_type: str, tmp_path) -> None:
+def check_family(model_type: str, tmp_path, *extra: str) -> None:
     """The family's hook points, MoE layers, routers and experts as LAYOUTS says, and every number
-    of the run equal to the recomputation from plain hooks."""
+    of the run (with these extra overrides) equal to the recomputation from plain hooks."""
     from transformers import AutoModel
 
     from outlier_hydra.models.structure import config_top_k
@@ -113,7 +113,7 @@ def check_family(model_type: str, tmp_path) -> None:
 
     folder = build(model_type, tmp_path / "model", plant_dim=PLANT)
     results = run(
-        make_cfg(*tiny_overrides(folder, f"model.tokenizer={folder / 'tokenizer'}", "plots=false")), tmp_path / "run"
+        make_cfg(*tiny_overrides(folder, f"model.tokenizer={folder / 'tokenizer'}", "plots=false"), *extra), tmp_path / "run"
     )
 
     model = AutoModel.from_pretrained(folder)

@@ -176,14 +176,22 @@ def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_
     assert list(section["modules"]) == [f"layer_{i}_ln_{p}" for i in range(LAYERS) for p in ("attn", "mlp")]
 
 
-@pytest.mark.parametrize("model_type", ["hunyuan_v1_moe", "llama4_text"])
-def test_choices_read_at_the_experts_or_taken_from_the_logits_equal_the_recomputation(model_type, tmp_path):
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("hunyuan_v1_moe", ()),
+        ("llama4_text", ()),
+        # the router stage alone: its own stop must carry the pass to the last layer's experts' input
+        ("hunyuan_v1_moe", ("analysis.stages.experts.enabled=false",)),
+    ],
+)
+def test_choices_read_at_the_experts_or_taken_from_the_logits_equal_the_recomputation(model_type, extra, tmp_path):
     """HunYuan-MoE's router returns only its logits: the choices are read at the experts' input.
     Llama-4's experts are not given them: the top-k of the softmax of the logits. Every routing
     number against the recomputation (test_architectures.check_family)."""
     from test_architectures import check_family
 
-    check_family(model_type, tmp_path)
+    check_family(model_type, tmp_path, *extra)
 
 
 @pytest.mark.parametrize(
