@@ -40,6 +40,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # imported by path (the tests), not run
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutmut_ordered import function_of  # mutant name -> its function (one helper for both scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("stats", "analysis", "collect", "stages")
 EQUIVALENT = ROOT / "tests" / "mutation_equivalent.txt"
@@ -52,6 +56,11 @@ TO_RUN = ("not checked", "survived", "no tests", "suspicious")
 def stats_file() -> Path:
     """mutmut's mapping of tests to functions, their durations and its config fingerprint."""
     return ROOT / "mutants" / "mutmut-stats.json"
+
+
+def mapped_file() -> Path:
+    """The functions the last full mapping of tests saw (map_new_functions)."""
+    return ROOT / "mutants" / "mapped.json"
 
 
 def mutmut(*args: str) -> subprocess.CompletedProcess:
@@ -105,10 +114,6 @@ def function_hashes() -> dict[str, str]:
         for function, digest in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
             out[f"{module}.{function}"] = digest
     return out
-
-
-def function_of(name: str) -> str:
-    return name.split("__mutmut_")[0]
 
 
 def equivalents() -> dict[str, str]:
@@ -177,8 +182,7 @@ def save_verdicts() -> int:
         by_function: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
         for name, code in data.get("exit_code_by_key", {}).items():
             if code is not None:
-                function, _, number = name.rpartition("__mutmut_")
-                by_function[function][code].append(int(number))
+                by_function[function_of(name)][code].append(int(name.rpartition("__mutmut_")[2]))
         for function, codes in by_function.items():
             digest = data.get("hash_by_function_name", {}).get(function.removeprefix(module + "."))
             if digest is not None:
@@ -203,6 +207,7 @@ def seed_verdicts() -> int:
     for module, meta in _meta_files():
         data = json.loads(meta.read_text())
         codes = data.get("exit_code_by_key", {})
+        before = seeded
         for function, digest in data.get("hash_by_function_name", {}).items():
             known = ledger["functions"].get(f"{module}.{function}")
             if known is None or known["hash"] != digest:
@@ -213,7 +218,8 @@ def seed_verdicts() -> int:
                     if name in codes and codes[name] is None:
                         codes[name] = int(code)
                         seeded += 1
-        meta.write_text(json.dumps(data, indent=4))
+        if seeded > before:  # only the files it changed
+            meta.write_text(json.dumps(data, indent=4))
     return seeded
 
 
@@ -282,7 +288,7 @@ def map_new_functions() -> None:
     (mutants/mutmut-stats.json) is made again from all tests when that file is gone; the verdicts live
     elsewhere (the .meta files) and stay. mutants/mapped.json records the functions the last full
     mapping saw, so a function no test reaches does not cause a new mapping every run."""
-    stats_path, record = stats_file(), ROOT / "mutants" / "mapped.json"
+    stats_path, record = stats_file(), mapped_file()
     functions = set(function_hashes())
     if not stats_path.is_file() or not functions:
         return
@@ -308,7 +314,7 @@ def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: b
         mutmut("run", "outlier_hydra.no_such_function*")
         if not stats_file().is_file() or not function_hashes():
             sys.exit("mutmut run failed (making the mutants and mapping the tests: run `mutmut run` to see why)")
-        (ROOT / "mutants" / "mapped.json").write_text(json.dumps(sorted(function_hashes())))  # all just mapped
+        mapped_file().write_text(json.dumps(sorted(function_hashes())))  # all just mapped
     if not fresh and (seeded := seed_verdicts()):
         print(f"{seeded} verdicts taken from {VERDICTS.name} (their functions are unchanged)", flush=True)
     status = statuses()
@@ -316,7 +322,7 @@ def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: b
     wanted = [st for st in TO_RUN if st != "not checked"] if survivors else TO_RUN
     todo = [n for n, st in status.items() if module_of(n) in modules and st in wanted and n not in equiv]
     seconds = test_seconds()
-    todo.sort(key=lambda n: (seconds.get(n.split("__mutmut_")[0], 0.0), n))
+    todo.sort(key=lambda n: (seconds.get(function_of(n), 0.0), n))
     todo = todo[:limit] if limit is not None else todo
     print(f"{len(todo)} mutants to judge", flush=True)
     for i in range(0, len(todo), CHUNK):

@@ -148,7 +148,9 @@ def test_verdicts_travel_in_the_committed_file_for_unchanged_functions_only(tmp_
         f"{f}__mutmut_5": 36,
         f"{f}__mutmut_7": 1,
     }
-    assert script.seed_verdicts() == 0  # judged mutants are left as they are
+    meta.write_text(meta.read_text().replace("\n", "\r\n"))  # a mark: a rewrite would take it away
+    assert script.seed_verdicts() == 0  # judged mutants are left as they are, and the file unwritten
+    assert b"\r\n" in meta.read_bytes()
 
     write_meta(fresh, "bbb222")
     monkeypatch.setattr(script, "mutmut_version", lambda: "3.9.0")  # it may number mutants otherwise
