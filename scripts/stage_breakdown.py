@@ -88,17 +88,42 @@ LIBRARIES = ("torch/", "triton/", "<built-in")
 PASS_THROUGH = ("__torch_function__",)  # the experts stage's mode: the model's ops pass through it
 
 
+def _library(name: str) -> bool:
+    """A frame of torch or triton (the profiler's events name them from site-packages on, a recorded
+    stack by the whole path), or a built-in."""
+    return name.startswith(LIBRARIES) or any(f"-packages/{lib}" in name for lib in LIBRARIES[:2])
+
+
 def function_of(event) -> str | None:
     """The project's function an op comes from: the innermost Python frame outside torch and triton
     (the profiler names a frame by its function's first line), if it is the project's; None for the
-    model's own ops."""
-    while event is not None:
-        frame = FRAME.match(event.name)
-        if frame and not event.name.startswith(LIBRARIES) and frame["function"] not in PASS_THROUGH:
+    model's own ops. The frames are the op's parents (the profiler's Python events); where they are not
+    linked to the ops, the op's recorded stack, innermost first."""
+    names = []
+    parent = event
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    for name in [*names, *(getattr(event, "stack", None) or [])]:
+        frame = FRAME.match(name)
+        if frame and not _library(name) and frame["function"] not in PASS_THROUGH:
             at = frame["file"].rfind("outlier_hydra/")
-            return event.name[at:] if at >= 0 else None
-        event = event.cpu_parent
+            return name[at:] if at >= 0 else None
     return None
+
+
+def has_frames(prof) -> bool:
+    """Whether any op of the profile is linked to a Python frame (parent or recorded stack)."""
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None:
+                if FRAME.match(parent.name):
+                    return True
+                parent = parent.cpu_parent
+            if getattr(event, "stack", None):
+                return True
+    return False
 
 
 def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
@@ -124,6 +149,8 @@ def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
             spent["(kernels launched outside torch ops: the Triton reductions)"] = kernels - total
             total = kernels
     print(f"{name}: {'device' if cuda else 'CPU'} time by function, {total / 1e3:.1f} ms in all")
+    if not has_frames(prof):  # seen on an H200 with torch 2.11: every op would read as the model's own
+        print("  (no op is linked to a Python frame in this profile: the split by function is not available here)")
     for where, us in spent.most_common(rows):
         print(f"  {us / 1e3:>9.2f} ms {100 * us / total:>5.1f}% {calls[where]:>6} events  {where}")
 

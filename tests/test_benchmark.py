@@ -181,3 +181,42 @@ def test_gpu_presets_build_and_fit_one_80gb_card(preset):
     assert model.config.num_hidden_layers == b.shape.num_hidden_layers == len(model.layers)
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     assert b.dtype == "bfloat16" and 10 < weights_gib < 64, weights_gib
+
+
+def test_stage_breakdown_finds_the_projects_function_from_parents_or_recorded_stack():
+    """scripts/stage_breakdown.py: an op's function is the innermost Python frame outside torch and
+    triton, from the op's parents or, where the profiler linked none (seen on an H200 with torch
+    2.11), from its recorded stack; a profile with no frame at all is said to be so."""
+    import importlib.util
+    from types import SimpleNamespace as Event
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("stage_breakdown", REPO / "scripts" / "stage_breakdown.py")
+    assert spec is not None and spec.loader is not None
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    cpu = torch.autograd.DeviceType.CPU
+
+    frame = Event(name="/w/outlier_hydra/stages/experts.py(356): _update", cpu_parent=None, stack=[])
+    mode = Event(name="/w/outlier_hydra/stages/experts.py(181): __torch_function__", cpu_parent=frame, stack=[])
+    builtin = Event(name="<built-in method scatter_reduce_ of Tensor object>", cpu_parent=mode, stack=[])
+    op = Event(name="aten::scatter_reduce_", cpu_parent=builtin, stack=[], device_type=cpu)
+    assert bd.function_of(op) == "outlier_hydra/stages/experts.py(356): _update"
+    model = Event(
+        name="aten::mm",
+        device_type=cpu,
+        stack=[],
+        cpu_parent=Event(name="/t/modeling_olmoe.py(80): forward", cpu_parent=None),
+    )
+    assert bd.function_of(model) is None
+    torch_frame = "/opt/torch/.venv/lib/python3.12/site-packages/torch/nn/functional.py(10): linear"
+    unlinked = Event(name="aten::sort", cpu_parent=None, device_type=cpu, stack=[torch_frame, frame.name])
+    assert bd.function_of(unlinked) == "outlier_hydra/stages/experts.py(356): _update"
+    # the model's frame under a folder named torch is the model's, not a library's
+    model_frame = "/opt/torch/.venv/lib/python3.12/site-packages/transformers/models/olmoe/modeling_olmoe.py(80): forward"
+    collect = "/w/outlier_hydra/collect/collector.py(272): _collect"
+    assert bd.function_of(Event(name="aten::mm", cpu_parent=None, stack=[torch_frame, model_frame, collect])) is None
+    assert bd.has_frames(Event(events=lambda: [op, model])) and bd.has_frames(Event(events=lambda: [unlinked]))
+    bare = Event(name="aten::sort", cpu_parent=None, device_type=cpu, stack=[])
+    assert bd.function_of(bare) is None and not bd.has_frames(Event(events=lambda: [bare]))
