@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import make_cfg, tiny_overrides
-from helpers import mismatches, module_input_tables
+from helpers import full_activations, mismatches, module_input_tables
 
 from outlier_hydra.pipeline import run
 
@@ -134,6 +134,13 @@ def check_family(model_type: str, tmp_path, *extra: str) -> None:
     assert PLANT in {r["feature_dim"] for r in results["systematic_outliers"]}
     if moe:
         assert len(results["moe_routing"]["layers"]) == len(moe)
+    if "massive_activations" in results:  # every layer's output, the last one too: its top values
+        stream = full_activations(folder, [p.rpartition(".")[0] for n, p in points if n.endswith("_attn")], ids, 4)
+        section = results["massive_activations"]["layers"]
+        assert [entry["layer"] for entry in section] == list(range(layers))
+        for entry in section:
+            largest = np.sort(np.abs(stream[entry["layer"]]).ravel())[::-1][: len(entry["top"])]
+            assert entry["top"] and [abs(t["value"]) for t in entry["top"]] == pytest.approx(largest.tolist(), rel=1e-6)
 
 
 def test_a_family_discovery_cannot_handle_fails_fast_naming_the_key(tmp_path):

@@ -183,6 +183,9 @@ def test_int8_error_drops_with_outliers_kept_and_equals_direct_computation(tiny_
         ("llama4_text", ()),
         # the router stage alone: its own stop must carry the pass to the last layer's experts' input
         ("hunyuan_v1_moe", ("analysis.stages.experts.enabled=false",)),
+        # and with the massive activations: the pass must then reach the last layer's output, past
+        # the router stage's stop at the experts' input
+        ("hunyuan_v1_moe", ("analysis.stages.experts.enabled=false", "analysis.stages.massive_activations.enabled=true")),
     ],
 )
 def test_choices_read_at_the_experts_or_taken_from_the_logits_equal_the_recomputation(model_type, extra, tmp_path):
@@ -610,3 +613,46 @@ def test_router_stage_at_its_edges_on_crafted_tensors(cpu_kernel, monkeypatch):
     assert twice.top1_share_sum[0] == pytest.approx(2.2) and twice.entropy_sum[0] == pytest.approx(2 * entropy.sum())
     assert twice.feat_counts.tolist() == [[2, 2, 2, 0], [0, 2, 2, 2], [2, 2, 2, 0]]
     assert twice.feat_positions.tolist() == [2, 2, 2] and twice.feat_share_sum == pytest.approx([1.2, 1.0, 1.2])
+
+
+def test_router_stage_reads_the_moe_blocks_input_where_the_probe_found_it():
+    """The MoE block's hidden state is read from the argument the probe forward found it in: a keyword
+    (a decoder layer calling `self.mlp(hidden_states=h)`) as well as a position; the other hooks go on
+    the router and the choices."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.moe_routing import MoeRouting
+
+    x = torch.tensor([[6.0, 0.0], [0.0, -7.0]])
+    for inputs, args, kwargs in [({"layers.4.mlp": "hidden_states"}, (), {"hidden_states": x}), ({}, (x,), {})]:
+        moe = SimpleNamespace(block="layers.4.mlp", router="layers.4.mlp.gate", choices_hook=lambda fn: ("choices", fn))
+        stage = MoeRouting(make_cfg().analysis.stages.moe_routing)
+        stage.structure = SimpleNamespace(moe=lambda layer, moe=moe: moe, inputs=inputs)
+        stage.layers, stage.row = [4], {4: 0}
+        stage.start_batch(0)
+        (path, pre, kind), (router, _), (choices, _) = stage.hooks([4])
+        assert (path, kind, router, choices) == ("layers.4.mlp", "pre", "layers.4.mlp.gate", "choices")
+        pre(None, args, kwargs)
+        assert 4 in stage.pending_h
+
+
+def test_router_means_of_a_layer_that_saw_one_token_are_that_tokens_values():
+    """The per-layer means divide by the tokens seen, also when that is one token."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages import ReportContext
+    from outlier_hydra.stages.moe_routing import MoeRouting
+
+    stage = MoeRouting(make_cfg().analysis.stages.moe_routing)
+    stage.layers, stage.row = [2], {2: 0}
+    stage.start_batch(0)
+    stage._mlp_input_hook(2)(torch.tensor([[[0.0, 1.0]]]))
+    logits = torch.tensor([[[0.0, 1.0, 2.0]]])
+    stage._logits_hook(2, SimpleNamespace(logits_at=None))(None, (), logits)
+    stage._choices_receiver(2)(torch.tensor([[2, 1]]), torch.tensor([[0.7, 0.3]]))
+    [layer] = stage.report(stage.finish_batch(), ReportContext(records=[]))["layers"]
+    p = np.exp(np.arange(3.0))
+    p /= p.sum()
+    assert layer["tokens"] == 1 and layer["tokens_per_expert"] == [0, 1, 1]
+    assert layer["entropy_mean"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
+    assert layer["top1_share_mean"] == pytest.approx(0.7)
