@@ -4,6 +4,7 @@
     scripts/mutation.py stats collect        only these (package folders under outlier_hydra/)
     scripts/mutation.py --limit 200          judge at most 200 mutants this time, then report
     scripts/mutation.py --report             report what mutants/ holds, run nothing
+    scripts/mutation.py --sample             judge only the uniform sample (1 mutant in 10), then report
 
 The mutants not yet judged, and the survivors (a test added since may kill them), run by name in
 chunks, those of the functions with the cheapest tests first, so a run stopped at any point leaves
@@ -20,7 +21,13 @@ function whose source is still the one they were judged at, so only changed func
 survivors) run again. A verdict is trusted as long as its function's source is unchanged, as mutmut
 trusts its own mutants/; `--fresh` takes none from the file.
 
-Score = killed / (mutants - equivalent - GPU-only), per module and in all. A mutant that no selected
+Score = killed / (mutants - equivalent - GPU-only), per module and in all. The whole run takes hours
+on two cores, and the order above judges the cheapest functions first, so the score of the judged
+is not the whole's. The report also gives the score of a uniform sample: the mutants whose name's
+SHA-256 is 0 modulo 10, a tenth of every module picked independently of cost or verdict, with its 95%
+Wilson interval: an estimate of the whole's score (random mutant sampling, as Acree 1980 and Wong &
+Mathur 1995 studied it). A sampled survivor no one has judged equivalent counts as not killed, so the
+estimate errs low. `--sample` judges that sample first. A mutant that no selected
 test reaches ("no tests") counts as not killed. Equivalent mutants (the program's behaviour is the
 same) are listed in tests/mutation_equivalent.txt, one per line: the mutant's name, @ and the hash of
 its function's source it was judged at (`--pin` writes it), then why; a reason starting "gpu:" marks
@@ -51,6 +58,7 @@ VERDICTS = ROOT / "tests" / "mutation_verdicts.json"
 TARGET = 90.0
 CHUNK = 400  # mutants per `mutmut run`: each run first lists the tests and runs them clean (1-3 minutes)
 TO_RUN = ("not checked", "survived", "no tests", "suspicious")
+SAMPLE_EVERY = 10  # the uniform sample: one mutant in this many, by the hash of its name
 
 
 def stats_file() -> Path:
@@ -303,7 +311,7 @@ def map_new_functions() -> None:
     record.write_text(json.dumps(sorted(seen | mapped)))
 
 
-def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: bool = False) -> None:
+def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: bool = False, sample: bool = False) -> None:
     keep_verdicts_of_grown_selection()
     map_new_functions()
     status = statuses()
@@ -321,6 +329,7 @@ def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: b
     equiv = equivalents()
     wanted = [st for st in TO_RUN if st != "not checked"] if survivors else TO_RUN
     todo = [n for n, st in status.items() if module_of(n) in modules and st in wanted and n not in equiv]
+    todo = [n for n in todo if in_sample(n)] if sample else todo
     seconds = test_seconds()
     todo.sort(key=lambda n: (seconds.get(function_of(n), 0.0), n))
     todo = todo[:limit] if limit is not None else todo
@@ -345,6 +354,22 @@ def aborted() -> set[str]:
     }
 
 
+def in_sample(name: str) -> bool:
+    """Whether a mutant is in the uniform sample: its name's SHA-256 modulo SAMPLE_EVERY is 0 (stable
+    across machines and runs, blind to cost and verdict)."""
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % SAMPLE_EVERY == 0
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion k / n, in percent."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return 100.0 * (centre - half), 100.0 * (centre + half)
+
+
 def module_of(name: str) -> str:
     parts = name.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "outlier_hydra" else "?"
@@ -360,6 +385,7 @@ def report(modules: list[str]) -> float:
     for name in sorted(listed - set(equiv)):
         print(f"note: {EQUIVALENT.name} lists {name}, judged at another version of its function: run again")
     counts: dict[str, Counter] = defaultdict(Counter)
+    sampled: Counter = Counter()
     survivors = []
     crashed = aborted()
     for name, st in status.items():
@@ -373,6 +399,8 @@ def report(modules: list[str]) -> float:
                 print(f"note: {name} is listed as equivalent but a test kills it")
             st = "gpu only" if equiv[name].startswith("gpu:") else "equivalent"
         counts[mod][st] += 1
+        if in_sample(name):
+            sampled[st] += 1
         if st in ("survived", "no tests", "suspicious"):
             survivors.append(f"{st:>10}  {name}")
     total: Counter = Counter()
@@ -397,6 +425,15 @@ def report(modules: list[str]) -> float:
             c["gpu only"],
         )
         print(f"{mod:<10} " + " ".join(f"{v:>8}" for v in (*row, c["not checked"])) + f" {score:>7.1f}%")
+    found = sampled["killed"] + sampled["timeout"] + sampled["caught by type check"] + sampled["segfault"]
+    judged = found + sampled["survived"] + sampled["suspicious"] + sampled["no tests"]
+    lo, hi = wilson(found, judged)
+    print(
+        f"\nuniform sample (1 mutant in {SAMPLE_EVERY}): {sum(sampled.values())} mutants, {found} killed of {judged}"
+        f" judged non-equivalent, {sampled['equivalent'] + sampled['gpu only']} equivalent or GPU-only,"
+        f" {sampled['not checked']} not yet run: score {100.0 * found / judged if judged else float('nan'):.1f}%"
+        f" (95% interval {lo:.1f}-{hi:.1f}%)"
+    )
     if survivors:
         print(f"\nnot killed ({len(survivors)}; `.venv/bin/mutmut show NAME` prints the change):")
         print("\n".join(sorted(survivors)))
@@ -409,6 +446,7 @@ def main() -> None:
     p.add_argument("--report", action="store_true", help="only report the results mutants/ holds")
     p.add_argument("--limit", type=int, default=None, help="judge at most this many mutants this time")
     p.add_argument("--survivors", action="store_true", help="judge again only the mutants not killed (after adding tests)")
+    p.add_argument("--sample", action="store_true", help=f"judge only the uniform sample (1 mutant in {SAMPLE_EVERY})")
     p.add_argument(
         "--fresh", action="store_true", help=f"take no verdicts from {VERDICTS.name} (with no mutants/: judge all)"
     )
@@ -421,7 +459,7 @@ def main() -> None:
     if unknown := sorted(set(modules) - set(MODULES)):
         p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")
     if not args.report:
-        run(modules, args.limit, args.fresh, args.survivors)
+        run(modules, args.limit, args.fresh, args.survivors, args.sample)
     score = report(modules)
     print(f"\nscore {score:.1f}% (target {TARGET:.0f}%)")
 

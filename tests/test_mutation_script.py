@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
 from conftest import REPO
 
 
@@ -285,6 +286,14 @@ def test_a_fresh_clone_makes_the_mutants_takes_the_committed_verdicts_and_runs_t
     script.run(["stages"], None, survivors=True)
     assert runs == [(f"{f}__mutmut_2",)]
 
+    # --sample: of the mutants to judge, only those in the uniform sample
+    data["exit_code_by_key"] = dict.fromkeys(data["exit_code_by_key"])
+    meta.write_text(json.dumps(data))
+    runs.clear()
+    monkeypatch.setattr(script, "in_sample", lambda name: name.endswith("_2"))
+    script.run(["stages"], None, fresh=True, sample=True)
+    assert runs == [(f"{f}__mutmut_2",)]
+
 
 def test_a_mutant_whose_tests_process_aborts_counts_as_found(tmp_path, monkeypatch, capsys):
     """mutmut reports a SIGABRT exit as "suspicious"; the score counts it as killed, as a segfault."""
@@ -301,3 +310,38 @@ def test_a_mutant_whose_tests_process_aborts_counts_as_found(tmp_path, monkeypat
     monkeypatch.setattr(script, "mutmut", lambda *a: subprocess.CompletedProcess(a, 0, out, ""))
     assert script.report(["stages"]) == 75.0  # 3 of 4: the third is suspicious for another reason
     assert f"suspicious  {f}__mutmut_3" in capsys.readouterr().out
+
+
+def test_the_uniform_sample_is_a_tenth_by_name_and_reported_with_its_interval(tmp_path, monkeypatch, capsys):
+    """One mutant in 10 by its name's hash: the same names on every machine, about a tenth of any
+    set; the report gives the sample's score with its 95% Wilson interval (50 of 100: 40.4-59.6%)
+    and counts an unjudged survivor of the sample as not killed; --sample runs only the sample."""
+    import hashlib
+    import subprocess
+
+    script = _script(tmp_path, monkeypatch)
+    names = [f"outlier_hydra.stages.demo.x_g__mutmut_{i}" for i in range(1, 2001)]
+    picked = [n for n in names if script.in_sample(n)]
+    assert picked == [n for n in names if int(hashlib.sha256(n.encode()).hexdigest(), 16) % 10 == 0]
+    assert 160 <= len(picked) <= 240  # binomial(2000, 0.1): 200 +- 5 sd
+    assert [round(v, 1) for v in script.wilson(50, 100)] == [40.4, 59.6]
+    lo, hi = script.wilson(10, 10)
+    assert hi == pytest.approx(100.0) and round(lo, 1) == 72.2
+
+    status = {n: "killed" for n in names}
+    status |= {picked[0]: "survived", picked[1]: "not checked", picked[2]: "suspicious", names[0]: "survived"}
+    out = "".join(f"    {n}: {st}\n" for n, st in status.items())
+    calls = []
+
+    def mutmut(*args):
+        calls.append(args)
+        return subprocess.CompletedProcess(args, 0, out, "")
+
+    monkeypatch.setattr(script, "mutmut", mutmut)
+    monkeypatch.setattr(script, "stats_file", lambda: tmp_path / "mutants" / "stats.json")
+    script.report(["stages"])
+    k = len(picked) - 3
+    lo, hi = script.wilson(k, len(picked) - 1)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("uniform sample"))
+    assert f"{len(picked)} mutants, {k} killed of {len(picked) - 1} judged non-equivalent" in line
+    assert f"1 not yet run: score {100 * k / (len(picked) - 1):.1f}% (95% interval {lo:.1f}-{hi:.1f}%)" in line
