@@ -105,12 +105,14 @@ def listed_equivalents() -> dict[str, tuple[str | None, str]]:
 
 
 def _meta_files() -> list[tuple[str, Path]]:
-    """mutmut's .meta files (verdicts and function hashes) with the module each belongs to."""
+    """mutmut's .meta files (verdicts and function hashes) with the module each belongs to, named as
+    mutmut names its mutants: a package's __init__.py is the package (outlier_hydra.stages.x_plain)."""
     root = ROOT / "mutants"
-    return [
-        (".".join(meta.relative_to(root).with_suffix("").with_suffix("").parts), meta)
-        for meta in sorted(root.glob("outlier_hydra/**/*.py.meta"))
-    ]
+    out = []
+    for meta in sorted(root.glob("outlier_hydra/**/*.py.meta")):
+        parts = meta.relative_to(root).with_suffix("").with_suffix("").parts
+        out.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), meta))
+    return out
 
 
 def function_hashes() -> dict[str, str]:

@@ -345,3 +345,26 @@ def test_the_uniform_sample_is_a_tenth_by_name_and_reported_with_its_interval(tm
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("uniform sample"))
     assert f"{len(picked)} mutants, {k} killed of {len(picked) - 1} judged non-equivalent" in line
     assert f"1 not yet run: score {100 * k / (len(picked) - 1):.1f}% (95% interval {lo:.1f}-{hi:.1f}%)" in line
+
+
+def test_a_packages_init_module_is_named_as_mutmut_names_its_mutants(tmp_path, monkeypatch):
+    """mutmut names the mutants of stages/__init__.py outlier_hydra.stages.x_f__mutmut_N (no
+    __init__): their function's hash, equivalents and committed verdicts must go by that name too."""
+    script = _script(tmp_path, monkeypatch)
+    monkeypatch.setattr(script, "VERDICTS", tmp_path / "verdicts.json")
+    monkeypatch.setattr(script, "mutmut_version", lambda: "3.8.1")
+    meta = tmp_path / "mutants" / "outlier_hydra" / "stages" / "__init__.py.meta"
+    f = "outlier_hydra.stages.x_plain"
+    judged = {f"{f}__mutmut_1": 1, f"{f}__mutmut_2": 0}
+    meta.write_text(json.dumps({"exit_code_by_key": judged, "hash_by_function_name": {"x_plain": "ccc333"}}))
+    assert script.function_hashes()[f] == "ccc333"
+    script.EQUIVALENT.write_text(f"{f}__mutmut_2 not pinned yet\n")
+    script.pin([])
+    assert script.equivalents() == {f"{f}__mutmut_2": "not pinned yet"}
+    assert script.save_verdicts() == 2
+    assert json.loads(script.VERDICTS.read_text())["functions"] == {
+        f: {"hash": "ccc333", "exit_codes": {"0": "2", "1": "1"}}
+    }
+    meta.write_text(json.dumps({"exit_code_by_key": dict.fromkeys(judged), "hash_by_function_name": {"x_plain": "ccc333"}}))
+    assert script.seed_verdicts() == 2  # a fresh clone takes them back
+    assert json.loads(meta.read_text())["exit_code_by_key"] == judged
