@@ -961,3 +961,90 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
     assert units[0]["max_output_at"] == {"token_index": None}
     assert units[1]["max_output_at"] == {"token_index": 5, "sequence": 1, "position": 1, "token_id": 105}
     assert section["unobserved_layers"] == [2]
+
+
+def test_the_down_projection_bank_is_found_by_name_and_its_layout_by_the_modules_own_flag():
+    """_down_bank: the 3-D parameter named down_proj wherever it is registered (not only last); a
+    module's own is_transposed decides the layout, the shape only where the module does not say."""
+    from outlier_hydra.stages.experts import _down_bank
+
+    def bank(*shapes, **attrs):
+        module = torch.nn.Module()
+        for name, shape in shapes:
+            setattr(module, name, torch.nn.Parameter(torch.zeros(shape)))
+        for k, v in attrs.items():
+            setattr(module, k, v)
+        return module
+
+    hidden = 4
+    assert _down_bank(bank(("down_proj", (3, 4, 6)), ("gate_up_proj", (3, 12, 4))), hidden) == ("down_proj", False)
+    assert _down_bank(bank(("gate_up_proj", (3, 12, 4)), ("w2", (3, 6, 4))), hidden) == ("w2", True)  # no name: the last
+    assert _down_bank(bank(("down_proj", (3, 4, 4))), hidden) == ("down_proj", False)  # square: the shape cannot tell
+    assert _down_bank(bank(("down_proj", (3, 4, 4)), is_transposed=True), hidden) == ("down_proj", True)
+    assert _down_bank(bank(("down_proj", (3, 4, 6)), is_transposed=False), hidden) == ("down_proj", False)
+    assert _down_bank(torch.nn.Linear(4, 4), hidden) is None
+
+
+def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
+    """_Watch on crafted calls of the fused experts' matmuls: torch._grouped_mm with its offsets by
+    position or by keyword, rows past the last offset (choices of no expert here: grouped_mm leaves
+    those rows unwritten) marked invalid; torch.bmm with the gathered bank as the first operand or as
+    the second. Each hands the stage the rows, their experts and their tokens."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.experts import _Unit, _Watch
+
+    calls = []
+    stage = SimpleNamespace(_update=lambda unit, x, y, expert, token, valid=None: calls.append((x, y, expert, token, valid)))
+    e, inter, hidden = 2, 8, 8
+    bank = torch.randn(e, hidden, inter)
+    unit = _Unit(0, 0, 0, 0, e, "experts", "down_proj")
+    index = torch.tensor([[1, 0], [0, 1], [2, 2]])  # token 2's choices: an expert past this bank
+    x = torch.randn(6, inter)
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    for positional in (True, False):
+        with _Watch(stage, unit, bank, index):
+            w = bank.transpose(-2, -1)
+            y = torch._grouped_mm(x, w, offs) if positional else torch._grouped_mm(x, w, offs=offs)
+        [(xs, ys, expert, token, valid)] = calls
+        calls.clear()
+        assert xs is x and ys is y
+        assert expert.tolist() == [0, 0, 1, 1, 2, 2] and valid.tolist() == [True] * 4 + [False] * 2
+        assert (
+            sorted(token[:2].tolist()) == [0, 1] and sorted(token[2:4].tolist()) == [0, 1] and token[4:].tolist() == [2, 2]
+        )
+
+    ids = torch.tensor([0, 1, 1])
+    rows = torch.randn(3, inter)
+    expected = torch.stack([bank[i] @ r for i, r in zip(ids, rows)])
+    flipped = bank.transpose(1, 2).contiguous()  # an [E, I, H] bank: the rows multiply it from the left
+    for b, call in ((bank, lambda g: torch.bmm(g, rows[:, :, None])), (flipped, lambda g: torch.bmm(rows[:, None, :], g))):
+        with _Watch(stage, unit, b, index[:, :1]):
+            out = call(b[ids])
+        [(xs, ys, expert, token, valid)] = calls
+        calls.clear()
+        assert torch.equal(xs, rows) and torch.allclose(ys, expected, atol=1e-5) and out.numel() == ys.numel()
+        assert expert.tolist() == [0, 1, 1] and token.tolist() == [0, 1, 2] and valid is None
+
+
+def test_the_experts_hook_takes_the_choices_from_the_argument_the_probe_named():
+    """_enter: the choices from the argument the probe found them in (index_at), not the first
+    integer tensor (a decoy before them), and flattened to [tokens, k] from [batch, seq, k]."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.experts import Experts, _Unit
+
+    stage = Experts(make_cfg().analysis.stages.experts)
+    stage.structure = SimpleNamespace(moe=lambda layer: SimpleNamespace(choices="experts", index_at=2))
+    stage.watches = []
+    module = torch.nn.Module()
+    module.down_proj = torch.nn.Parameter(torch.zeros(2, 4, 4))
+    unit = _Unit(0, 0, 0, 0, 2, "experts", "down_proj")
+    decoy = torch.zeros(3, 5, dtype=torch.long)
+    choices = torch.tensor([[[1, 0], [0, 1], [1, 1]]])
+    stage._enter(unit)(module, (torch.zeros(1, 3, 4), decoy, choices), {})
+    try:
+        assert torch.equal(stage.watches[-1].index, choices.reshape(3, 2))
+    finally:
+        stage.end_pass()
+    assert stage.watches == []
