@@ -428,3 +428,27 @@ def test_the_reference_reductions_count_in_integers():
             ge, amax, bad, _, _ = reduce(x, torch.zeros_like(x), torch.zeros_like(x), edges)
             assert (ge.dtype, bad.dtype) == (torch.int64, torch.int64), reduce.__name__
             assert ge.tolist() == [[1, 1], [0, 0]] and int(bad) == 2 and amax.tolist() == [7.0, 0.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_module_the_model_calls_twice_in_a_pass_counts_both_calls(backend):
+    """A hook point whose module runs twice in one forward (a module the model reuses): its outlier
+    counts add over both calls and its maximum is the larger of the two; the positions of both count."""
+    from doubles import ReplayModel
+
+    class Twice(ReplayModel):
+        def forward(self, input_ids):
+            for layer, (attn, mlp) in zip(self.layers, self.acts):
+                layer.self_attn(attn)
+                layer.mlp(mlp)
+                layer.mlp(-2 * mlp)
+
+    x = torch.zeros(1, 6, 3)
+    x[0, :, 0] = torch.tensor([1.0, 3.0, 3.5, 7.0, 0.0, -2.0])  # |x| >= 6 once; |2x| >= 6 three times
+    x[0, 5, 2] = 4.0  # only the second call reaches 6 here
+    model = Twice([[torch.zeros(1, 6, 3), x]])
+    collector = OutlierCollector(6.0, 5, None, backend=backend, early_stop=False)
+    stats = collector.collect_batch(model, ReplayModel.points([0]), torch.zeros(1, 1, dtype=torch.long))
+    assert stats.occurrences().tolist() == [[0, 0, 0], [1 + 3, 0, 1]]
+    assert stats.max_abs[1].tolist() == [14.0, 0.0, 8.0]
+    assert stats.positions_hit().tolist() == [3, 0, 1]  # dim 0 at positions 1-3, dim 2 at 5

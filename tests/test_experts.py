@@ -1048,3 +1048,38 @@ def test_the_experts_hook_takes_the_choices_from_the_argument_the_probe_named():
     finally:
         stage.end_pass()
     assert stage.watches == []
+
+
+def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does():
+    """_accumulate (a unit's experts run twice in one pass): per expert the larger maximum wins with
+    its whole record; at an equal maximum the earlier token wins, and at an equal token the first
+    record stays (ExpertStats.merge's rule); a smaller maximum at an earlier token does not win.
+    The same for the input maximum; tokens and counts add."""
+    from outlier_hydra.stages.experts import Experts, _Unit
+
+    def record(out_max, out_token, in_max, in_token, tag):
+        n = len(out_max)
+        return {
+            "tokens": torch.ones(n, dtype=torch.long),
+            "out_max": torch.tensor(out_max),
+            "out_dim": torch.full((n,), tag),
+            "out_token": torch.tensor(out_token),
+            "col": torch.full((n,), tag),
+            "weight": torch.full((n,), float(tag)),
+            "contribution": torch.full((n,), float(tag)),
+            "in_max": torch.tensor(in_max),
+            "in_channel": torch.full((n,), tag),
+            "in_token": torch.tensor(in_token),
+            "counts": torch.ones(n, 3, dtype=torch.long),
+        }
+
+    unit = _Unit(0, 0, 0, 0, 4, "experts", "down_proj")
+    # experts: 0 larger, 1 equal and earlier, 2 equal at the same token, 3 smaller but earlier
+    Experts._accumulate(unit, record([5.0, 5.0, 5.0, 5.0], [4, 4, 4, 4], [2.0, 2.0, 2.0, 2.0], [4, 4, 4, 4], 1))
+    Experts._accumulate(unit, record([6.0, 5.0, 5.0, 4.0], [9, 3, 4, 1], [3.0, 2.0, 2.0, 1.0], [9, 3, 4, 1], 2))
+    acc = unit.acc
+    assert acc["out_max"].tolist() == [6.0, 5.0, 5.0, 5.0] and acc["out_token"].tolist() == [9, 3, 4, 4]
+    for key in ("out_dim", "col", "weight", "contribution", "in_channel"):
+        assert acc[key].tolist() == [2, 2, 1, 1], key
+    assert acc["in_max"].tolist() == [3.0, 2.0, 2.0, 2.0] and acc["in_token"].tolist() == [9, 3, 4, 4]
+    assert acc["tokens"].tolist() == [2] * 4 and acc["counts"].tolist() == [[2] * 3] * 4
