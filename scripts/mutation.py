@@ -387,7 +387,7 @@ def report(modules: list[str]) -> float:
     for name in sorted(listed - set(equiv)):
         print(f"note: {EQUIVALENT.name} lists {name}, judged at another version of its function: run again")
     counts: dict[str, Counter] = defaultdict(Counter)
-    sampled: Counter = Counter()
+    sampled: dict[str, Counter] = defaultdict(Counter)
     survivors = []
     crashed = aborted()
     for name, st in status.items():
@@ -402,7 +402,8 @@ def report(modules: list[str]) -> float:
             st = "gpu only" if equiv[name].startswith("gpu:") else "equivalent"
         counts[mod][st] += 1
         if in_sample(name):
-            sampled[st] += 1
+            sampled[mod][st] += 1
+            sampled["all"][st] += 1
         if st in ("survived", "no tests", "suspicious"):
             survivors.append(f"{st:>10}  {name}")
     total: Counter = Counter()
@@ -427,15 +428,17 @@ def report(modules: list[str]) -> float:
             c["gpu only"],
         )
         print(f"{mod:<10} " + " ".join(f"{v:>8}" for v in (*row, c["not checked"])) + f" {score:>7.1f}%")
-    found = sampled["killed"] + sampled["timeout"] + sampled["caught by type check"] + sampled["segfault"]
-    judged = found + sampled["survived"] + sampled["suspicious"] + sampled["no tests"]
-    lo, hi = wilson(found, judged)
-    print(
-        f"\nuniform sample (1 mutant in {SAMPLE_EVERY}): {sum(sampled.values())} mutants, {found} killed of {judged}"
-        f" judged non-equivalent, {sampled['equivalent'] + sampled['gpu only']} equivalent or GPU-only,"
-        f" {sampled['not checked']} not yet run: score {100.0 * found / judged if judged else float('nan'):.1f}%"
-        f" (95% interval {lo:.1f}-{hi:.1f}%)"
-    )
+    print(f"\nuniform sample (1 mutant in {SAMPLE_EVERY}): the estimate of each module's whole score")
+    for mod in [*modules, "all"]:
+        c = sampled[mod]
+        found = c["killed"] + c["timeout"] + c["caught by type check"] + c["segfault"]
+        judged = found + c["survived"] + c["suspicious"] + c["no tests"]
+        lo, hi = wilson(found, judged)
+        print(
+            f"{mod:<10} {sum(c.values())} mutants, {found} killed of {judged} judged non-equivalent,"
+            f" {c['equivalent'] + c['gpu only']} equivalent or GPU-only, {c['not checked']} not yet run:"
+            f" score {100.0 * found / judged if judged else float('nan'):.1f}% (95% interval {lo:.1f}-{hi:.1f}%)"
+        )
     if survivors:
         print(f"\nnot killed ({len(survivors)}; `.venv/bin/mutmut show NAME` prints the change):")
         print("\n".join(sorted(survivors)))

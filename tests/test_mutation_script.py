@@ -342,7 +342,11 @@ def test_the_uniform_sample_is_a_tenth_by_name_and_reported_with_its_interval(tm
     script.report(["stages"])
     k = len(picked) - 3
     lo, hi = script.wilson(k, len(picked) - 1)
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("uniform sample"))
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, x in enumerate(out) if x.startswith("uniform sample"))
+    assert out[at + 1].startswith("stages ") and out[at + 2].startswith("all ")
+    assert out[at + 1].partition(" ")[2].strip() == out[at + 2].partition(" ")[2].strip()  # one module: the same
+    line = out[at + 2]
     assert f"{len(picked)} mutants, {k} killed of {len(picked) - 1} judged non-equivalent" in line
     assert f"1 not yet run: score {100 * k / (len(picked) - 1):.1f}% (95% interval {lo:.1f}-{hi:.1f}%)" in line
 
