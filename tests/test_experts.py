@@ -925,6 +925,8 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
     (0.0, with its place), one that never ran (-1) reports None for both maxima and no place; a
     maximum at a token the experts implementation did not reveal has no sequence or position; a MoE
     layer whose routed experts saw no token is listed as unobserved."""
+    from types import SimpleNamespace
+
     from outlier_hydra.stages import ReportContext
     from outlier_hydra.stages.experts import UNKNOWN_TOKEN, Experts, ExpertStats
 
@@ -932,34 +934,43 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
         return np.asarray(values, dtype)
 
     stats = ExpertStats(
-        keys=col([0, 0, 0, 2], [0, 1, 1, 0], [1, 2, 0, 0], [2, 0, 0, 0]),
-        tokens=col(3, 4, 0, 0),
-        out_max=col(5.0, 0.0, -1.0, -1.0, dtype=np.float64),
-        out_dim=col(1, 0, 0, 0),
-        out_token=col(UNKNOWN_TOKEN, 5, 2**62, 2**62),
-        col=col(0, 1, 0, 0),
-        weight=col(0.5, 0.0, 0.0, 0.0, dtype=np.float64),
-        contribution=col(1.0, 0.0, 0.0, 0.0, dtype=np.float64),
-        in_max=col(2.0, 0.0, -1.0, -1.0, dtype=np.float64),
-        in_channel=col(1, 0, 0, 0),
-        in_token=col(1, 0, 2**62, 2**62),
-        median_abs_weight=col(0.25, 0.25, 0.25, 0.25, dtype=np.float64),
+        keys=col([0, 0, 0, 2], [0, 1, 1, 0], [1, 2, 0, 0], [2, 0, 0, 0], [3, 2, 0, 0]),
+        tokens=col(3, 4, 0, 0, 2),
+        out_max=col(5.0, 0.0, -1.0, -1.0, 1.0, dtype=np.float64),
+        out_dim=col(1, 0, 0, 0, 0),
+        out_token=col(UNKNOWN_TOKEN, 5, 2**62, 2**62, 9),
+        col=col(0, 1, 0, 0, 0),
+        weight=col(0.5, 0.0, 0.0, 0.0, 1.0, dtype=np.float64),
+        contribution=col(1.0, 0.0, 0.0, 0.0, 1.0, dtype=np.float64),
+        in_max=col(2.0, 0.0, -1.0, -1.0, 1.0, dtype=np.float64),
+        in_channel=col(1, 0, 0, 0, 0),
+        in_token=col(1, 0, 2**62, 2**62, 9),
+        median_abs_weight=col(0.25, 0.0, 0.25, 0.25, 0.25, dtype=np.float64),
         count_keys=np.zeros((0, 2), np.int64),
         counts=np.zeros(0, np.int64),
     )
     ids = np.arange(8).reshape(2, 4) + 100
-    section = Experts(make_cfg().analysis.stages.experts).report(stats, ReportContext(records=[], token_ids=ids))
+    tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda t: f"<{t}>")
+    ctx = ReportContext(records=[], token_ids=ids, tokenizer=tokenizer)
+    section = Experts(make_cfg().analysis.stages.experts).report(stats, ctx)
     units = section["units"]
     assert [(u["layer"], u["kind"], u["expert"]) for u in units] == [
         (0, "routed", 2),
         (0, "shared", 1),
         (1, "dense", 0),
         (2, "routed", 0),
+        (3, "dense", 0),
     ]
-    assert [(u["max_output"], u["max_input"]) for u in units] == [(5.0, 2.0), (0.0, 0.0), (None, None), (None, None)]
-    assert ["max_output_at" in u for u in units] == [True, True, False, False]
+    assert [(u["max_output"], u["max_input"]) for u in units][:4] == [(5.0, 2.0), (0.0, 0.0), (None, None), (None, None)]
+    assert ["max_output_at" in u for u in units] == [True, True, False, False, True]
     assert units[0]["max_output_at"] == {"token_index": None}
-    assert units[1]["max_output_at"] == {"token_index": 5, "sequence": 1, "position": 1, "token_id": 105}
+    at = {"token_index": 5, "sequence": 1, "position": 1, "token_id": 105, "token": "<105>"}
+    assert units[1]["max_output_at"] == at
+    # a sequence past the token ids at hand (another shard's): its place, no token
+    assert units[4]["max_output_at"] == {"token_index": 9, "sequence": 2, "position": 1}
+    # the weight's ratio to the median |w|: none where that median is 0
+    ratios = [u["super_weight_candidate"]["ratio_to_median_abs_weight"] for u in units if "super_weight_candidate" in u]
+    assert ratios == [2.0, None, 4.0]
     assert section["unobserved_layers"] == [2]
 
 
