@@ -972,6 +972,12 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
     ratios = [u["super_weight_candidate"]["ratio_to_median_abs_weight"] for u in units if "super_weight_candidate" in u]
     assert ratios == [2.0, None, 4.0]
     assert section["unobserved_layers"] == [2]
+    # experts as a list of modules: one unit each; a layer is observed if any of its experts saw a token
+    more = {k: np.concatenate([getattr(stats, k), getattr(stats, k)[3:4]]) for k in stats.__dataclass_fields__}
+    more["keys"][-1] = [0, 0, 3, 3]  # layer 0's expert 3, after expert 2 (3 tokens): none
+    more["count_keys"], more["counts"] = stats.count_keys, stats.counts
+    again = Experts(make_cfg().analysis.stages.experts).report(ExpertStats(**more), ctx)
+    assert again["unobserved_layers"] == [2]
 
 
 def test_the_down_projection_bank_is_found_by_name_and_its_layout_by_the_modules_own_flag():

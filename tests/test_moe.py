@@ -656,3 +656,40 @@ def test_router_means_of_a_layer_that_saw_one_token_are_that_tokens_values():
     assert layer["tokens"] == 1 and layer["tokens_per_expert"] == [0, 1, 1]
     assert layer["entropy_mean"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
     assert layer["top1_share_mean"] == pytest.approx(0.7)
+
+
+def test_router_report_keeps_the_top_experts_and_merges_no_features_as_integers():
+    """Crafted router statistics: per feature and layer and over all layers only the configured top
+    experts (3 of 4 chosen here), shares of all choices; the summary line's percentage; and two shards
+    with no feature positions merge to empty integer arrays (as one job's would be)."""
+    from outlier_hydra.stages import ReportContext
+    from outlier_hydra.stages.moe_routing import MoeRouting, RouterStats
+
+    def stats(keys, counts):
+        k = len(keys)
+        return RouterStats(
+            layers=np.array([1]),
+            expert_counts=np.array([[4, 4, 4, 8]]),
+            tokens=np.array([5]),
+            entropy_sum=np.array([1.0]),
+            top1_share_sum=np.array([2.5]),
+            feat_keys=np.asarray(keys, np.int64).reshape(-1, 2),
+            feat_counts=np.asarray(counts, np.int64).reshape(-1, 4),
+            feat_positions=np.full(k, 5, np.int64),
+            feat_entropy_sum=np.full(k, 1.0),
+            feat_share_sum=np.full(k, 2.5),
+        )
+
+    stage = MoeRouting(make_cfg().analysis.stages.moe_routing)
+    section = stage.report(stats([[0, 9]], [[1, 1, 1, 7]]), ReportContext(records=[{"feature_dim": 9}]))
+    [feature] = section["features"]
+    assert [t["expert"] for t in feature["top_experts_all_layers"]] == [3, 0, 1]
+    assert [t["share"] for t in feature["top_experts_all_layers"]] == [0.7, 0.1, 0.1]
+    assert [t["position_share"] for t in feature["layers"][0]["top_experts"]] == [1.4, 0.2, 0.2]
+    assert stage.summary(section) == [
+        "dim 9: outlier positions go most to expert 3 (70% of their top-k choices, over 1 MoE layers)"
+    ]
+    merged = stats([], []).merge(stats([], []))
+    assert merged.feat_keys.shape == (0, 2) and merged.feat_counts.shape == (0, 4)
+    assert [a.dtype for a in (merged.feat_keys, merged.feat_counts, merged.feat_positions)] == [np.int64] * 3
+    assert merged.tokens.tolist() == [10] and merged.expert_counts.tolist() == [[8, 8, 8, 16]]
