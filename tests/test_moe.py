@@ -686,6 +686,8 @@ def test_router_report_keeps_the_top_experts_and_merges_no_features_as_integers(
     assert [t["expert"] for t in feature["top_experts_all_layers"]] == [3, 0, 1]
     assert [t["share"] for t in feature["top_experts_all_layers"]] == [0.7, 0.1, 0.1]
     assert [t["position_share"] for t in feature["layers"][0]["top_experts"]] == [1.4, 0.2, 0.2]
+    layer = feature["layers"][0]
+    assert (layer["outlier_positions"], layer["entropy_mean"], layer["top1_share_mean"]) == (5, 1.0 / 5, 2.5 / 5)
     assert stage.summary(section) == [
         "dim 9: outlier positions go most to expert 3 (70% of their top-k choices, over 1 MoE layers)"
     ]
