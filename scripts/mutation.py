@@ -372,6 +372,12 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return 100.0 * (centre - half), 100.0 * (centre + half)
 
 
+def _found(c: Counter) -> int:
+    """Mutants a test found: killed, timed out, caught by the type check, or crashing the tests'
+    process (a segfault or an abort is found as surely as a failing test)."""
+    return c["killed"] + c["timeout"] + c["caught by type check"] + c["segfault"]
+
+
 def module_of(name: str) -> str:
     parts = name.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "outlier_hydra" else "?"
@@ -415,8 +421,7 @@ def report(modules: list[str]) -> float:
             total.update(c)
         n = sum(c.values())
         judged = n - c["equivalent"] - c["gpu only"] - c["not checked"] - c["skipped"]
-        # a mutant that crashes the tests' process (a segfault or an abort) is found as surely as a failing test
-        killed = c["killed"] + c["timeout"] + c["caught by type check"] + c["segfault"]
+        killed = _found(c)
         score = 100.0 * killed / judged if judged else float("nan")
         row = (
             n,
@@ -431,7 +436,7 @@ def report(modules: list[str]) -> float:
     print(f"\nuniform sample (1 mutant in {SAMPLE_EVERY}): the estimate of each module's whole score")
     for mod in [*modules, "all"]:
         c = sampled[mod]
-        found = c["killed"] + c["timeout"] + c["caught by type check"] + c["segfault"]
+        found = _found(c)
         judged = found + c["survived"] + c["suspicious"] + c["no tests"]
         lo, hi = wilson(found, judged)
         print(

@@ -94,17 +94,21 @@ def _library(name: str) -> bool:
     return name.startswith(LIBRARIES) or any(f"-packages/{lib}" in name for lib in LIBRARIES[:2])
 
 
+def _frames(event) -> list[str]:
+    """The names above an op: the op and its parents (the profiler's Python events among them), then
+    its recorded stack, innermost first (where the profiler links no Python event to the op)."""
+    stack, names = list(getattr(event, "stack", None) or []), []
+    while event is not None:
+        names.append(event.name)
+        event = event.cpu_parent
+    return names + stack
+
+
 def function_of(event) -> str | None:
     """The project's function an op comes from: the innermost Python frame outside torch and triton
     (the profiler names a frame by its function's first line), if it is the project's; None for the
-    model's own ops. The frames are the op's parents (the profiler's Python events); where they are not
-    linked to the ops, the op's recorded stack, innermost first."""
-    names = []
-    parent = event
-    while parent is not None:
-        names.append(parent.name)
-        parent = parent.cpu_parent
-    for name in [*names, *(getattr(event, "stack", None) or [])]:
+    model's own ops."""
+    for name in _frames(event):
         frame = FRAME.match(name)
         if frame and not _library(name) and frame["function"] not in PASS_THROUGH:
             at = frame["file"].rfind("outlier_hydra/")
@@ -114,16 +118,11 @@ def function_of(event) -> str | None:
 
 def has_frames(prof) -> bool:
     """Whether any op of the profile is linked to a Python frame (parent or recorded stack)."""
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::"):
-            parent = event.cpu_parent
-            while parent is not None:
-                if FRAME.match(parent.name):
-                    return True
-                parent = parent.cpu_parent
-            if getattr(event, "stack", None):
-                return True
-    return False
+    return any(
+        any(FRAME.match(name) for name in _frames(event))
+        for event in prof.events()
+        if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith("aten::")
+    )
 
 
 def print_time_by_function(fn, device, name: str, rows: int = 20) -> None:
