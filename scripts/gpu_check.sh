@@ -5,6 +5,7 @@
 #                                     gpt_oss_20b_shape and mixtral_shape (16 of Mixtral's 32 layers),
 #                                     then stage_breakdown.py on the first preset ($BREAKDOWN: which
 #                                     presets; empty: none)
+#   TUNE=0 scripts/gpu_check.sh       without reduce_bench.py --tune: the default launch shape
 #   DEVICE=cpu scripts/gpu_check.sh   the same steps on the CPU presets (cpu_tiny, cpu_mid): the
 #                                     script checked end to end on a machine without a GPU
 # Writes benchmarks/results/<card>-<date>.json (every preset's benchmark.json) and the breakdowns'
@@ -47,10 +48,11 @@ fi
 "$PY" -c "import torch; print('python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 WORK=$(mktemp -d)
-echo "== CUDA tests (they skip without a GPU)"
+echo "== CUDA tests (they skip without a GPU), and the experts kernels against numpy (on the GPU there)"
 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_benchmark.py tests/test_experts.py || echo "gpu_check: CUDA tests FAILED"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_experts.py -k expert_rows_against_numpy || echo "gpu_check: kernel tests FAILED"
 
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${TUNE:-1}" = 1 ]; then
   echo "== the reductions alone, one [8192, 2048] bf16 tensor (Triton launch shapes tuned)"
   OUT_BLOCKS="$WORK/blocks" "$PY" scripts/reduce_bench.py --tune || echo "gpu_check: reduce_bench FAILED"
   # the presets run with the fastest launch shape found (each benchmark.json records the one it used)

@@ -329,41 +329,64 @@ def test_a_triton_kernel_that_does_not_build_falls_back_to_torch_ops(tmp_path, m
 @pytest.mark.parametrize("sorted_rows", [True, False], ids=["sorted", "mixed"])
 @pytest.mark.parametrize("with_valid", [True, False], ids=["valid", "all"])
 def test_expert_rows_against_numpy(dtype, sorted_rows, with_valid):
-    """The experts stage's Triton kernel (without a GPU in Triton's interpreter, conftest): row maxima
-    of |y| and |x| (a NaN row -1, Inf a maximum) and the per-(expert, dim) counts at the threshold,
-    recomputed with numpy. Sorted rows (grouped_mm's order) take the one-atomic-per-dim way, mixed
-    rows the per-element one."""
+    """The experts stage's Triton kernels (without a GPU in Triton's interpreter, conftest), recomputed
+    with numpy: per expert the rows counted, the largest row maximum of |y| and of |x| (a NaN row holds
+    none, Inf is a maximum) and the row holding it (equal values: the earliest token, then the last
+    row), and the per-(expert, dim) counts at the threshold. Values rounded to integers and tokens
+    drawn from few make ties at every step. Sorted rows (grouped_mm's order) take the one-atomic-per-
+    tile way, mixed rows the per-row one."""
     from outlier_hydra.collect import fused_triton
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(3)
-    rows, out_dims, in_dims, experts = 300, 300, 40, 5  # several column tiles of y, rows across 19 programs
-    y = (torch.randn(rows, out_dims, generator=g) * 3).to(dtype)
-    x = torch.randn(rows, in_dims, generator=g).to(dtype)
+    rows, out_dims, in_dims, experts = 300, 300, 40, 6  # several column tiles of y, rows across 19 programs
+    y = (torch.randn(rows, out_dims, generator=g) * 3).round().to(dtype)
+    x = (torch.randn(rows, in_dims, generator=g) * 2).round().to(dtype)
     y[:, 11] *= 10
     y[5, 3], y[9, 2], y[10, 280], x[7, 1], x[8, 0] = float("nan"), float("inf"), -float("inf"), float("nan"), float("inf")
     y[20, 4] = 6.0  # exactly the threshold
-    expert = torch.randint(0, experts, (rows,), generator=g)
+    expert = torch.randint(0, experts - 1, (rows,), generator=g)  # the last expert gets no row
+    token = torch.randint(0, 40, (rows,), generator=g)
+    token[:8] = fused_triton_unknown = 2**60  # rows whose token is not known rank after all, alike
     if sorted_rows:
         expert = expert.sort().values
     valid = torch.rand(rows, generator=g) < 0.8 if with_valid else None
-    y_row, x_row, counts = fused_triton.expert_rows(
-        y.to(dev), x.to(dev), expert.to(dev), None if valid is None else valid.to(dev), 6.0, experts
+    got = fused_triton.expert_rows(
+        y.to(dev), x.to(dev), expert.to(dev), token.to(dev), None if valid is None else valid.to(dev), 6.0, experts
     )
 
-    def row_max(t):
+    counted = np.ones(rows, bool) if valid is None else valid.numpy()
+    e_of, t_of = expert.numpy(), token.numpy()
+
+    def best(t):
         a = np.abs(t.float().numpy())
-        return np.where(np.isnan(a).any(1), -1.0, np.nanmax(np.where(np.isnan(a), 0, a), 1)).astype(np.float32)
+        value = np.where(np.isnan(a).any(1), -1.0, np.nanmax(np.where(np.isnan(a), 0, a), 1))
+        value = np.where(counted, value, -1.0)
+        top, at = np.full(experts, -1.0, np.float32), np.full(experts, -1)
+        for e in range(experts):
+            mine = [r for r in range(rows) if e_of[r] == e and value[r] >= 0]
+            if mine:
+                top[e] = max(value[r] for r in mine)
+                first = min(t_of[r] for r in mine if value[r] == top[e])
+                at[e] = max(r for r in mine if value[r] == top[e] and t_of[r] == first)
+        return top, at
 
     a = np.abs(y.float().numpy())
-    hit = a >= np.float32(6.0)
-    if valid is not None:
-        hit &= valid.numpy()[:, None]
+    hit = (a >= np.float32(6.0)) & counted[:, None]
     want = np.zeros((experts, out_dims), np.int64)
-    np.add.at(want, expert.numpy(), hit.astype(np.int64))
-    assert np.array_equal(y_row.cpu().numpy(), row_max(y)) and np.array_equal(x_row.cpu().numpy(), row_max(x))
-    assert counts.dtype == torch.int64 and np.array_equal(counts.cpu().numpy(), want)
-    assert y_row[5] == -1 and y_row[9] == float("inf") and x_row[8] == float("inf") and want[:, 11].sum() > 100
+    np.add.at(want, e_of, hit.astype(np.int64))
+    (out_max, out_row), (in_max, in_row) = best(y), best(x)
+    assert np.array_equal(got.out_max.cpu().numpy(), out_max) and np.array_equal(got.out_row.cpu().numpy(), out_row)
+    assert np.array_equal(got.in_max.cpu().numpy(), in_max) and np.array_equal(got.in_row.cpu().numpy(), in_row)
+    assert np.array_equal(got.tokens.cpu().numpy(), np.bincount(e_of, weights=counted, minlength=experts).astype(np.int64))
+    assert got.counts.dtype == torch.int64 and np.array_equal(got.counts.cpu().numpy(), want)
+    assert want[:, 11].sum() > 100 and out_row[-1] == in_row[-1] == -1 and got.tokens[-1] == 0
+    assert float("inf") in out_max and float("inf") in in_max  # row 9's / row 8's expert
+    # the tie rules were exercised: some expert's maximum is held by several rows, of different tokens
+    ties = [
+        e for e in range(experts - 1) if ((e_of == e) & counted & (np.abs(y.float().numpy()).max(1) == out_max[e])).sum() > 1
+    ]
+    assert ties and fused_triton_unknown in t_of
 
 
 def _reanalyze(run_dir, *args):
@@ -1042,6 +1065,40 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
         calls.clear()
         assert torch.equal(xs, rows) and torch.allclose(ys, expected, atol=1e-5) and out.numel() == ys.numel()
         assert expert.tolist() == [0, 1, 1] and token.tolist() == [0, 1, 2] and valid is None
+
+
+def test_the_watch_takes_grouped_mm_order_from_the_models_own_sort():
+    """grouped_mm_experts_forward sorts the flat choices itself: the watch keeps that sort's result
+    (values and permutation) instead of sorting again. A sort of anything else, or one asked to
+    descend, is not taken for it; without one the watch sorts the choices itself."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.experts import _Unit, _Watch
+
+    calls = []
+    stage = SimpleNamespace(_update=lambda unit, x, y, expert, token, valid=None: calls.append((expert, token)))
+    bank = torch.randn(3, 4, 4)
+    unit = _Unit(0, 0, 0, 0, 3, "experts", "down_proj")
+    index = torch.tensor([[2, 0], [0, 1], [1, 2]])
+    x, offs = torch.randn(6, 4), torch.tensor([2, 4, 6], dtype=torch.int32)
+    for model_sort in ("function", "method", "descending", "other", None):
+        with _Watch(stage, unit, bank, index) as watch:
+            flat = index.reshape(-1)
+            own = {
+                "function": lambda: torch.sort(flat),
+                "method": lambda: flat.sort(),
+                "descending": lambda: torch.sort(flat, descending=True),
+                "other": lambda: torch.sort(flat.clone()),
+                None: lambda: None,
+            }[model_sort]()
+            torch._grouped_mm(x, bank.transpose(-2, -1), offs)
+        [(expert, token)] = calls
+        calls.clear()
+        taken = model_sort in ("function", "method")
+        assert watch.sorted is (own if taken else None), model_sort
+        assert (own is not None and expert.data_ptr() == own.values.data_ptr()) is taken, model_sort
+        assert expert.tolist() == [0, 0, 1, 1, 2, 2] and sorted(token.tolist()) == [0, 0, 1, 1, 2, 2]
+        assert [int(index[t, (index[t] == e).nonzero()[0, 0]]) for t, e in zip(token, expert)] == expert.tolist()
 
 
 def test_the_experts_hook_takes_the_choices_from_the_argument_the_probe_named():

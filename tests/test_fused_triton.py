@@ -95,7 +95,7 @@ def test_the_refusals_say_what_was_given_and_what_is_taken():
     expert = torch.zeros(4, dtype=torch.long, device=DEVICE)
     for y_dtype, x_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
         with pytest.raises(TypeError) as e:
-            fused_triton.expert_rows(x.to(y_dtype), x.to(x_dtype), expert, None, 6.0, 1)
+            fused_triton.expert_rows(x.to(y_dtype), x.to(x_dtype), expert, expert, None, 6.0, 1)
         assert str(e.value) == f"expert_rows takes {taken}, not {y_dtype} / {x_dtype}"
 
 
@@ -180,29 +180,54 @@ def test_launch_shape_default_is_used_when_none_is_given(monkeypatch):
 
 @pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
 def test_the_experts_kernel_launch_and_outputs(monkeypatch, default_dtype):
-    """The grid and the buffers the kernel writes: float32 row maxima and int32 counts, whatever
-    torch's default dtype (research code sets float64)."""
+    """The grids and the buffers the two kernels write: float32 row maxima, int64 keys and rows
+    starting at -1, int32 token and outlier counts starting at 0, whatever torch's default dtype
+    (research code sets float64); the second kernel reads the first's row maxima and keys."""
     launches = _Launches()
     monkeypatch.setattr(fused_triton, "_kernel", launches)
     before = torch.get_default_dtype()
     torch.set_default_dtype(default_dtype)
     try:
-        for n, valid in ((37, None), (0, torch.ones(0, dtype=torch.bool)), (16, torch.ones(16, dtype=torch.bool))):
+        for n, valid in ((37, None), (0, torch.ones(0, dtype=torch.bool)), (1025, torch.ones(1025, dtype=torch.bool))):
             y, x = torch.zeros(n, 6, dtype=torch.float32), torch.zeros(n, 4, dtype=torch.bfloat16)
-            expert = torch.zeros(n, dtype=torch.long)
-            y_row, x_row, counts = fused_triton.expert_rows(y, x, expert, valid, 6.0, 3)
-            name, grid, args, kw = launches.calls[-1]
+            expert, token = torch.zeros(n, dtype=torch.long), torch.arange(n)
+            got = fused_triton.expert_rows(y, x, expert, token, valid, 6.0, 3)
+            (name, grid, args, kw), (name2, grid2, args2, kw2) = launches.calls[-2:]
             assert name == "expert_rows_kernel" and grid == (max(1, -(-n // fused_triton.EXPERT_ROWS)),)
-            assert args[0] is y and args[1] is x and args[2] is expert and args[7:10] == (n, 6, 4)
-            assert args[3] is (y if valid is None else valid) and kw["HAS_VALID"] is (valid is not None)
-            assert args[4] is y_row and args[5] is x_row and args[6].dtype == torch.int32
-            assert args[10:] == (*y.stride(), *x.stride(), 6.0)
+            assert name2 == "expert_at_kernel" and grid2 == (max(1, -(-n // fused_triton.AT_ROWS)),)
+            assert args[0] is y and args[1] is x and args[2] is expert and args[3] is token
+            assert args[4] is (y if valid is None else valid) and kw["HAS_VALID"] is (valid is not None)
+            y_row, x_row, keys, tokens, counts = args[5:10]
+            assert y_row.dtype == x_row.dtype == torch.float32 and y_row.shape == x_row.shape == (n,)
+            assert keys.dtype == torch.int64 and keys.shape == (2, 3) and (keys == -1).all()
+            assert tokens.dtype == counts.dtype == torch.int32 and tokens.shape == (3,) and counts.shape == (3, 6)
+            assert not tokens.any() and not counts.any()
+            assert args[10:] == (n, 3, 6, 4, *y.stride(), *x.stride(), 6.0)
             assert (kw["BR"], kw["BC"]) == (fused_triton.EXPERT_ROWS, fused_triton.EXPERT_COLS)
-            assert (y_row.dtype, x_row.dtype, counts.dtype) == (torch.float32, torch.float32, torch.int64)
-            assert y_row.shape == x_row.shape == (n,) and counts.shape == (3, 6) and not counts.any()
-            assert y_row.device == x_row.device == counts.device == y.device
+            assert all(a is b for a, b in zip(args2[:5], (expert, token, y_row, x_row, keys)))
+            at = args2[5]
+            assert at.dtype == torch.int64 and at.shape == (2, 3) and (at == -1).all() and args2[6:] == (n, 3)
+            assert kw2 == {"BR": fused_triton.AT_ROWS}
+            # nothing launched: no expert ran
+            assert got.tokens.tolist() == [0, 0, 0] and got.counts.shape == (3, 6) and not got.counts.any()
+            assert got.out_max.tolist() == got.in_max.tolist() == [-1.0] * 3
+            assert got.out_row.tolist() == got.in_row.tolist() == [-1] * 3
+            assert (got.tokens.dtype, got.counts.dtype, got.out_row.dtype) == (torch.int64, torch.int64, torch.int64)
+            assert got.out_max.dtype == got.in_max.dtype == torch.float32
+            assert {t.device for t in vars(got).values()} == {y.device}
     finally:
         torch.set_default_dtype(before)
+
+
+def test_the_experts_kernel_reads_a_maximum_back_from_its_key():
+    """A key's upper 32 bits are the value's float32 bits: exact for every non-negative float32,
+    Inf and the smallest subnormal too."""
+    from outlier_hydra.collect import fused_triton_kernel  # noqa: F401 (the kernel's module imports)
+
+    values = torch.tensor([0.0, 1.4e-45, 1.0, 6.0, 3.4e38, float("inf")], dtype=torch.float32)
+    keys = (values.view(torch.int32).long() << 32) | 12345
+    back = (keys >> 32).to(torch.int32).view(torch.float32)
+    assert torch.equal(back, values) and (keys[1:] > keys[:-1]).all()
 
 
 def test_launch_shape_from_the_environment(monkeypatch):
@@ -287,14 +312,19 @@ for elementwise in (0, 1, 2):
         consts = {"E": 14, "EP": 16, "BN": 64, "BD": 32, "UPDATE": update, "ELEMENTWISE": elementwise}
         k = triton.compile(ASTSource(fn=triton.jit(K.reduce_kernel), signature=reduce, constexprs=consts), target=hopper)
         assert ".entry reduce_kernel" in k.asm["ptx"] and len(k.asm["cubin"]) > 0
-experts = {"y_ptr": "*bf16", "x_ptr": "*bf16", "expert_ptr": "*i64", "valid_ptr": "*i1", "y_row_ptr": "*fp32",
-           "x_row_ptr": "*fp32", "counts_ptr": "*i32", "n_rows": "i32", "n_out": "i32", "n_in": "i32",
+experts = {"y_ptr": "*bf16", "x_ptr": "*bf16", "expert_ptr": "*i64", "token_ptr": "*i64", "valid_ptr": "*i1",
+           "y_row_ptr": "*fp32", "x_row_ptr": "*fp32", "keys_ptr": "*i64", "tokens_ptr": "*i32", "counts_ptr": "*i32",
+           "n_rows": "i32", "n_experts": "i32", "n_out": "i32", "n_in": "i32",
            "stride_y_row": "i32", "stride_y_col": "i32", "stride_x_row": "i32", "stride_x_col": "i32",
            "threshold": "fp32", "HAS_VALID": "constexpr", "BR": "constexpr", "BC": "constexpr"}
 for has_valid in (True, False):
     consts = {"HAS_VALID": has_valid, "BR": 16, "BC": 256}
     k = triton.compile(ASTSource(fn=triton.jit(K.expert_rows_kernel), signature=experts, constexprs=consts), target=hopper)
     assert ".entry expert_rows_kernel" in k.asm["ptx"] and len(k.asm["cubin"]) > 0
+at = {"expert_ptr": "*i64", "token_ptr": "*i64", "y_row_ptr": "*fp32", "x_row_ptr": "*fp32", "keys_ptr": "*i64",
+      "at_ptr": "*i64", "n_rows": "i32", "n_experts": "i32", "BR": "constexpr"}
+k = triton.compile(ASTSource(fn=triton.jit(K.expert_at_kernel), signature=at, constexprs={"BR": 1024}), target=hopper)
+assert ".entry expert_at_kernel" in k.asm["ptx"] and "red.global.gpu.relaxed.max.s64" in k.asm["ptx"]  # signed 64-bit
 print("compiled")
 """
 

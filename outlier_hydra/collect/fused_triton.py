@@ -28,7 +28,7 @@ class Blocks:
     tile (fused_triton_kernel.py). Tuned with scripts/reduce_bench.py; $OUTLIER_HYDRA_TRITON_BLOCKS
     ("rows,cols,programs,warps[,elementwise]") overrides the default without a code change."""
 
-    rows: int = 64  # the fastest of 13 shapes on an H200, bf16 [8192, 2048]: 139 us (the others 150-400)
+    rows: int = 128  # the fastest of 22 shapes on an H200, bf16 [8192, 2048]: 103 us (64 rows: 138; 2026-11-28)
     cols: int = 32
     programs_per_sm: int = 8
     warps: int = 4
@@ -71,7 +71,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _kernel(name: str = "reduce_kernel"):
     import triton
 
@@ -151,29 +151,62 @@ def launch_shape() -> Blocks:
 
 EXPERT_ROWS = 16  # rows per program of expert_rows (a tile of 16 x 256)
 EXPERT_COLS = 256
+AT_ROWS = 1024  # rows per program of the second kernel (reads 3 numbers a row)
+
+
+@dataclass
+class ExpertRows:
+    """Per expert of one down projection's rows (expert_rows): rows counted, the largest |y| and |x|
+    (float32, -1: no row) and the row holding each (int64, -1: none), counts [n_experts, H] int64."""
+
+    tokens: torch.Tensor
+    out_max: torch.Tensor
+    out_row: torch.Tensor
+    in_max: torch.Tensor
+    in_row: torch.Tensor
+    counts: torch.Tensor
 
 
 def expert_rows(
-    y: torch.Tensor, x: torch.Tensor, expert: torch.Tensor, valid: torch.Tensor | None, threshold: float, n_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One read of a down projection's output rows y [S, H] and input rows x [S, I] (stages/experts.py):
-    (max |y| per row, max |x| per row: float32, -1 for a row with a NaN; counts [n_experts, H] int64
-    of |y| >= threshold, threshold as float32 holds it, over rows where valid, by expert[s])."""
+    y: torch.Tensor,
+    x: torch.Tensor,
+    expert: torch.Tensor,
+    token: torch.Tensor,
+    valid: torch.Tensor | None,
+    threshold: float,
+    n_experts: int,
+) -> ExpertRows:
+    """One read of a down projection's output rows y [S, H] and input rows x [S, I] (stages/experts.py),
+    row s by expert[s] (int64) for token[s] (int64), over the rows where valid. Per expert: the rows
+    counted; the largest max |y| of a row and the largest max |x| of a row, each with its row (equal
+    values: the earliest token, then the last row; a row holding a NaN holds no value); the count of
+    |y| >= threshold (as float32 holds it) per output dim. Two launches after the zeroed outputs, no
+    host sync: the reads (fused_triton_kernel.expert_rows_kernel), then the rows of the maxima."""
     if y.dtype not in DTYPES or x.dtype not in DTYPES:
         raise TypeError(f"expert_rows takes {', '.join(map(str, DTYPES))}, not {y.dtype} / {x.dtype}")
     n, h = y.shape
-    y_row = torch.empty(n, dtype=torch.float32, device=y.device)
-    x_row = torch.empty(n, dtype=torch.float32, device=y.device)
-    counts = torch.zeros(n_experts, h, dtype=torch.int32, device=y.device)
+    dev = y.device
+    expert, token = expert.contiguous(), token.contiguous()  # read by row index
+    valid = None if valid is None else valid.contiguous()
+    row_max = torch.empty(2, n, dtype=torch.float32, device=dev)  # max |y|, max |x| of each row
+    marks = torch.full((2, 2, n_experts), -1, dtype=torch.int64, device=dev)  # keys, then their rows
+    sums = torch.zeros(n_experts * (h + 1), dtype=torch.int32, device=dev)  # tokens, then counts
+    y_row, x_row = row_max
+    keys, at = marks
+    tokens, counts = sums[:n_experts], sums[n_experts:].view(n_experts, h)
     _kernel("expert_rows_kernel")[(max(1, _ceil_div(n, EXPERT_ROWS)),)](
         y,
         x,
         expert,
+        token,
         y if valid is None else valid,
         y_row,
         x_row,
+        keys,
+        tokens,
         counts,
         n,
+        n_experts,
         h,
         x.shape[1],
         y.stride(0),
@@ -185,4 +218,9 @@ def expert_rows(
         BR=EXPERT_ROWS,
         BC=EXPERT_COLS,
     )
-    return y_row, x_row, counts.long()
+    _kernel("expert_at_kernel")[(max(1, _ceil_div(n, AT_ROWS)),)](
+        expert, token, y_row, x_row, keys, at, n, n_experts, BR=AT_ROWS
+    )
+    # a key's upper 32 bits are its value's float32 bits (fused_triton_kernel.row_key)
+    best = torch.where(keys >= 0, (keys >> 32).to(torch.int32).view(torch.float32), -1.0)
+    return ExpertRows(tokens.long(), best[0], at[0], best[1], at[1], counts.long())

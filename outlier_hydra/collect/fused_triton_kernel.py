@@ -15,6 +15,7 @@ so far, as the dense reduction's pabs.
 
 from __future__ import annotations
 
+import triton
 import triton.language as tl
 
 
@@ -101,15 +102,30 @@ def reduce_kernel(
         tl.atomic_add(bad_ptr, nonfinite, sem="relaxed")
 
 
+@triton.jit
+def row_key(value, token):
+    """A row's rank for its expert's maximum, one int64 that atomic_max can take: the float32 bits of
+    value (>= 0: their order is the values' order) above 2^32 - 1 - token (equal values: the earlier
+    token wins; tokens at or past 2^32 - 1, the stage's unknown one among them, rank alike). -1 for a
+    row that holds no value (value -1: a NaN row or one not counted)."""
+    cap = tl.full(token.shape, 4294967295, tl.int64)
+    low = cap - tl.minimum(tl.maximum(token, 0), cap)
+    return tl.where(value >= 0, (value.to(tl.int32, bitcast=True).to(tl.int64) << 32) | low, -1)
+
+
 def expert_rows_kernel(
     y_ptr,
     x_ptr,
     expert_ptr,
+    token_ptr,
     valid_ptr,
     y_row_ptr,
     x_row_ptr,
+    keys_ptr,
+    tokens_ptr,
     counts_ptr,
     n_rows,
+    n_experts,
     n_out,
     n_in,
     stride_y_row,
@@ -121,13 +137,16 @@ def expert_rows_kernel(
     BR: tl.constexpr,
     BC: tl.constexpr,
 ):
-    """The experts stage's reads of one down projection's rows (stages/experts.py): per row the
-    largest |y| and |x| (float32; a row holding a NaN: -1; Inf is a maximum), and per (expert, output
-    dim) the count of |y| >= threshold over the counted rows, added with integer atomics (one per
-    dim where a tile's counted rows all belong to one expert, as the sorted rows of grouped_mm do)."""
+    """The experts stage's reads of one down projection's rows (stages/experts.py). Per row the
+    largest |y| and |x| (float32; a row holding a NaN or not counted: -1; Inf is a maximum); per
+    expert the rows counted, and the largest row_key of |y| and of |x| (keys [2, n_experts]); per
+    (expert, output dim) the count of |y| >= threshold over the counted rows. All added with atomics:
+    one per tile where a tile's counted rows all belong to one expert, as the sorted rows of grouped_mm
+    do, else one per row (per element for the counts)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < n_rows
     expert = tl.load(expert_ptr + rows, mask=row_ok, other=0)
+    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
     counted = row_ok
     if HAS_VALID:
         counted = counted & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
@@ -151,7 +170,8 @@ def expert_rows_kernel(
             else:
                 each = counts_ptr + expert[:, None] * n_out + cols[None, :]
                 tl.atomic_add(each, tl.where(hits, 1, 0), mask=hits, sem="relaxed")
-    tl.store(y_row_ptr + rows, tl.where(y_nan > 0, -1.0, y_max), mask=row_ok)
+    y_value = tl.where(counted & (y_nan == 0), y_max, -1.0)
+    tl.store(y_row_ptr + rows, y_value, mask=row_ok)
     x_max = tl.zeros([BR], dtype=tl.float32)
     x_nan = tl.zeros([BR], dtype=tl.int32)
     for start in range(0, n_in, BC):
@@ -162,5 +182,33 @@ def expert_rows_kernel(
         nan = a != a
         x_nan = tl.maximum(x_nan, tl.max(tl.where(nan, 1, 0), axis=1))
         x_max = tl.maximum(x_max, tl.max(tl.where(nan, 0.0, a), axis=1))
-    tl.store(x_row_ptr + rows, tl.where(x_nan > 0, -1.0, x_max), mask=row_ok)
+    x_value = tl.where(counted & (x_nan == 0), x_max, -1.0)
+    tl.store(x_row_ptr + rows, x_value, mask=row_ok)
+    y_key = row_key(y_value, token)
+    x_key = row_key(x_value, token)
+    if one_expert:
+        tl.atomic_add(tokens_ptr + lowest_expert, tl.sum(tl.where(counted, 1, 0)), sem="relaxed")
+        y_top = tl.max(y_key)
+        x_top = tl.max(x_key)
+        tl.atomic_max(keys_ptr + lowest_expert, y_top, mask=y_top >= 0, sem="relaxed")
+        tl.atomic_max(keys_ptr + n_experts + lowest_expert, x_top, mask=x_top >= 0, sem="relaxed")
+    else:
+        tl.atomic_add(tokens_ptr + expert, tl.where(counted, 1, 0), mask=counted, sem="relaxed")
+        tl.atomic_max(keys_ptr + expert, y_key, mask=y_key >= 0, sem="relaxed")
+        tl.atomic_max(keys_ptr + n_experts + expert, x_key, mask=x_key >= 0, sem="relaxed")
+
+
+def expert_at_kernel(expert_ptr, token_ptr, y_row_ptr, x_row_ptr, keys_ptr, at_ptr, n_rows, n_experts, BR: tl.constexpr):
+    """After expert_rows_kernel: per expert, the row whose key is its largest (at [2, n_experts]; equal
+    keys: the last row; -1: none). Only those rows write."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < n_rows
+    expert = tl.load(expert_ptr + rows, mask=row_ok, other=0)
+    token = tl.load(token_ptr + rows, mask=row_ok, other=0)
+    y_key = row_key(tl.load(y_row_ptr + rows, mask=row_ok, other=-1.0), token)
+    x_key = row_key(tl.load(x_row_ptr + rows, mask=row_ok, other=-1.0), token)
+    y_hit = row_ok & (y_key >= 0) & (y_key == tl.load(keys_ptr + expert, mask=row_ok, other=-1))
+    x_hit = row_ok & (x_key >= 0) & (x_key == tl.load(keys_ptr + n_experts + expert, mask=row_ok, other=-1))
+    tl.atomic_max(at_ptr + expert, rows.to(tl.int64), mask=y_hit, sem="relaxed")
+    tl.atomic_max(at_ptr + n_experts + expert, rows.to(tl.int64), mask=x_hit, sem="relaxed")
     # pragma: no mutate end

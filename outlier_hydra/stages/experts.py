@@ -172,9 +172,16 @@ class _Watch(TorchFunctionMode):
         self.ptr = bank.untyped_storage().data_ptr()
         self.per_expert = bank[0].numel()
         self.gathered: dict[int, torch.Tensor] = {}  # id(bank[expert_ids]) -> expert_ids
+        self.sorted: Any = None  # the model's own torch.sort of the flat choices (grouped_mm), once seen
 
     def _is_bank(self, t) -> bool:
         return torch.is_tensor(t) and t.untyped_storage().data_ptr() == self.ptr
+
+    def _is_choices(self, t) -> bool:
+        """t is the choices, flat: [N * k] over the same memory as top_k_index."""
+        return (
+            torch.is_tensor(t) and t.dim() == 1 and t.numel() == self.index.numel() and t.data_ptr() == self.index.data_ptr()
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -192,10 +199,12 @@ class _Watch(TorchFunctionMode):
             n = args[0].reshape(-1, args[0].shape[-1]).shape[0]
             token = rows[:, 1] if len(rows) == n else None
             self.stage._update(self.unit, args[0], out, torch.full((n,), e, device=out.device), token)
+        elif name == "sort" and len(args) == 1 and not kwargs and self._is_choices(args[0]):
+            self.sorted = out  # grouped_mm_experts_forward's order of the rows: not sorted twice
         elif name in ("_grouped_mm", "grouped_mm") and len(args) >= 2 and self._is_bank(args[1]):
             offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
-            flat = self.index.reshape(-1)
-            expert_of_row, perm = torch.sort(flat)  # the order grouped_mm_experts_forward sorts into
+            # the order grouped_mm_experts_forward sorts into: its own sort's, or the same sort again
+            expert_of_row, perm = self.sorted if self.sorted is not None else torch.sort(self.index.reshape(-1))
             n = out.shape[0]
             valid = torch.arange(n, device=out.device) < offs[-1].to(out.device)
             self.stage._update(self.unit, args[0], out, expert_of_row[:n], perm[:n] // self.k, valid)
@@ -357,9 +366,10 @@ class Experts(Stage):
     def _update(self, unit, x, y, expert, token, valid=None) -> None:
         """Rows x [S, I] -> y [S, H] of `unit`, row s by expert[s] for token[s] (batch-local, flat).
 
-        Two reads of the rows (|y| and |x| row maxima; on CUDA one Triton kernel, which counts the
-        outliers too); everything else touches one row per expert, or (CPU) only the rows that reach
-        the threshold. NaN rows count as never reaching anything."""
+        Two reads of the rows (|y| and |x| row maxima; on CUDA in Triton, which also takes each
+        expert's maxima, their rows and the counts: fused_triton.expert_rows); everything else touches
+        one row per expert, or (CPU) only the rows that reach the threshold. NaN rows count as never
+        reaching anything."""
         x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])
         if x.shape[0] == 0:
             return
@@ -370,11 +380,10 @@ class Experts(Stage):
         expert, token = expert.to(dev).long(), token.to(dev).long()
         sync_free = dev.type != "cpu" if self.sync_free is None else self.sync_free
         triton = dev.type == "cuda" and fused_triton.available("cuda") if self.triton is None else self.triton
-        counts = None
         if sync_free and triton and x.dtype in fused_triton.DTYPES and y.dtype in fused_triton.DTYPES:
-            # one read of y and of x: row maxima and outlier counts in one kernel
+            # one read of y and of x: every per-expert number but the spike's dim and weight, in Triton
             try:
-                y_row, x_row, counts = fused_triton.expert_rows(y, x, expert, valid, self.threshold, e_count)
+                got = fused_triton.expert_rows(y, x, expert, token, valid, self.threshold, e_count)
             except compile_errors() as exc:
                 log.warning(
                     "experts: Triton could not build its kernel (%s); using torch ops from now on",
@@ -382,34 +391,20 @@ class Experts(Stage):
                 )
                 self.triton = False
                 return self._update(unit, x, y, expert, token, valid)
-        elif sync_free:  # |y| once: its row maxima and the outlier mask
-            y_abs = y.abs()
-            y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
-            x_row = self._row_absmax(x)
-        else:  # no |y| temporary on the CPU (see _row_absmax)
-            y_row, x_row = self._row_absmax(y), self._row_absmax(x)
-        if valid is not None:
-            y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
-            weight_of_row = valid.long()
+            tokens, counts = got.tokens, got.counts
+            out_max, out_row, in_max, in_row = got.out_max, got.out_row, got.in_max, got.in_row
         else:
-            weight_of_row = torch.ones_like(expert)
-        out_max, out_row = self._segment_max(y_row, expert, token, e_count)
-        in_max, in_row = self._segment_max(x_row, expert, token, e_count)
+            tokens, counts, (out_max, out_row), (in_max, in_row) = self._rows_torch(
+                x, y, expert, token, valid, e_count, sync_free
+            )
         ran = out_row >= 0
         safe, in_safe = out_row.clamp_min(0), in_row.clamp_min(0)
         dim = y[safe].abs().argmax(1)
         wrow = self._weight_rows(unit, dim)  # [E, I]: W_e[dim_e, :]
         contrib = wrow.float() * x[safe].float()
         col = contrib.abs().argmax(1)
-        if counts is None and not sync_free:  # only the rows at the threshold (usually none): the host knows how many
-            rows = (y_row >= self.threshold).nonzero()[:, 0]
-            counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=dev)
-            if len(rows):
-                counts.index_add_(0, expert[rows], at_least(y[rows].abs(), self.threshold).long())
-        elif counts is None:  # no host sync (a GPU without triton): one-hot(expert)^T @ mask on the tensor cores, exact
-            counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, self.threshold), e_count)
         new = {
-            "tokens": torch.zeros(e_count, dtype=torch.long, device=dev).index_add_(0, expert, weight_of_row),
+            "tokens": tokens,
             "out_max": torch.where(ran, out_max, -1.0),
             "out_dim": dim,
             "out_token": torch.where(ran, token[safe], big),
@@ -422,6 +417,31 @@ class Experts(Stage):
             "counts": counts,
         }
         self._accumulate(unit, new)
+
+    def _rows_torch(self, x, y, expert, token, valid, e_count: int, sync_free: bool):
+        """expert_rows' numbers in torch ops (the CPU, or a GPU without triton): (tokens, counts,
+        (out_max, out_row), (in_max, in_row))."""
+        if sync_free:  # |y| once: its row maxima and the outlier mask
+            y_abs = y.abs()
+            y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
+            x_row = self._row_absmax(x)
+        else:  # no |y| temporary on the CPU (see _row_absmax)
+            y_row, x_row = self._row_absmax(y), self._row_absmax(x)
+        if valid is not None:
+            y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
+            weight_of_row = valid.long()
+        else:
+            weight_of_row = torch.ones_like(expert)
+        if not sync_free:  # only the rows at the threshold (usually none): the host knows how many
+            rows = (y_row >= self.threshold).nonzero()[:, 0]
+            counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=y.device)
+            if len(rows):
+                counts.index_add_(0, expert[rows], at_least(y[rows].abs(), self.threshold).long())
+        else:  # no host sync: one-hot(expert)^T @ mask on the tensor cores, exact
+            counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, self.threshold), e_count)
+        tokens = torch.zeros(e_count, dtype=torch.long, device=y.device).index_add_(0, expert, weight_of_row)
+        segments = self._segment_max(y_row, expert, token, e_count), self._segment_max(x_row, expert, token, e_count)
+        return tokens, counts, *segments
 
     @staticmethod
     def _row_absmax(t: torch.Tensor) -> torch.Tensor:
