@@ -5,6 +5,7 @@
     scripts/mutation.py --limit 200          judge at most 200 mutants this time, then report
     scripts/mutation.py --report             report what mutants/ holds, run nothing
     scripts/mutation.py --sample             judge only the uniform sample (1 mutant in 10), then report
+    scripts/mutation.py --functions '*_update*'  judge only these functions' mutants (fnmatch), then report
 
 The mutants not yet judged, and the survivors (a test added since may kill them), run by name in
 chunks, those of the functions with the cheapest tests first, so a run stopped at any point leaves
@@ -39,6 +40,7 @@ person judges it again (`mutmut show NAME`) before pinning it.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import json
 import os
@@ -313,7 +315,14 @@ def map_new_functions() -> None:
     record.write_text(json.dumps(sorted(seen | mapped)))
 
 
-def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: bool = False, sample: bool = False) -> None:
+def run(
+    modules: list[str],
+    limit: int | None,
+    fresh: bool = False,
+    survivors: bool = False,
+    sample: bool = False,
+    functions: list[str] | None = None,
+) -> None:
     keep_verdicts_of_grown_selection()
     map_new_functions()
     status = statuses()
@@ -332,6 +341,7 @@ def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: b
     wanted = [st for st in TO_RUN if st != "not checked"] if survivors else TO_RUN
     todo = [n for n, st in status.items() if module_of(n) in modules and st in wanted and n not in equiv]
     todo = [n for n in todo if in_sample(n)] if sample else todo
+    todo = [n for n in todo if of_functions(n, functions)] if functions else todo
     seconds = test_seconds()
     todo.sort(key=lambda n: (seconds.get(function_of(n), 0.0), n))
     todo = todo[:limit] if limit is not None else todo
@@ -342,6 +352,12 @@ def run(modules: list[str], limit: int | None, fresh: bool = False, survivors: b
             sys.exit(f"mutmut run failed (mutants {i + 1}-{i + len(part)})")
         save_verdicts()
         print(f"{i + len(part)}/{len(todo)} judged", flush=True)
+
+
+def of_functions(name: str, patterns: list[str]) -> bool:
+    """Whether the mutant belongs to a function that one of the patterns (fnmatch, on the function's
+    full name as mutmut writes it: outlier_hydra.stages.experts.xǁExpertsǁ_update) matches."""
+    return any(fnmatch.fnmatchcase(function_of(name), p) for p in patterns)
 
 
 def aborted() -> set[str]:
@@ -460,6 +476,12 @@ def main() -> None:
     p.add_argument(
         "--fresh", action="store_true", help=f"take no verdicts from {VERDICTS.name} (with no mutants/: judge all)"
     )
+    p.add_argument(
+        "--functions",
+        nargs="+",
+        metavar="PATTERN",
+        help="judge only the mutants of the functions these fnmatch patterns name (after a change: *Experts*_update*)",
+    )
     p.add_argument("--pin", nargs="*", metavar="NAME", help="record that these listed equivalents (default all) hold")
     args = p.parse_args()
     if args.pin is not None:
@@ -469,7 +491,7 @@ def main() -> None:
     if unknown := sorted(set(modules) - set(MODULES)):
         p.error(f"not a module mutation testing covers: {', '.join(unknown)} (choose from {', '.join(MODULES)})")
     if not args.report:
-        run(modules, args.limit, args.fresh, args.survivors, args.sample)
+        run(modules, args.limit, args.fresh, args.survivors, args.sample, args.functions)
     score = report(modules)
     print(f"\nscore {score:.1f}% (target {TARGET:.0f}%)")
 

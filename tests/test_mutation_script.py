@@ -294,6 +294,14 @@ def test_a_fresh_clone_makes_the_mutants_takes_the_committed_verdicts_and_runs_t
     script.run(["stages"], None, fresh=True, sample=True)
     assert runs == [(f"{f}__mutmut_2",)]
 
+    # --functions: only the mutants of the functions the patterns name (after a change to them)
+    runs.clear()
+    script.run(["stages"], None, fresh=True, functions=["*.x_g"])
+    assert runs == [(f"{g}__mutmut_1",)]
+    runs.clear()
+    script.run(["stages"], None, fresh=True, functions=["*demo.x*A*f", "*nothing*"])
+    assert runs == [(f"{f}__mutmut_1",)]  # its second was judged by the --sample run above
+
 
 def test_a_mutant_whose_tests_process_aborts_counts_as_found(tmp_path, monkeypatch, capsys):
     """mutmut reports a SIGABRT exit as "suspicious"; the score counts it as killed, as a segfault."""
