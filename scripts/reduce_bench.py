@@ -22,8 +22,8 @@ import torch
 
 from outlier_hydra.collect import fused_triton
 from outlier_hydra.collect.collector import _BatchState
-from outlier_hydra.collect.reductions import at_least, compiled_reduce, dense_reduce, edges_on
-from outlier_hydra.stages.experts import Experts, segment_counts
+from outlier_hydra.collect.reductions import compiled_reduce, dense_reduce, edges_on
+from outlier_hydra.stages.experts import Experts
 from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
 from outlier_hydra.tools.benchmark import sync
 
@@ -124,19 +124,35 @@ def main() -> None:
     expert = torch.randint(0, 64, (routed,), device=device, generator=g).sort().values
     valid = torch.ones(routed, dtype=torch.bool, device=device)
 
+    token = torch.randperm(routed, device=device, generator=g) // 8  # grouped_mm's tokens: each 8 times
+
     def experts_torch():
-        y_abs = y.abs()
-        y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
-        return y_row, Experts._row_absmax(inner), segment_counts(expert, valid, at_least(y_abs, 6.0), 64)
+        return Experts.rows_torch(inner, y, expert, token, valid, 64, True, 6.0)
 
     print(f"experts, one layer: y [{routed}, {args.cols}], x [{routed}, {args.cols // 2}], 64 experts")
     show("experts: torch ops (|y|, maxima, one-hot counts)", experts_torch)
     if fused_triton.available(device.type):
-        want = experts_torch()
-        got = fused_triton.expert_rows(y, inner, expert, valid, 6.0, 64)
-        if not all(torch.equal(a, b) for a, b in zip(want, got)):
-            raise AssertionError("expert_rows differs from the torch ops")
-        show("experts: triton expert_rows", lambda: fused_triton.expert_rows(y, inner, expert, valid, 6.0, 64))
+        tokens, counts, (out_max, out_row), (in_max, in_row) = experts_torch()
+        want = [tokens, out_max, out_row, in_max, in_row, counts]
+        tiles = [None]
+        if args.tune:  # rows, cols, warps of the first kernel's programs
+            tiles += [(16, 256, 8), (32, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8), (32, 128, 4), (64, 128, 8)]
+        fastest = None
+        for tile in tiles:
+            label = "x".join(
+                map(str, tile or (fused_triton.EXPERT_ROWS, fused_triton.EXPERT_COLS, fused_triton.EXPERT_WARPS))
+            )
+            got = fused_triton.expert_rows(y, inner, expert, token, valid, 6.0, 64, tile)
+            if not all(torch.equal(a, b) for a, b in zip(want, vars(got).values(), strict=True)):
+                raise AssertionError(f"expert_rows {label} differs from the torch ops")
+            per_call = show(
+                f"experts: triton expert_rows {label}",
+                lambda tile=tile: fused_triton.expert_rows(y, inner, expert, token, valid, 6.0, 64, tile),
+            )
+            if fastest is None or per_call < fastest[0]:
+                fastest = (per_call, label)
+        if fastest is not None and args.tune:
+            print(f"fastest experts tile (rows x cols x warps): {fastest[1]}")
     show("y.abs().amax(1) (one read of y, one write)", lambda: y.abs().amax(1))
 
     modules = 32

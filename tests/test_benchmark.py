@@ -161,6 +161,23 @@ def test_gpu_check_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
     assert any(r.startswith("outlier_hydra/stages/experts.py(") and r.endswith("_update") for r in rows)
 
 
+def test_reduce_bench_checks_every_kernel_against_torch_before_timing_it():
+    """scripts/reduce_bench.py on the CPU (Triton's interpreter): the reduction and the experts kernel
+    are each compared with the torch ops before they are timed (the script once went on calling the
+    experts kernel by an old signature, unseen until a GPU session)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    args = ["scripts/reduce_bench.py", "--device", "cpu", "--rows", "16", "--cols", "64", "--reps", "1"]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in (
+        "triton 128,32,8,4,0",
+        "experts: torch ops",
+        "experts: triton expert_rows 16x256x4",
+        "triton: end of batch",
+    ):
+        assert line in proc.stdout, line
+
+
 def test_card_names_in_result_files():
     from outlier_hydra.tools.benchmark_results import card_slug
 

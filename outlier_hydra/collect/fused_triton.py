@@ -149,8 +149,9 @@ def launch_shape() -> Blocks:
     return Blocks.default()
 
 
-EXPERT_ROWS = 16  # rows per program of expert_rows (a tile of 16 x 256)
+EXPERT_ROWS = 16  # rows per program of expert_rows (a tile of 16 x 256, 4 warps)
 EXPERT_COLS = 256
+EXPERT_WARPS = 4
 AT_ROWS = 1024  # rows per program of the second kernel (reads 3 numbers a row)
 
 
@@ -175,13 +176,16 @@ def expert_rows(
     valid: torch.Tensor | None,
     threshold: float,
     n_experts: int,
+    tile: tuple[int, int, int] | None = None,
 ) -> ExpertRows:
     """One read of a down projection's output rows y [S, H] and input rows x [S, I] (stages/experts.py),
     row s by expert[s] (int64) for token[s] (int64), over the rows where valid. Per expert: the rows
     counted; the largest max |y| of a row and the largest max |x| of a row, each with its row (equal
     values: the earliest token, then the last row; a row holding a NaN holds no value); the count of
     |y| >= threshold (as float32 holds it) per output dim. Two launches after the zeroed outputs, no
-    host sync: the reads (fused_triton_kernel.expert_rows_kernel), then the rows of the maxima."""
+    host sync: the reads (fused_triton_kernel.expert_rows_kernel), then the rows of the maxima. tile:
+    (rows, cols, warps) of the first kernel's programs, EXPERT_ROWS, EXPERT_COLS and EXPERT_WARPS by
+    default (scripts/reduce_bench.py --tune tries others)."""
     if y.dtype not in DTYPES or x.dtype not in DTYPES:
         raise TypeError(f"expert_rows takes {', '.join(map(str, DTYPES))}, not {y.dtype} / {x.dtype}")
     n, h = y.shape
@@ -194,7 +198,8 @@ def expert_rows(
     y_row, x_row = row_max
     keys, at = marks
     tokens, counts = sums[:n_experts], sums[n_experts:].view(n_experts, h)
-    _kernel("expert_rows_kernel")[(max(1, _ceil_div(n, EXPERT_ROWS)),)](
+    rows_per_program, cols, warps = tile or (EXPERT_ROWS, EXPERT_COLS, EXPERT_WARPS)
+    _kernel("expert_rows_kernel")[(max(1, _ceil_div(n, rows_per_program)),)](
         y,
         x,
         expert,
@@ -215,8 +220,9 @@ def expert_rows(
         x.stride(1),
         float(threshold),
         HAS_VALID=valid is not None,
-        BR=EXPERT_ROWS,
-        BC=EXPERT_COLS,
+        BR=rows_per_program,
+        BC=cols,
+        num_warps=warps,
     )
     _kernel("expert_at_kernel")[(max(1, _ceil_div(n, AT_ROWS)),)](
         expert, token, y_row, x_row, keys, at, n, n_experts, BR=AT_ROWS

@@ -394,8 +394,8 @@ class Experts(Stage):
             tokens, counts = got.tokens, got.counts
             out_max, out_row, in_max, in_row = got.out_max, got.out_row, got.in_max, got.in_row
         else:
-            tokens, counts, (out_max, out_row), (in_max, in_row) = self._rows_torch(
-                x, y, expert, token, valid, e_count, sync_free
+            tokens, counts, (out_max, out_row), (in_max, in_row) = self.rows_torch(
+                x, y, expert, token, valid, e_count, sync_free, self.threshold
             )
         ran = out_row >= 0
         safe, in_safe = out_row.clamp_min(0), in_row.clamp_min(0)
@@ -418,29 +418,30 @@ class Experts(Stage):
         }
         self._accumulate(unit, new)
 
-    def _rows_torch(self, x, y, expert, token, valid, e_count: int, sync_free: bool):
-        """expert_rows' numbers in torch ops (the CPU, or a GPU without triton): (tokens, counts,
-        (out_max, out_row), (in_max, in_row))."""
+    @staticmethod
+    def rows_torch(x, y, expert, token, valid, e_count: int, sync_free: bool, threshold: float):
+        """fused_triton.expert_rows' numbers in torch ops (the CPU, or a GPU without triton): (tokens,
+        counts, (out_max, out_row), (in_max, in_row)); sync_free: without asking the host anything."""
         if sync_free:  # |y| once: its row maxima and the outlier mask
             y_abs = y.abs()
             y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
-            x_row = self._row_absmax(x)
+            x_row = Experts._row_absmax(x)
         else:  # no |y| temporary on the CPU (see _row_absmax)
-            y_row, x_row = self._row_absmax(y), self._row_absmax(x)
+            y_row, x_row = Experts._row_absmax(y), Experts._row_absmax(x)
         if valid is not None:
             y_row, x_row = torch.where(valid, y_row, -1.0), torch.where(valid, x_row, -1.0)
             weight_of_row = valid.long()
         else:
             weight_of_row = torch.ones_like(expert)
         if not sync_free:  # only the rows at the threshold (usually none): the host knows how many
-            rows = (y_row >= self.threshold).nonzero()[:, 0]
+            rows = (y_row >= threshold).nonzero()[:, 0]
             counts = torch.zeros((e_count, y.shape[1]), dtype=torch.int64, device=y.device)
             if len(rows):
-                counts.index_add_(0, expert[rows], at_least(y[rows].abs(), self.threshold).long())
+                counts.index_add_(0, expert[rows], at_least(y[rows].abs(), threshold).long())
         else:  # no host sync: one-hot(expert)^T @ mask on the tensor cores, exact
-            counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, self.threshold), e_count)
+            counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, threshold), e_count)
         tokens = torch.zeros(e_count, dtype=torch.long, device=y.device).index_add_(0, expert, weight_of_row)
-        segments = self._segment_max(y_row, expert, token, e_count), self._segment_max(x_row, expert, token, e_count)
+        segments = Experts._segment_max(y_row, expert, token, e_count), Experts._segment_max(x_row, expert, token, e_count)
         return tokens, counts, *segments
 
     @staticmethod
