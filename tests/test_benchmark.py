@@ -172,7 +172,7 @@ def test_reduce_bench_checks_every_kernel_against_torch_before_timing_it():
     for line in (
         "triton 128,32,8,4,0",
         "experts: torch ops",
-        "experts: triton expert_rows 16x256x4",
+        "experts: triton expert_rows 32x256x4",
         "triton: end of batch",
     ):
         assert line in proc.stdout, line

@@ -193,7 +193,7 @@ def test_the_experts_kernel_launch_and_outputs(monkeypatch, default_dtype):
             expert, token = torch.zeros(n, dtype=torch.long), torch.arange(n)
             got = fused_triton.expert_rows(y, x, expert, token, valid, 6.0, 3)
             (name, grid, args, kw), (name2, grid2, args2, kw2) = launches.calls[-2:]
-            assert name == "expert_rows_kernel" and grid == (max(1, -(-n // 16)),)
+            assert name == "expert_rows_kernel" and grid == (max(1, -(-n // 32)),)
             assert name2 == "expert_at_kernel" and grid2 == (max(1, -(-n // fused_triton.AT_ROWS)),)
             assert args[0] is y and args[1] is x and args[2] is expert and args[3] is token
             assert args[4] is (y if valid is None else valid) and kw["HAS_VALID"] is (valid is not None)
@@ -203,7 +203,7 @@ def test_the_experts_kernel_launch_and_outputs(monkeypatch, default_dtype):
             assert tokens.dtype == counts.dtype == torch.int32 and tokens.shape == (3,) and counts.shape == (3, 6)
             assert not tokens.any() and not counts.any()
             assert args[10:] == (n, 3, 6, 4, *y.stride(), *x.stride(), 6.0)
-            assert (kw["BR"], kw["BC"], kw["num_warps"]) == (16, 256, 4)  # the defaults
+            assert (kw["BR"], kw["BC"], kw["num_warps"]) == (32, 256, 4)  # the defaults
             assert all(a is b for a, b in zip(args2[:5], (expert, token, y_row, x_row, keys)))
             at = args2[5]
             assert at.dtype == torch.int64 and at.shape == (2, 3) and (at == -1).all() and args2[6:] == (n, 3)
