@@ -127,6 +127,23 @@ def test_hook_points_of_different_dtypes(backend):
         _assert_identical(mixed, ordered)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_examples_take_the_largest_magnitudes_positive_first(backend, dtype):
+    """Of equal magnitudes the examples keep the positive values first (the order key's sign bit,
+    int32 for 16-bit values), then the negative ones; the examples recomputed with numpy: |v| desc,
+    then v desc, over every position, cut at num_examples."""
+    column = [-8.0, 8.0, -8.0, -8.0, 7.0, -8.0, 8.0, -9.0, 3.0, -8.0, 8.0, -7.0]  # 12 positions
+    x = torch.zeros(1, len(column), 2)
+    x[0, :, 0] = torch.tensor(column)
+    x[0, :, 1] = -torch.tensor(column)  # the same magnitudes, the signs flipped
+    stats = _collect([[x.to(dtype), torch.zeros(1, len(column), 2, dtype=dtype)]], k=5, backend=backend)
+    for dim, values in ((0, np.array(column)), (1, -np.array(column))):
+        want = sorted(values[np.abs(values) >= stats.edges[0]], key=lambda v: (-abs(v), -v))[:5]
+        assert stats.top_values[:, dim].tolist() == want, (backend, dtype, dim)
+    assert stats.top_values[:, 0].tolist() == [-9.0, 8.0, 8.0, 8.0, -8.0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fewer_tokens_than_examples(backend):
     """A batch of 3 tokens with num_examples 5: 5 rows of examples per dim all the same, the missing

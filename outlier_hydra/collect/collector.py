@@ -41,6 +41,7 @@ from outlier_hydra.collect.reductions import (
     sorted_top,
     sparse_positions,
     sparse_reduce,
+    top_positions,
 )
 from outlier_hydra.collect.transfer import counts_to_host, to_host
 from outlier_hydra.errors import OutlierHydraError
@@ -178,9 +179,9 @@ class _BatchState:
             one_pass = self.backend == "triton" and pval.dtype in fused_triton.DTYPES
             pos_ge = counts_to_host(fused_triton.counts(pval, edges_t) if one_pass else position_counts(pabs, edges_t))
             k = min(self.k, pabs.shape[0])
-            best = example_order_key(pabs, pval, edges_t).topk(k, dim=0)
-            top = pval.gather(0, best.indices).float()  # below the lowest edge (key 0): NaN
-            top = to_host(torch.where(best.values > 0, top, torch.full_like(top, float("nan"))))
+            values, indices = top_positions(example_order_key(pabs, pval, edges_t), k)
+            top = pval.gather(0, indices).float()  # below the lowest edge (key 0): NaN
+            top = to_host(torch.where(values > 0, top, torch.full_like(top, float("nan"))))
             if k < self.k:
                 top = np.concatenate([top, np.full((self.k - k, d), np.nan, np.float32)])
         return self._stats(module_names, threshold, ge, max_abs, nonfinite, pos_ge, top)

@@ -113,12 +113,24 @@ def sparse_positions(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tens
 
 
 def example_order_key(pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
-    """A total order for picking examples: |v| first, then positive before negative (one float64
-    ulp, far below the spacing of float32/bf16 values). Equal keys then mean equal signed values, so
-    which position topk picks among them cannot change the result; below the lowest edge: 0."""
-    key = pabs.double()
-    key = torch.where(pval > 0, torch.nextafter(key, torch.full_like(key, float("inf"))), key)
+    """A total order for picking examples: |v| first, then positive before negative, so that equal
+    keys mean equal signed values and which position topk picks among them cannot change the result;
+    below the lowest edge: 0. For 16-bit values an int32, half float64's bytes: the 15 bits of |v|
+    (their order is |v|'s; no NaN is ever kept), then the sign's bit. Else float64: |v|, one ulp up
+    if positive (far below the spacing of float32 values)."""
+    if pval.dtype in (torch.bfloat16, torch.float16):
+        key = ((pval.view(torch.int16).to(torch.int32) & 0x7FFF) << 1) | (pval > 0).to(torch.int32)
+    else:
+        key = pabs.double()
+        key = torch.where(pval > 0, torch.nextafter(key, torch.full_like(key, float("inf"))), key)
     return torch.where(pabs >= edges_t[:1], key, torch.zeros_like(key))
+
+
+def top_positions(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) [k, D] of the k largest keys of each column of key [N, D]. topk runs along
+    contiguous rows of the transposed key: across dim 0 it reads every column with a stride of D."""
+    best = key.t().contiguous().topk(k, dim=1)
+    return best.values.t(), best.indices.t()
 
 
 def sorted_top(top: np.ndarray) -> np.ndarray:
