@@ -389,6 +389,18 @@ def test_expert_rows_against_numpy(dtype, sorted_rows, with_valid):
     assert ties and fused_triton_unknown in t_of
 
 
+def test_expert_rows_an_expert_whose_outputs_are_all_zero_still_ran():
+    """A maximum of exactly 0 at a token not known (the smallest key there is: 0) is a maximum: the
+    expert ran, at its last row, and an expert with no row has none (-1)."""
+    from outlier_hydra.collect import fused_triton
+    from outlier_hydra.stages.experts import UNKNOWN_TOKEN
+
+    y, x = torch.zeros(3, 4), torch.zeros(3, 2)
+    got = fused_triton.expert_rows(y, x, torch.zeros(3, dtype=torch.long), torch.full((3,), UNKNOWN_TOKEN), None, 6.0, 2)
+    assert got.out_max.tolist() == got.in_max.tolist() == [0.0, -1.0]
+    assert got.out_row.tolist() == got.in_row.tolist() == [2, -1] and got.tokens.tolist() == [3, 0]
+
+
 def _reanalyze(run_dir, *args):
     return subprocess.run(
         [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO
