@@ -1081,8 +1081,9 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
 
 def test_the_watch_takes_grouped_mm_order_from_the_models_own_sort():
     """grouped_mm_experts_forward sorts the flat choices itself: the watch keeps that sort's result
-    (values and permutation) instead of sorting again. A sort of anything else, or one asked to
-    descend, is not taken for it; without one the watch sorts the choices itself."""
+    (values and permutation, stable or not: the model's own order) instead of sorting again. A sort of
+    anything else, or one asked to descend, is not taken for it; without one the watch sorts the
+    choices itself."""
     from types import SimpleNamespace
 
     from outlier_hydra.stages.experts import _Unit, _Watch
@@ -1093,20 +1094,23 @@ def test_the_watch_takes_grouped_mm_order_from_the_models_own_sort():
     unit = _Unit(0, 0, 0, 0, 3, "experts", "down_proj")
     index = torch.tensor([[2, 0], [0, 1], [1, 2]])
     x, offs = torch.randn(6, 4), torch.tensor([2, 4, 6], dtype=torch.int32)
-    for model_sort in ("function", "method", "descending", "other", None):
+    for model_sort in ("function", "method", "stable", "by position", "descending", "descending by position", "other", None):
         with _Watch(stage, unit, bank, index) as watch:
             flat = index.reshape(-1)
             own = {
                 "function": lambda: torch.sort(flat),
                 "method": lambda: flat.sort(),
+                "stable": lambda: torch.sort(flat, stable=True, dim=0),
+                "by position": lambda: torch.sort(flat, 0, False),
                 "descending": lambda: torch.sort(flat, descending=True),
+                "descending by position": lambda: flat.sort(0, True),
                 "other": lambda: torch.sort(flat.clone()),
                 None: lambda: None,
             }[model_sort]()
             torch._grouped_mm(x, bank.transpose(-2, -1), offs)
         [(expert, token)] = calls
         calls.clear()
-        taken = model_sort in ("function", "method")
+        taken = model_sort in ("function", "method", "stable", "by position")
         assert watch.sorted is (own if taken else None), model_sort
         assert (own is not None and expert.data_ptr() == own.values.data_ptr()) is taken, model_sort
         assert expert.tolist() == [0, 0, 1, 1, 2, 2] and sorted(token.tolist()) == [0, 0, 1, 1, 2, 2]

@@ -162,6 +162,11 @@ def segment_counts(segment: torch.Tensor, valid: torch.Tensor, mask: torch.Tenso
 BLOCK_ROWS = 2048  # float16 represents the integers 0..2048 exactly
 
 
+def _descending(args: tuple, kwargs: dict) -> bool:
+    """Whether a call of torch.sort / Tensor.sort (input, dim, descending, ...) sorts descending."""
+    return bool(kwargs.get("descending", args[2] if len(args) > 2 else False))
+
+
 class _Watch(TorchFunctionMode):
     """Reads the matmuls that take the down_proj bank inside one experts forward."""
 
@@ -199,8 +204,8 @@ class _Watch(TorchFunctionMode):
             n = args[0].reshape(-1, args[0].shape[-1]).shape[0]
             token = rows[:, 1] if len(rows) == n else None
             self.stage._update(self.unit, args[0], out, torch.full((n,), e, device=out.device), token)
-        elif name == "sort" and len(args) == 1 and not kwargs and self._is_choices(args[0]):
-            self.sorted = out  # grouped_mm_experts_forward's order of the rows: not sorted twice
+        elif name == "sort" and args and self._is_choices(args[0]) and not _descending(args, kwargs):
+            self.sorted = out  # grouped_mm_experts_forward's order of the rows (stable or not): not sorted twice
         elif name in ("_grouped_mm", "grouped_mm") and len(args) >= 2 and self._is_bank(args[1]):
             offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
             # the order grouped_mm_experts_forward sorts into: its own sort's, or the same sort again
