@@ -77,7 +77,10 @@ def profile(fn, device, with_stack: bool = False):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, with_stack=with_stack) as prof:
+    # verbose: the Python frames are linked to the ops only with it where Kineto profiles a CUDA device
+    # (pytorch/pytorch#100253; with_stack alone gave no frame at all on an H200, torch 2.11+cu130)
+    config = torch._C._profiler._ExperimentalConfig(verbose=True) if with_stack else None
+    with torch.profiler.profile(activities=activities, with_stack=with_stack, experimental_config=config) as prof:
         fn()
         sync(device)
     return prof
