@@ -129,19 +129,24 @@ def test_hook_points_of_different_dtypes(backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_examples_take_the_largest_magnitudes_positive_first(backend, dtype):
+@pytest.mark.parametrize("scale, threshold", [(1.0, 6.0), (0.1, 0.6)], ids=["above-one", "below-one"])
+def test_examples_take_the_largest_magnitudes_positive_first(backend, dtype, scale, threshold):
     """Of equal magnitudes the examples keep the positive values first (the order key's sign bit,
-    int32 for 16-bit values), then the negative ones; the examples recomputed with numpy: |v| desc,
-    then v desc, over every position, cut at num_examples."""
+    int32 for 16-bit values), then the negative ones, for magnitudes below 1 too (threshold 0.6: the
+    lowest edge 0.6); the examples recomputed with numpy: |v| desc, then v desc, over every position
+    at or above the lowest edge, cut at num_examples."""
     column = [-8.0, 8.0, -8.0, -8.0, 7.0, -8.0, 8.0, -9.0, 3.0, -8.0, 8.0, -7.0]  # 12 positions
     x = torch.zeros(1, len(column), 2)
-    x[0, :, 0] = torch.tensor(column)
-    x[0, :, 1] = -torch.tensor(column)  # the same magnitudes, the signs flipped
-    stats = _collect([[x.to(dtype), torch.zeros(1, len(column), 2, dtype=dtype)]], k=5, backend=backend)
-    for dim, values in ((0, np.array(column)), (1, -np.array(column))):
-        want = sorted(values[np.abs(values) >= stats.edges[0]], key=lambda v: (-abs(v), -v))[:5]
+    x[0, :, 0] = torch.tensor(column) * scale
+    x[0, :, 1] = -x[0, :, 0]  # the same magnitudes, the signs flipped
+    x = x.to(dtype)
+    stats = _collect([[x, torch.zeros_like(x)]], threshold=threshold, k=5, backend=backend)
+    for dim in (0, 1):
+        values = x[0, :, dim].float().numpy()
+        want = sorted(values[np.abs(values) >= np.float32(stats.edges[0])], key=lambda v: (-abs(v), -v))[:5]
         assert stats.top_values[:, dim].tolist() == want, (backend, dtype, dim)
-    assert stats.top_values[:, 0].tolist() == [-9.0, 8.0, 8.0, 8.0, -8.0]
+    nine, eight = float(x[0, 7, 0]), float(x[0, 1, 0])  # -9 and 8 (x scale, in the dtype)
+    assert stats.top_values[:, 0].tolist() == [nine, eight, eight, eight, -eight]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1079,6 +1079,28 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
         assert expert.tolist() == [0, 1, 1] and token.tolist() == [0, 1, 2] and valid is None
 
 
+def test_the_watch_names_an_eager_experts_tokens_only_when_its_rows_are_the_choices_of_it():
+    """Eager: F.linear on one expert's slice of the bank. Its rows are the tokens that chose it, in
+    transformers' order (by slot, then token), when their number is the choices' count; rows of any
+    other number (an implementation that pads or drops) give no tokens (None: the maximum is kept
+    without its position) rather than wrong ones."""
+    from types import SimpleNamespace
+
+    from outlier_hydra.stages.experts import _Unit, _Watch
+
+    calls = []
+    stage = SimpleNamespace(_update=lambda unit, x, y, expert, token, valid=None: calls.append((expert, token)))
+    bank = torch.randn(3, 4, 5)  # [E, H, I]: F.linear(h, W[e])
+    unit = _Unit(0, 0, 0, 0, 3, "experts", "down_proj")
+    index = torch.tensor([[1, 2], [0, 1], [1, 0]])  # expert 1: token 0 (slot 0), token 2 (slot 0), token 1 (slot 1)
+    for rows, want in ((3, [0, 2, 1]), (2, None), (4, None)):
+        with _Watch(stage, unit, bank, index):
+            torch.nn.functional.linear(torch.randn(rows, 5), bank[1])
+        [(expert, token)] = calls
+        calls.clear()
+        assert expert.tolist() == [1] * rows and (token if token is None else token.tolist()) == want, rows
+
+
 def test_the_watch_takes_grouped_mm_order_from_the_models_own_sort():
     """grouped_mm_experts_forward sorts the flat choices itself: the watch keeps that sort's result
     (values and permutation, stable or not: the model's own order) instead of sorting again. A sort of
