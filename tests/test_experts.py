@@ -1066,6 +1066,16 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
             sorted(token[:2].tolist()) == [0, 1] and sorted(token[2:4].tolist()) == [0, 1] and token[4:].tolist() == [2, 2]
         )
 
+    def grouped_mm(x, w, offs):  # a torch whose public grouped_mm reaches the mode by that name
+        return torch._grouped_mm(x, w, offs=offs)
+
+    watch = _Watch(stage, unit, bank, index)
+    y = grouped_mm(x, bank.transpose(-2, -1), offs)
+    watch._read(grouped_mm, (x, bank.transpose(-2, -1), offs), {}, y)
+    [(xs, ys, expert, token, valid)] = calls
+    calls.clear()
+    assert xs is x and ys is y and expert.tolist() == [0, 0, 1, 1, 2, 2] and valid.tolist() == [True] * 4 + [False] * 2
+
     ids = torch.tensor([0, 1, 1])
     rows = torch.randn(3, inter)
     expected = torch.stack([bank[i] @ r for i, r in zip(ids, rows)])
