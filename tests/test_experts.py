@@ -401,6 +401,25 @@ def test_expert_rows_an_expert_whose_outputs_are_all_zero_still_ran():
     assert got.out_row.tolist() == got.in_row.tolist() == [2, -1] and got.tokens.tolist() == [3, 0]
 
 
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync-free", "host"])
+def test_the_torch_way_keeps_nan_rows_out_and_inf_as_a_maximum(sync_free):
+    """rows_torch (the CPU's way, and the sync-free way of a GPU without triton) gives what the
+    Triton kernels give: a row holding a NaN holds no value (an expert with only such rows has no
+    maximum: -1, no row), an Inf is a maximum and stays Inf; recomputed by hand."""
+    from outlier_hydra.stages.experts import Experts
+
+    nan, inf = float("nan"), float("inf")
+    y = torch.tensor([[1.0, nan], [2.0, -3.0], [-inf, 1.0], [5.0, 0.5]])
+    x = torch.tensor([[nan, 1.0], [0.5, 0.25], [2.0, 1.0], [-inf, 0.0]])
+    expert = torch.tensor([0, 1, 1, 2])
+    tokens, counts, (out_max, out_row), (in_max, in_row) = Experts.rows_torch(
+        x, y, expert, torch.arange(4), None, 3, sync_free, 4.0
+    )
+    assert out_max.tolist() == [-1.0, inf, 5.0] and out_row.tolist() == [-1, 2, 3]
+    assert in_max.tolist() == [-1.0, 2.0, inf] and in_row.tolist() == [-1, 2, 3]
+    assert tokens.tolist() == [1, 2, 1] and counts.tolist() == [[0, 0], [1, 0], [1, 0]]
+
+
 def _reanalyze(run_dir, *args):
     return subprocess.run(
         [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO
