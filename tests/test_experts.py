@@ -420,6 +420,24 @@ def test_the_torch_way_keeps_nan_rows_out_and_inf_as_a_maximum(sync_free):
     assert tokens.tolist() == [1, 2, 1] and counts.tolist() == [[0, 0], [1, 0], [1, 0]]
 
 
+@pytest.mark.parametrize("sync_free", [True, False], ids=["sync-free", "host"])
+def test_the_torch_way_counts_nothing_of_rows_not_valid(sync_free):
+    """Rows past grouped_mm's last offset (valid False) are no expert's: no token, no maximum, no
+    outlier count, however large; a row whose largest |y| is exactly the threshold counts."""
+    from outlier_hydra.stages.experts import Experts
+
+    y = torch.tensor([[4.0, 1.0], [9.0, -9.0], [2.0, 3.0], [8.0, 8.0]])
+    x = torch.tensor([[1.0, 0.5], [7.0, 7.0], [0.25, 0.5], [6.0, 6.0]])
+    expert = torch.tensor([0, 0, 1, 2])
+    valid = torch.tensor([True, False, True, False])
+    tokens, counts, (out_max, out_row), (in_max, in_row) = Experts.rows_torch(
+        x, y, expert, torch.arange(4), valid, 3, sync_free, 4.0
+    )
+    assert tokens.tolist() == [1, 1, 0] and counts.tolist() == [[1, 0], [0, 0], [0, 0]]
+    assert out_max.tolist() == [4.0, 3.0, -1.0] and out_row.tolist() == [0, 2, -1]
+    assert in_max.tolist() == [1.0, 0.5, -1.0] and in_row.tolist() == [0, 2, -1]
+
+
 def _reanalyze(run_dir, *args):
     return subprocess.run(
         [sys.executable, "-m", "outlier_hydra", "reanalyze", str(run_dir), *args], capture_output=True, text=True, cwd=REPO
