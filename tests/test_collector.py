@@ -349,6 +349,26 @@ def test_position_buffers_of_several_devices_combine_in_model_order():
     assert pabs.tolist() == [[8.0, 4.0, 9.0, 2.0]] and pabs.device == torch.device("cpu")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_whose_modules_did_not_all_run_is_refused_by_name(backend):
+    """The end of a batch where no hooked module ran, or one of them did not, is an error naming it,
+    not statistics with a module's rows left empty."""
+    from outlier_hydra.collect import fused_cpu
+    from outlier_hydra.collect.collector import _BatchState
+    from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
+
+    assert backend != "fused" or fused_cpu.available()  # (the collector builds or loads it before a pass)
+    names = ["layer_0_ln_attn", "layer_0_ln_mlp"]
+    state = _BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, 2, backend)
+    with pytest.raises(RuntimeError) as e:
+        state.to_host(names, 6.0)
+    assert str(e.value) == "no hooked module ran in the forward pass"
+    state.update(0, torch.randn(4, 3))
+    with pytest.raises(RuntimeError) as e:
+        state.to_host(names, 6.0)
+    assert str(e.value) == "hooked module layer_0_ln_mlp never ran in the forward pass"
+
+
 def test_each_chunk_is_flushed_when_the_pass_reaches_the_next(monkeypatch):
     """Within the one pass, the counts of a finished group of layers are handed to the host when the
     first hook of the next group fires (on a GPU: pinned, non-blocking copies; a CPU has none to make)."""
