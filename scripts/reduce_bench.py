@@ -9,7 +9,8 @@ x.sum() (one read of x: the floor). Then the experts stage's reads of one MoE la
 the Triton kernel). Then the end of a batch (32 hooked tensors, the host copy) for
 the compiled and the Triton reductions. Each Triton launch shape is checked bit for bit against the
 dense reduction before it is timed; --tune tries several and prints the fastest as
-OUTLIER_HYDRA_TRITON_BLOCKS=rows,cols,programs,warps,elementwise (the best also goes to $OUT_BLOCKS if set).
+OUTLIER_HYDRA_TRITON_BLOCKS=rows,cols,programs,warps,elementwise (the best also goes to $OUT_BLOCKS if set),
+and tries the experts kernel's tiles (rows x cols x warps; each checked against the torch ops first).
 """
 
 from __future__ import annotations
