@@ -36,7 +36,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     for retain in ("false", "true"):
         out = subprocess.run([sys.executable, "-c", FAULTS, retain], capture_output=True, text=True, check=True)
         faults[retain] = int(out.stdout.strip().splitlines()[-1])
-    assert faults["true"] <= 2 * PAGES + 64, faults
+    # kept: the first round's two blocks, at most one more where the heap's layout puts a small
+    # allocation above a freed block (3 blocks seen once in a full CI run, 2 in every run alone)
+    assert faults["true"] <= 3 * PAGES + 64, faults
     assert faults["false"] >= 6 * PAGES, faults  # 40,957 here: eight of the blocks, before glibc settles
 
 
