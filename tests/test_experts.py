@@ -412,9 +412,9 @@ def test_the_torch_way_keeps_nan_rows_out_and_inf_as_a_maximum(sync_free):
     y = torch.tensor([[1.0, nan], [2.0, -3.0], [-inf, 1.0], [5.0, 0.5]])
     x = torch.tensor([[nan, 1.0], [0.5, 0.25], [2.0, 1.0], [-inf, 0.0]])
     expert = torch.tensor([0, 1, 1, 2])
-    tokens, counts, (out_max, out_row), (in_max, in_row) = Experts.rows_torch(
-        x, y, expert, torch.arange(4), None, 3, sync_free, 4.0
-    )
+    tokens, out_max, out_row, in_max, in_row, counts = vars(
+        Experts.rows_torch(x, y, expert, torch.arange(4), None, 3, sync_free, 4.0)
+    ).values()
     assert out_max.tolist() == [-1.0, inf, 5.0] and out_row.tolist() == [-1, 2, 3]
     assert in_max.tolist() == [-1.0, 2.0, inf] and in_row.tolist() == [-1, 2, 3]
     assert tokens.tolist() == [1, 2, 1] and counts.tolist() == [[0, 0], [1, 0], [1, 0]]
@@ -430,9 +430,9 @@ def test_the_torch_way_counts_nothing_of_rows_not_valid(sync_free):
     x = torch.tensor([[1.0, 0.5], [7.0, 7.0], [0.25, 0.5], [6.0, 6.0]])
     expert = torch.tensor([0, 0, 1, 2])
     valid = torch.tensor([True, False, True, False])
-    tokens, counts, (out_max, out_row), (in_max, in_row) = Experts.rows_torch(
-        x, y, expert, torch.arange(4), valid, 3, sync_free, 4.0
-    )
+    tokens, out_max, out_row, in_max, in_row, counts = vars(
+        Experts.rows_torch(x, y, expert, torch.arange(4), valid, 3, sync_free, 4.0)
+    ).values()
     assert tokens.tolist() == [1, 1, 0] and counts.tolist() == [[1, 0], [0, 0], [0, 0]]
     assert out_max.tolist() == [4.0, 3.0, -1.0] and out_row.tolist() == [0, 2, -1]
     assert in_max.tolist() == [1.0, 0.5, -1.0] and in_row.tolist() == [0, 2, -1]

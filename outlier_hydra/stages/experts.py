@@ -396,37 +396,33 @@ class Experts(Stage):
                 )
                 self.triton = False
                 return self._update(unit, x, y, expert, token, valid)
-            tokens, counts = got.tokens, got.counts
-            out_max, out_row, in_max, in_row = got.out_max, got.out_row, got.in_max, got.in_row
         else:
-            tokens, counts, (out_max, out_row), (in_max, in_row) = self.rows_torch(
-                x, y, expert, token, valid, e_count, sync_free, self.threshold
-            )
-        ran = out_row >= 0
-        safe, in_safe = out_row.clamp_min(0), in_row.clamp_min(0)
+            got = self.rows_torch(x, y, expert, token, valid, e_count, sync_free, self.threshold)
+        ran, in_ran = got.out_row >= 0, got.in_row >= 0  # (the maxima are -1 where no row holds one)
+        safe, in_safe = got.out_row.clamp_min(0), got.in_row.clamp_min(0)
         dim = y[safe].abs().argmax(1)
         wrow = self._weight_rows(unit, dim)  # [E, I]: W_e[dim_e, :]
         contrib = wrow.float() * x[safe].float()
         col = contrib.abs().argmax(1)
         new = {
-            "tokens": tokens,
-            "out_max": torch.where(ran, out_max, -1.0),
+            "tokens": got.tokens,
+            "out_max": got.out_max,
             "out_dim": dim,
             "out_token": torch.where(ran, token[safe], big),
             "col": col,
             "weight": wrow.gather(1, col[:, None])[:, 0].float(),
             "contribution": contrib.gather(1, col[:, None])[:, 0],
-            "in_max": torch.where(in_row >= 0, in_max, -1.0),
+            "in_max": got.in_max,
             "in_channel": x[in_safe].abs().argmax(1),
-            "in_token": torch.where(in_row >= 0, token[in_safe], big),
-            "counts": counts,
+            "in_token": torch.where(in_ran, token[in_safe], big),
+            "counts": got.counts,
         }
         self._accumulate(unit, new)
 
     @staticmethod
-    def rows_torch(x, y, expert, token, valid, e_count: int, sync_free: bool, threshold: float):
-        """fused_triton.expert_rows' numbers in torch ops (the CPU, or a GPU without triton): (tokens,
-        counts, (out_max, out_row), (in_max, in_row)); sync_free: without asking the host anything."""
+    def rows_torch(x, y, expert, token, valid, e_count: int, sync_free: bool, threshold: float) -> fused_triton.ExpertRows:
+        """fused_triton.expert_rows' numbers in torch ops (the CPU, or a GPU without triton);
+        sync_free: without asking the host anything."""
         if sync_free:  # |y| once: its row maxima and the outlier mask
             y_abs = y.abs()
             y_row = torch.nan_to_num(y_abs.amax(1).float(), nan=-1.0, posinf=float("inf"))
@@ -446,8 +442,9 @@ class Experts(Stage):
         else:  # no host sync: one-hot(expert)^T @ mask on the tensor cores, exact
             counts = segment_counts(expert, weight_of_row > 0, at_least(y_abs, threshold), e_count)
         tokens = torch.zeros(e_count, dtype=torch.long, device=y.device).index_add_(0, expert, weight_of_row)
-        segments = Experts._segment_max(y_row, expert, token, e_count), Experts._segment_max(x_row, expert, token, e_count)
-        return tokens, counts, *segments
+        out_max, out_row = Experts._segment_max(y_row, expert, token, e_count)
+        in_max, in_row = Experts._segment_max(x_row, expert, token, e_count)
+        return fused_triton.ExpertRows(tokens, out_max, out_row, in_max, in_row, counts)
 
     @staticmethod
     def _row_absmax(t: torch.Tensor) -> torch.Tensor:
