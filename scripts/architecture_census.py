@@ -37,7 +37,7 @@ def one(model_type: str) -> dict:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     sys.path.insert(0, str(REPO / "tests"))
     import numpy as np
-    from helpers import mismatches, module_input_tables
+    from helpers import mismatches, module_input_tables, plant_super_weight, super_weight_problems, super_weight_site
 
     from outlier_hydra.cli import compose_config
     from outlier_hydra.config import corpus_path
@@ -117,6 +117,17 @@ def one(model_type: str) -> dict:
                 for e, n in enumerate(layer["tokens_per_expert"])
             )
             row["experts_stage"] = "unobserved" if unobserved and agree else agree
+            site = super_weight_site(results)
+            if site is not None:  # plant a super weight in one expert: the stage must find it exactly
+                layer, experts_path, expert = site
+                try:
+                    value = plant_super_weight(folder, experts_path, expert)
+                    planted = run(compose_config(overrides), Path(tmp) / "planted")
+                    problems = super_weight_problems(planted["experts"], layer, expert, value)
+                except Exception as exc:  # noqa: BLE001 - the census reports every failure
+                    problems = [f"{type(exc).__name__}: {_first_line(exc)}"]
+                row["super_weight"] = f"L{layer} E{expert}" if not problems else "; ".join(problems)[:200]
+                row["super_weight_found"] = not problems
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -165,6 +176,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     agree = [r for r in analysed if r.get("recomputation_agrees")]
     moe = [r for r in analysed if r.get("moe_layers")]
     experts_ok = [r for r in moe if r.get("experts_stage") is True]
+    planted = [r for r in moe if "super_weight_found" in r]
+    found = [r for r in planted if r["super_weight_found"]]
     lines = [
         "# Architecture census",
         "",
@@ -174,18 +187,22 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "run through the full default pipeline (8 x 32 tokens, every default stage), and checked against",
         "an independent recomputation from plain hooks (`tests/helpers.py`): the systematic features and,",
         'for MoE layers, the routing the model really does. "experts stage": its per-expert token counts',
-        "equal the routing's (the stage reads the fused experts' matmuls). Regenerate it whenever",
-        "transformers is bumped.",
+        "equal the routing's (the stage reads the fused experts' matmuls). \"super weight planted\": where",
+        "the stage reads the experts, a second run of the same model with one down_proj weight of the",
+        "most-routed expert of the first such layer set to 1000 x the bank's largest |w| (row 7, col 5):",
+        "the stage must name that layer and expert its only super expert and that weight its first",
+        "super-weight candidate. Regenerate it whenever transformers is bumped.",
         "",
         f"- model types: {len(rows)}; encoder-decoder (excluded): {len(rows) - len(decoder)}",
         f"- decoder-only types that build tiny on a CPU: {len(built)} of {len(decoder)}",
         f"- analysed end to end: **{len(analysed)} of {len(built)}** ({100 * len(analysed) / max(len(built), 1):.0f}%)",
         f"- of those, equal to the recomputation: {len(agree)}; MoE types with routers found: {len(moe)}, "
         f"with the experts stage's counts equal to the routing: {len(experts_ok)}",
+        f"- planted super weights found at their layer, expert, row and column: {len(found)} of {len(planted)}",
         "",
         "| model type | built | analysed | hook points (mixer input / MLP input) | MoE layers | routers | "
-        "shared experts | recomputation | experts stage | planted dim found | seconds | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "shared experts | recomputation | experts stage | super weight planted | planted dim found | seconds | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         note = r.get("reason", "")
@@ -207,6 +224,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
             {True: "tokens agree", False: "**differs**", "unobserved": "not given the choices"}.get(  # type: ignore[call-overload]
                 r.get("experts_stage"), ""
             ),
+            _super_weight_cell(r),
             {True: "yes", False: "no"}.get(r.get("planted_found"), ""),  # type: ignore[call-overload]
             str(r.get("seconds", "")),
             note.replace("|", "/").replace("\n", " "),
@@ -215,6 +233,13 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")  # the rows, for --update
+
+
+def _super_weight_cell(row: dict) -> str:
+    if "super_weight_found" not in row:
+        return ""
+    text = str(row["super_weight"]).replace("|", "/")
+    return f"found at {text}" if row["super_weight_found"] else f"**{text}**"
 
 
 def main() -> int:

@@ -153,6 +153,59 @@ def plant_massive_activation(model_dir, token_id: int, dim: int, value: float = 
     model.save_pretrained(model_dir)
 
 
+SUPER_ROW, SUPER_COL = 7, 5  # the planted super weight: hidden dim it writes, expert channel it reads
+
+
+def super_weight_site(results: dict) -> tuple[int, str, int] | None:
+    """Where to plant a super weight in a run's model: the first MoE layer whose experts the stage
+    reads, its experts module, and the expert most tokens chose there (moe_routing's counts, which
+    the recomputation checks against the routing); None where no layer's experts are read."""
+    structure = results["model"]["structure"]
+    unobserved = set(results.get("experts", {}).get("unobserved_layers", []))
+    layers = [i for i in structure["moe_layers"] if i not in unobserved]
+    if not layers or "moe_routing" not in results:
+        return None
+    tokens = next(e["tokens_per_expert"] for e in results["moe_routing"]["layers"] if e["layer"] == layers[0])
+    return layers[0], structure["routers"][str(layers[0])]["experts"], int(np.argmax(tokens))
+
+
+def plant_super_weight(model_dir, experts_path: str, expert: int, row: int = SUPER_ROW, col: int = SUPER_COL) -> float:
+    """In place: one weight of one fused expert's down projection, W[row, col] (row: the hidden dim it
+    writes, col: the expert channel it reads), set to 1000 x the bank's largest |w| rounded up to a
+    power of two (exact in every float dtype), so that this expert's output spikes at `row` wherever
+    its channel `col` is not ~0. The bank is the experts module's 3-D parameter named down_proj; its
+    hidden axis is read off its shape (the tiny models' expert width is not the hidden size).
+    Returns the planted value."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir)
+    bank = model.get_submodule(experts_path).down_proj
+    hidden = model.get_input_embeddings().weight.shape[1]
+    value = float(2.0 ** np.ceil(np.log2(1000.0 * bank.detach().abs().max().item())))
+    _, a, b = bank.shape
+    if (a == hidden) == (b == hidden):
+        raise ValueError(f"{experts_path}.down_proj {tuple(bank.shape)}: no one axis is the hidden size {hidden}")
+    with torch.no_grad():
+        bank[(expert, row, col) if a == hidden else (expert, col, row)] = value
+    model.save_pretrained(model_dir)
+    return value
+
+
+def super_weight_problems(section: dict, layer: int, expert: int, value: float) -> list[str]:
+    """What the experts section of a run on a model with plant_super_weight(layer, expert) got wrong:
+    that expert the only super expert, and the first super-weight candidate the planted weight."""
+    problems = []
+    flagged = [(s["layer"], s["expert"]) for s in section["super_experts"]]
+    if flagged != [(layer, expert)]:
+        problems.append(f"super experts {flagged}, planted ({layer}, {expert})")
+    want = {"layer": layer, "kind": "routed", "expert": expert, "row": SUPER_ROW, "col": SUPER_COL, "weight": value}
+    top = section["super_weight_candidates"][:1]
+    got = {k: top[0].get(k) for k in want} if top else None
+    if got != want:
+        problems.append(f"first super-weight candidate {got}, planted {want}")
+    return problems
+
+
 def routing_recompute(model_dir, token_ids: np.ndarray, layer: int, dim: int, batch_size: int, threshold=6.0):
     """Independent: expert choices over all tokens and at positions where |x[dim]| >= threshold at the
     layer's MLP input, from plain hooks on post_attention_layernorm and the router."""

@@ -199,6 +199,31 @@ def test_planted_super_weight_found_at_its_row_and_column(where, tmp_path):
     assert top["ratio_to_median_abs_weight"] > 100
 
 
+# census families of distinct MoE layouts (the census plants one in every MoE family it builds):
+# dense-first layers and shared experts with grouped top-k choices read from the experts' arguments,
+# a transposed bank with biases, a block_sparse_moe with a shared MLP, a Mamba hybrid with MoE every
+# other layer, an MoE block in the mixer slot with no gate bank
+CENSUS_FAMILIES = ["deepseek_v3", "gpt_oss", "granitemoeshared", "jamba", "nemotron_h"]
+
+
+@pytest.mark.parametrize("model_type", CENSUS_FAMILIES)
+def test_a_super_weight_planted_in_a_census_family_is_found_at_its_layer_expert_row_and_column(model_type, tmp_path):
+    """tiny.py's random model of the family; one down_proj weight of the most-routed expert of the
+    first MoE layer set far above the rest (tests/helpers.py, plain transformers): the stage names
+    that expert the only super expert and that weight, by row and column, the first candidate."""
+    from helpers import plant_super_weight, super_weight_problems, super_weight_site
+
+    from outlier_hydra.models.tiny import build
+
+    folder = build(model_type, tmp_path / "model", plant_dim=None)
+    site = super_weight_site(_run(folder, tmp_path, "plots=false", name="plain"))
+    assert site is not None, "the stage reads this family's experts"
+    layer, experts_path, expert = site
+    value = plant_super_weight(folder, experts_path, expert)
+    section = _run(folder, tmp_path, "plots=false", name="planted")["experts"]
+    assert super_weight_problems(section, layer, expert, value) == []
+
+
 def test_model_output_is_bit_identical_with_the_stage(tmp_path):
     """The experts stage only reads: the last hidden state with its hooks and watch equals a plain
     forward, bit for bit."""
