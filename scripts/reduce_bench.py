@@ -7,7 +7,8 @@ output), it prints for each reduction the time per call when calls follow each o
 time, or the host's where launching is slower) and the host's time to launch one call alone, next to
 x.sum() (one read of x: the floor). Then the experts stage's reads of one MoE layer (torch ops and
 the Triton kernel). Then the end of a batch (32 hooked tensors, the host copy) for
-the compiled and the Triton reductions. Each Triton launch shape is checked bit for bit against the
+the compiled and the Triton reductions, and one end of a batch profiled op by op (where its time goes,
+how often the host waits). Each Triton launch shape is checked bit for bit against the
 dense reduction before it is timed; --tune tries several and prints the fastest as
 OUTLIER_HYDRA_TRITON_BLOCKS=rows,cols,programs,warps,elementwise (the best also goes to $OUT_BLOCKS if set),
 and tries the experts kernel's tiles (rows x cols x warps; each checked against the torch ops first).
@@ -30,7 +31,8 @@ from outlier_hydra.tools.benchmark import sync
 
 
 def timed(fn, device: torch.device, reps: int = 50) -> tuple[float, float]:
-    """(seconds per call back to back, seconds of host time to launch one call while the GPU is busy)."""
+    """(seconds per call back to back, seconds of host time to launch one call while the GPU is busy;
+    NaN where that could not be measured)."""
     for _ in range(3):
         fn()
     sync(device)
@@ -39,14 +41,32 @@ def timed(fn, device: torch.device, reps: int = 50) -> tuple[float, float]:
         fn()
     sync(device)
     per_call = (time.perf_counter() - start) / reps
-    if device.type == "cuda":
-        torch.cuda._sleep(int(3e8))  # keep the GPU busy so that only the launching is timed
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    launch = (time.perf_counter() - start) / reps
-    sync(device)
-    return per_call, launch
+    if device.type != "cuda":
+        return per_call, per_call
+    return per_call, launch_time(fn, reps)
+
+
+def launch_time(fn, reps: int, sleep_cycles: int = int(3e8)) -> float:
+    """Host seconds to launch one call of fn behind a GPU kept busy by a sleep kernel. Valid only
+    while the sleep outlasts the launching: once about a thousand launches are pending, the next
+    one waits for the GPU, and the figure would be the device's time, not the host's (a call of 65
+    kernels, 50 times, is 3,250). An event recorded right after the sleep tells: done by the end of
+    the loop means the loop waited; then fewer calls, down to one (NaN: even one outlasts it)."""
+    while True:
+        torch.cuda._sleep(sleep_cycles)
+        slept = torch.cuda.Event()
+        slept.record()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        launch = (time.perf_counter() - start) / reps
+        waited = slept.query()
+        torch.cuda.synchronize()
+        if not waited:
+            return launch
+        if reps == 1:
+            return float("nan")
+        reps = max(1, reps // 4)
 
 
 def check(x, edges_t, blocks) -> None:
@@ -173,6 +193,33 @@ def main() -> None:
         for _ in range(5):
             state.to_host(names, 6.0)
         print(f"{backend + ': end of batch (to_host)':46s} {(time.perf_counter() - start) / 5 * 1e6:8.1f}", flush=True)
+    end_of_batch_profile(lambda: state.to_host(names, 6.0), device)
+
+
+def end_of_batch_profile(fn, device: torch.device, rows: int = 12) -> None:
+    """Where the last end of a batch (the Triton reduction's) spends its time: one call profiled,
+    the ops by their own device time (host time on the CPU), and how often the host waited."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+    own = [(e.key, e.count, (e.self_device_time_total if on_device else e.self_cpu_time_total)) for e in events]
+    waits = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy"))
+    total = sum(us for _, _, us in own)  # own times: nothing counted twice
+    print(
+        f"end of batch profiled: {wall * 1e6:.0f} us wall (with the profiler), {total:.0f} us of "
+        f"{'device' if on_device else 'host'} time in ops, {waits} host waits; by op:"
+    )
+    for key, count, us in sorted(own, key=lambda t: -t[2])[:rows]:
+        print(f"  {key[:60]:60s} {count:5d} x {us:9.1f} us")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ def test_reduce_bench_checks_every_kernel_against_torch_before_timing_it():
         "experts: torch ops",
         "experts: triton expert_rows 32x256x4",
         "triton: end of batch",
+        "end of batch profiled:",
     ):
         assert line in proc.stdout, line
 
