@@ -59,6 +59,10 @@ CASES = {
         ["analysis.stages.moe_routing=null", "+analysis.stages.moe_routing={enabled: true, top_experts: many}"],
         r"analysis\.stages\.moe_routing\.top_experts: ",
     ),
+    "stage_setting_range": (
+        ["analysis.stages.experts.top_tokens=-1"],
+        r"analysis\.stages\.experts\.top_tokens: must be >= 0, got -1",
+    ),
     "target_signature": (
         ["analysis.analyzer._target_=outlier_hydra.collect.OutlierCollector"],
         r"analysis\.analyzer: .* does not take",

@@ -73,13 +73,24 @@ def per_expert_loop(folder, token_ids, batch_size, threshold=6.0):
         n_exp = ex.down_proj.shape[0]
         per = {}
         for e in range(n_exp):
-            h, y, _ = expert_rows(ex, batches, e)
+            h, y, rows = expert_rows(ex, batches, e)
             h, y = h.double().numpy(), y.double().numpy()
             if len(y) == 0:
-                per[e] = (0, None, None, None, None, np.zeros(y.shape[1], np.int64))
+                per[e] = (0, None, None, None, None, np.zeros(y.shape[1], np.int64), [])
                 continue
             ay, ah = np.abs(y), np.abs(h)
-            per[e] = (len(y), ay.max(), int(ay.max(0).argmax()), ah.max(), int(ah.max(0).argmax()), (ay >= threshold).sum(0))
+            # global token index of each row: batch b's rows are its flattened [batch, length] tokens
+            token = np.concatenate([b * len(x) + r.numpy() for b, ((x, _), r) in enumerate(zip(batches, rows))])
+            top = sorted(zip(-ay.max(1), token, ay.argmax(1)))[:5]  # largest row max first, then the earlier token
+            per[e] = (
+                len(y),
+                ay.max(),
+                int(ay.max(0).argmax()),
+                ah.max(),
+                int(ah.max(0).argmax()),
+                (ay >= threshold).sum(0),
+                [(-v, int(t), int(d)) for v, t, d in top],
+            )
         out[i] = per
     torch.set_grad_enabled(True)
     return out
@@ -110,12 +121,17 @@ def test_planted_super_expert_and_every_expert_against_a_plain_loop(family, tmp_
     units = {(u["layer"], u["expert"]): u for u in section["units"] if u["kind"] == "routed"}
     assert set(units) == {(i, e) for i, per in expected.items() for e in per}
     for i, per in expected.items():
-        for e, (tokens, y_max, dim, h_max, channel, counts) in per.items():
+        for e, (tokens, y_max, dim, h_max, channel, counts, top_rows) in per.items():
             u = units[(i, e)]
             assert u["tokens"] == tokens, (i, e)
             if tokens == 0:
-                assert u["max_output"] is None
+                assert u["max_output"] is None and "top_outputs" not in u
                 continue
+            got = [(t["value"], t["token_index"], t["dim"]) for t in u["top_outputs"]]
+            assert [g[1:] for g in got] == [w[1:] for w in top_rows], (i, e)
+            assert [g[0] for g in got] == pytest.approx([w[0] for w in top_rows], rel=1e-5), (i, e)
+            assert got[0][0] == u["max_output"] and got[0][1] == u["max_output_at"]["token_index"]
+            assert [t["token_id"] for t in u["top_outputs"]] == [int(ids.reshape(-1)[w[1]]) for w in top_rows]
             # grouped_mm and F.linear sum in different orders: float32 rounding apart
             assert u["max_output"] == pytest.approx(y_max, rel=1e-5), (i, e)
             assert u["max_output_dim"] == dim and u["max_input_channel"] == channel, (i, e)
@@ -383,10 +399,13 @@ def test_expert_rows_against_numpy(dtype, sorted_rows, with_valid):
     counted = np.ones(rows, bool) if valid is None else valid.numpy()
     e_of, t_of = expert.numpy(), token.numpy()
 
-    def best(t):
+    def row_value(t):  # a row's max |t|; -1 for a row holding a NaN or not counted
         a = np.abs(t.float().numpy())
         value = np.where(np.isnan(a).any(1), -1.0, np.nanmax(np.where(np.isnan(a), 0, a), 1))
-        value = np.where(counted, value, -1.0)
+        return np.where(counted, value, -1.0)
+
+    def best(t):
+        value = row_value(t)
         top, at = np.full(experts, -1.0, np.float32), np.full(experts, -1)
         for e in range(experts):
             mine = [r for r in range(rows) if e_of[r] == e and value[r] >= 0]
@@ -401,6 +420,7 @@ def test_expert_rows_against_numpy(dtype, sorted_rows, with_valid):
     want = np.zeros((experts, out_dims), np.int64)
     np.add.at(want, e_of, hit.astype(np.int64))
     (out_max, out_row), (in_max, in_row) = best(y), best(x)
+    assert np.array_equal(got.row_out_max.cpu().numpy(), row_value(y).astype(np.float32))
     assert np.array_equal(got.out_max.cpu().numpy(), out_max) and np.array_equal(got.out_row.cpu().numpy(), out_row)
     assert np.array_equal(got.in_max.cpu().numpy(), in_max) and np.array_equal(got.in_row.cpu().numpy(), in_row)
     assert np.array_equal(got.tokens.cpu().numpy(), np.bincount(e_of, weights=counted, minlength=experts).astype(np.int64))
@@ -437,9 +457,10 @@ def test_the_torch_way_keeps_nan_rows_out_and_inf_as_a_maximum(sync_free):
     y = torch.tensor([[1.0, nan], [2.0, -3.0], [-inf, 1.0], [5.0, 0.5]])
     x = torch.tensor([[nan, 1.0], [0.5, 0.25], [2.0, 1.0], [-inf, 0.0]])
     expert = torch.tensor([0, 1, 1, 2])
-    tokens, out_max, out_row, in_max, in_row, counts = vars(
+    tokens, out_max, out_row, in_max, in_row, counts, row_out_max = vars(
         Experts.rows_torch(x, y, expert, torch.arange(4), None, 3, sync_free, 4.0)
     ).values()
+    assert row_out_max.tolist() == [-1.0, 3.0, inf, 5.0]
     assert out_max.tolist() == [-1.0, inf, 5.0] and out_row.tolist() == [-1, 2, 3]
     assert in_max.tolist() == [-1.0, 2.0, inf] and in_row.tolist() == [-1, 2, 3]
     assert tokens.tolist() == [1, 2, 1] and counts.tolist() == [[0, 0], [1, 0], [1, 0]]
@@ -455,12 +476,66 @@ def test_the_torch_way_counts_nothing_of_rows_not_valid(sync_free):
     x = torch.tensor([[1.0, 0.5], [7.0, 7.0], [0.25, 0.5], [6.0, 6.0]])
     expert = torch.tensor([0, 0, 1, 2])
     valid = torch.tensor([True, False, True, False])
-    tokens, out_max, out_row, in_max, in_row, counts = vars(
+    tokens, out_max, out_row, in_max, in_row, counts, row_out_max = vars(
         Experts.rows_torch(x, y, expert, torch.arange(4), valid, 3, sync_free, 4.0)
     ).values()
+    assert row_out_max.tolist() == [4.0, -1.0, 3.0, -1.0]
     assert tokens.tolist() == [1, 1, 0] and counts.tolist() == [[1, 0], [0, 0], [0, 0]]
     assert out_max.tolist() == [4.0, 3.0, -1.0] and out_row.tolist() == [0, 2, -1]
     assert in_max.tolist() == [1.0, 0.5, -1.0] and in_row.tolist() == [0, 2, -1]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 6])
+def test_segment_top_against_a_plain_loop(k):
+    """Per expert the k rows of largest row maximum, largest first, equal values by the earlier token,
+    rows holding none (-1) never; where fewer rows: -1, row 0 and the largest int64; against a plain
+    sort of each expert's rows."""
+    from outlier_hydra.stages.experts import segment_top
+
+    g = torch.Generator().manual_seed(5)
+    n, experts = 60, 5
+    values = torch.randint(0, 6, (n,), generator=g).float()  # few values: ties everywhere
+    values[::7] = -1.0  # rows that hold no value (NaN, not counted)
+    expert = torch.randint(0, experts - 1, (n,), generator=g)  # the last expert gets no row
+    token = torch.randperm(n, generator=g)
+    top, rows, tokens = segment_top(values, expert, token, experts, k)
+    assert top.shape == rows.shape == tokens.shape == (experts, k)
+    for e in range(experts):
+        mine = sorted((-float(values[r]), int(token[r]), r) for r in range(n) if expert[r] == e and values[r] >= 0)[:k]
+        want_top = [-v for v, _, _ in mine] + [-1.0] * (k - len(mine))
+        want_tok = [t for _, t, _ in mine] + [torch.iinfo(torch.long).max] * (k - len(mine))
+        assert top[e].tolist() == want_top and tokens[e].tolist() == want_tok, e
+        assert rows[e].tolist() == [r for _, _, r in mine] + [0] * (k - len(mine)), e
+
+
+def test_expert_statistics_merge_keeps_the_largest_top_outputs_earlier_token_on_ties():
+    """ExpertStats.merge's top outputs: per unit the T largest of both sides, equal values by the
+    earlier token, each with its own dim; none (-1) last; so merging shards gives one run's tops."""
+    from outlier_hydra.stages.experts import ExpertStats
+
+    big = np.iinfo(np.int64).max
+
+    def stats(top, token):
+        n = len(top)
+        one = np.zeros(n, np.int64)
+        return ExpertStats(
+            keys=np.asarray([(0, 0, 0, e) for e in range(n)], np.int64),
+            **{k: one.copy() for k in ("tokens", "out_dim", "out_token", "col", "in_channel", "in_token")},
+            **{k: np.full(n, -1.0) for k in ("out_max", "weight", "contribution", "in_max", "median_abs_weight")},
+            count_keys=np.zeros((0, 2), np.int64),
+            counts=np.zeros(0, np.int64),
+            top_out=np.asarray(top, float),
+            top_dim=(np.asarray(token, np.int64) % 97),  # each entry's dim travels with it
+            top_token=np.asarray(token, np.int64),
+        )
+
+    a = stats([[9, 5, 5], [4, -1, -1], [-1, -1, -1]], [[40, 7, 30], [3, big, big], [big, big, big]])
+    b = stats([[5, 5, 1], [8, 4, 2], [-1, -1, -1]], [[20, 50, 2], [60, 1, 9], [big, big, big]])
+    m = a.merge(b)
+    assert m.top_out.tolist() == [[9, 5, 5], [8, 4, 4], [-1, -1, -1]]
+    assert m.top_token.tolist() == [[40, 7, 20], [60, 1, 3], [big, big, big]]
+    assert m.top_dim.tolist() == (m.top_token % 97).tolist()
+    assert np.array_equal(b.merge(a).top_token, m.top_token)
 
 
 def _reanalyze(run_dir, *args):
@@ -831,9 +906,16 @@ def _tables_and_summaries_carry_the_sections(stages, results):
     assert len(top) > stage["experts"].config.top_units
     assert stage["experts"].rows(experts) == {
         "super_experts": (
-            ["layer", "expert", "max_output", "dim", "token"],
+            ["layer", "expert", "max_output", "dim", "token", "top_tokens"],
             [
-                [s["layer"], s["expert"], s["max_output"], s["max_output_dim"], s["max_output_at"]["token"]]
+                [
+                    s["layer"],
+                    s["expert"],
+                    s["max_output"],
+                    s["max_output_dim"],
+                    s["max_output_at"]["token"],
+                    " ".join(t["token"] for t in s["top_outputs"]),
+                ]
                 for s in experts["super_experts"]
             ],
         ),
@@ -853,8 +935,9 @@ def _tables_and_summaries_carry_the_sections(stages, results):
         ),
     }
     # where no token is known (an implementation that hides the positions, no tokenizer): an empty cell
-    unknown = {**experts, "super_experts": [{**experts["super_experts"][0], "max_output_at": {"token_index": None}}]}
-    assert [row[-1] for row in stage["experts"].rows(unknown)["super_experts"][1]] == [""]
+    hidden = {"max_output_at": {"token_index": None}, "top_outputs": []}
+    unknown = {**experts, "super_experts": [{**experts["super_experts"][0], **hidden}]}
+    assert [row[4:] for row in stage["experts"].rows(unknown)["super_experts"][1]] == [["", ""]]
     named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in experts["super_experts"])
     assert stage["experts"].summary(experts) == [f"super experts: {named}"]
     assert stage["experts"].summary({**experts, "super_experts": [], "unobserved_layers": [1, 3]}) == [
@@ -887,6 +970,9 @@ def test_expert_statistics_merge_keeps_each_record_with_its_maximum_earlier_toke
             median_abs_weight=np.asarray(median, float),
             count_keys=np.asarray(count_keys, np.int64).reshape(-1, 2),
             counts=np.asarray(counts, np.int64),
+            top_out=np.full((n, 0), -1.0),  # merged in test_expert_statistics_merge_keeps_the_largest_top_outputs...
+            top_dim=np.zeros((n, 0), np.int64),
+            top_token=np.zeros((n, 0), np.int64),
         )
 
     big = 2**62
@@ -1045,6 +1131,10 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
         median_abs_weight=col(0.25, 0.0, 0.25, 0.25, 0.25, dtype=np.float64),
         count_keys=np.zeros((0, 2), np.int64),
         counts=np.zeros(0, np.int64),
+        # unit 0: its second row's token unknown (left out); unit 1: one row; the rest none
+        top_out=np.asarray([[5.0, 4.0, 3.0], [0.0, -1, -1], [-1, -1, -1], [-1, -1, -1], [1.0, -1, -1]]),
+        top_dim=np.asarray([[1, 2, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]),
+        top_token=np.asarray([[UNKNOWN_TOKEN, UNKNOWN_TOKEN + 3, 6], [5, 0, 0], [0, 0, 0], [0, 0, 0], [9, 0, 0]]),
     )
     ids = np.arange(8).reshape(2, 4) + 100
     tokenizer = SimpleNamespace(convert_ids_to_tokens=lambda t: f"<{t}>")
@@ -1065,6 +1155,15 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
     assert units[1]["max_output_at"] == at
     # a sequence past the token ids at hand (another shard's): its place, no token
     assert units[4]["max_output_at"] == {"token_index": 9, "sequence": 2, "position": 1}
+    # the top outputs: those whose token is known, each placed as max_output_at is
+    six = {"token_index": 6, "sequence": 1, "position": 2, "token_id": 106, "token": "<106>"}
+    assert [u.get("top_outputs") for u in units] == [
+        [{"value": 3.0, "dim": 3, **six}],
+        [{"value": 0.0, "dim": 0, **at}],
+        None,
+        None,
+        [{"value": 1.0, "dim": 0, "token_index": 9, "sequence": 2, "position": 1}],
+    ]
     # the weight's ratio to the median |w|: none where that median is 0
     ratios = [u["super_weight_candidate"]["ratio_to_median_abs_weight"] for u in units if "super_weight_candidate" in u]
     assert ratios == [2.0, None, 4.0]
@@ -1238,12 +1337,16 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
     """_accumulate (a unit's experts run twice in one pass): per expert the larger maximum wins with
     its whole record; at an equal maximum the earlier token wins, and at an equal token the first
     record stays (ExpertStats.merge's rule); a smaller maximum at an earlier token does not win.
-    The same for the input maximum; tokens and counts add."""
+    The same for the input maximum; tokens and counts add; the top outputs are the largest of both
+    (equal values: the earlier token), each with its dim."""
     from outlier_hydra.stages.experts import Experts, _Unit
 
-    def record(out_max, out_token, in_max, in_token, tag):
+    def record(out_max, out_token, in_max, in_token, tag, top=((-1.0, -1.0),) * 4, top_token=((0, 0),) * 4):
         n = len(out_max)
         return {
+            "top_out": torch.tensor(top),
+            "top_dim": torch.full((n, 2), tag),
+            "top_token": torch.tensor(top_token),
             "tokens": torch.ones(n, dtype=torch.long),
             "out_max": torch.tensor(out_max),
             "out_dim": torch.full((n,), tag),
@@ -1259,9 +1362,21 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
 
     unit = _Unit(0, 0, 0, 0, 4, "experts", "down_proj")
     # experts: 0 larger, 1 equal and earlier, 2 equal at the same token, 3 smaller but earlier
-    Experts._accumulate(unit, record([5.0, 5.0, 5.0, 5.0], [4, 4, 4, 4], [2.0, 2.0, 2.0, 2.0], [4, 4, 4, 4], 1))
-    Experts._accumulate(unit, record([6.0, 5.0, 5.0, 4.0], [9, 3, 4, 1], [3.0, 2.0, 2.0, 1.0], [9, 3, 4, 1], 2))
+    big = torch.iinfo(torch.long).max
+    first_top = ((5.0, 1.0), (5.0, 4.0), (-1.0, -1.0), (3.0, -1.0))
+    first_tokens = ((4, 2), (4, 7), (big, big), (2, big))
+    second_top = ((6.0, 5.0), (5.0, 4.0), (2.0, 1.0), (-1.0, -1.0))
+    second_tokens = ((9, 8), (3, 1), (5, 6), (big, big))
+    Experts._accumulate(
+        unit, record([5.0, 5.0, 5.0, 5.0], [4, 4, 4, 4], [2.0, 2.0, 2.0, 2.0], [4, 4, 4, 4], 1, first_top, first_tokens)
+    )
+    Experts._accumulate(
+        unit, record([6.0, 5.0, 5.0, 4.0], [9, 3, 4, 1], [3.0, 2.0, 2.0, 1.0], [9, 3, 4, 1], 2, second_top, second_tokens)
+    )
     acc = unit.acc
+    assert acc["top_out"].tolist() == [[6.0, 5.0], [5.0, 5.0], [2.0, 1.0], [3.0, -1.0]]
+    assert acc["top_token"].tolist() == [[9, 4], [3, 4], [5, 6], [2, big]]
+    assert acc["top_dim"].tolist() == [[2, 1], [2, 1], [2, 2], [1, 1]]
     assert acc["out_max"].tolist() == [6.0, 5.0, 5.0, 5.0] and acc["out_token"].tolist() == [9, 3, 4, 4]
     for key in ("out_dim", "col", "weight", "contribution", "in_channel"):
         assert acc[key].tolist() == [2, 2, 1, 1], key

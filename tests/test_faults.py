@@ -154,7 +154,7 @@ def test_damaged_statistics_are_detected_moved_aside_and_collected_again(tiny_mo
         ("batch_002.npz", "damaged statistics file"),
         ("batch_003.npz", "damaged statistics file"),
         ("batch_004.npz", "made by another config"),
-        ("batch_005.npz", "statistics format 3, this version reads 4"),
+        ("batch_005.npz", "statistics format 3, this version reads 5"),
     ):
         assert any(w.startswith(f"{stats / name}: {why}") and "moved aside" in w for w in warnings), (name, warnings)
     assert sorted(p.name for p in stats.glob("*.damaged-*")) == [f"batch_00{i}.npz.damaged-0" for i in (2, 3, 4, 5)]

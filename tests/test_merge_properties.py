@@ -155,7 +155,7 @@ def test_damaged_or_foreign_files_are_refused_with_what_is_wrong(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(DamagedStats) as err:
         OutlierStats.load(path)
-    assert str(err.value) == f"{path}: statistics format 3, this version reads 4"
+    assert str(err.value) == f"{path}: statistics format 3, this version reads 5"
 
 
 class _Extra:

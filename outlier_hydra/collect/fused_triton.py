@@ -158,7 +158,8 @@ AT_ROWS = 1024  # rows per program of the second kernel (reads 3 numbers a row)
 @dataclass
 class ExpertRows:
     """Per expert of one down projection's rows (expert_rows): rows counted, the largest |y| and |x|
-    (float32, -1: no row) and the row holding each (int64, -1: none), counts [n_experts, H] int64."""
+    (float32, -1: no row) and the row holding each (int64, -1: none), counts [n_experts, H] int64;
+    and per row its max |y| (float32, -1: a NaN row or one not counted)."""
 
     tokens: torch.Tensor
     out_max: torch.Tensor
@@ -166,6 +167,7 @@ class ExpertRows:
     in_max: torch.Tensor
     in_row: torch.Tensor
     counts: torch.Tensor
+    row_out_max: torch.Tensor
 
 
 def expert_rows(
@@ -229,4 +231,4 @@ def expert_rows(
     )
     # a key's upper 32 bits are its value's float32 bits (fused_triton_kernel.row_key)
     best = torch.where(keys >= 0, (keys >> 32).to(torch.int32).view(torch.float32), -1.0)
-    return ExpertRows(tokens.long(), best[0], at[0], best[1], at[1], counts.long())
+    return ExpertRows(tokens.long(), best[0], at[0], best[1], at[1], counts.long(), y_row)

@@ -17,8 +17,11 @@ y [n, H] (before any routing weight):
                   channel with the largest contribution, that weight, and the contribution
   max |x|         with its channel (the expert's intermediate activation)
   outlier counts  per hidden dim, #(|y| >= magnitude_threshold): kept sparsely (nonzero only)
+  top outputs     the `top_tokens` rows of largest max |y|: each value, its hidden dim and global
+                  token index (which tokens make an expert's spikes: a super expert's few)
 The matrix's median |w| is read once from the weights on the device. Everything merges exactly: sums
-add; each maximum keeps its record from the batch that holds it (equal values: the earlier token).
+add; each maximum keeps its record from the batch that holds it (equal values: the earlier token);
+the top outputs are the top_tokens largest of both sides by the same rule.
 
 Fused experts (transformers 5: 3-D gate_up_proj / down_proj banks) have no per-expert module to hook.
 The stage watches the experts module's forward with a TorchFunctionMode and reads the matmuls that
@@ -51,6 +54,7 @@ RECORD = ("out_max", "out_dim", "out_token", "col", "weight", "contribution")  #
 RECORD_IN = ("in_max", "in_channel", "in_token")  # moves with in_max
 INT_KEYS = ("tokens", "out_dim", "out_token", "col", "in_channel", "in_token")  # int64 on the device
 FLOAT_KEYS = ("out_max", "weight", "contribution", "in_max")  # float32 on the device
+TOP = ("top_out", "top_dim", "top_token")  # [experts, top_tokens] each: the largest row maxima
 log = logging.getLogger(__name__)
 UNKNOWN_TOKEN = 2**60  # rows whose token the experts implementation does not reveal (sorts after all)
 
@@ -71,6 +75,9 @@ class ExpertStats(ArrayStats):
     median_abs_weight: np.ndarray  # [R] float64
     count_keys: np.ndarray  # [K, 2] int64 (row, dim), sorted
     counts: np.ndarray  # [K] int64
+    top_out: np.ndarray  # [R, T] float64: the T largest row maxima |y| of the unit, largest first (-1: none)
+    top_dim: np.ndarray  # [R, T] int64: the hidden dim of each
+    top_token: np.ndarray  # [R, T] int64: its global token index (equal values: the earlier token first)
 
     def merge(self, other: ExpertStats) -> ExpertStats:
         if not np.array_equal(self.keys, other.keys):
@@ -84,6 +91,8 @@ class ExpertStats(ArrayStats):
             for (r, d), c in zip(s.count_keys.tolist(), s.counts.tolist()):
                 counts[(r, d)] = counts.get((r, d), 0) + c
         keys = sorted(counts)
+        both = {k: np.concatenate([getattr(a, k), getattr(b, k)], axis=1) for k in TOP}
+        order = np.lexsort((both["top_token"], -both["top_out"]), axis=1)[:, : a.top_out.shape[1]]
         return ExpertStats(
             keys=a.keys,
             tokens=a.tokens + b.tokens,
@@ -92,6 +101,7 @@ class ExpertStats(ArrayStats):
             median_abs_weight=np.where(a.median_abs_weight >= 0, a.median_abs_weight, b.median_abs_weight),
             count_keys=np.asarray(keys, np.int64).reshape(-1, 2),
             counts=np.asarray([counts[k] for k in keys], np.int64),
+            **{k: np.take_along_axis(v, order, axis=1) for k, v in both.items()},
         )
 
 
@@ -104,6 +114,7 @@ class ExpertsConfig:
     super_percentile: float = MISSING  # super experts: max |out| above this percentile of all experts ...
     super_fraction: float = MISSING  # ... and above this fraction of the largest
     top_units: int = MISSING  # rows of the report's tables (largest max |out| first)
+    top_tokens: int = MISSING  # per unit, the rows (tokens) of largest max |out| kept, with their dims
     dense_models: bool = MISSING  # also for models without MoE layers (their MLPs: experts of one)
 
 
@@ -140,6 +151,25 @@ def _down_linear(block: torch.nn.Module, hidden: int) -> str | None:
         if mat is not None and mat[1] == hidden and mat[0] != hidden:
             found = name
     return found
+
+
+def segment_top(values, segment, token, n: int, k: int):
+    """Per segment (expert) the k rows of largest values (row maxima; < 0: a row holding none), equal
+    values by the earlier token: (values [n, k] float32, -1 where fewer rows; rows [n, k] int64, 0
+    there; tokens [n, k] int64, the largest int64 there). Three stable sorts of the rows, no host
+    sync."""
+    dev, big = values.device, torch.iinfo(torch.long).max
+    order = token.sort(stable=True).indices
+    order = order[(-values[order]).sort(stable=True).indices]
+    order = order[segment[order].sort(stable=True).indices]  # by segment, then value desc, then token
+    size = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, segment, torch.ones_like(segment))
+    j = torch.arange(k, device=dev)
+    at = (size.cumsum(0) - size)[:, None] + j  # [n, k]: each segment's first k places in the order
+    held = j < size[:, None]
+    rows = torch.where(held, order[at.clamp(max=max(len(order) - 1, 0))], 0)
+    top = torch.where(held, values[rows], -1.0)
+    held = top >= 0
+    return top, torch.where(held, rows, 0), torch.where(held, token[rows], big)
 
 
 def segment_counts(segment: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -247,6 +277,11 @@ class Experts(Stage):
     def __init__(self, config):
         super().__init__(config)
         self.threshold = float(config.magnitude_threshold)
+        self.top_tokens = int(config.top_tokens)
+        if self.top_tokens < 0:
+            from outlier_hydra.errors import OutlierHydraError
+
+            raise OutlierHydraError(f"analysis.stages.experts.top_tokens: must be >= 0, got {self.top_tokens}")
 
     def bind(self, structure, layers: list[int]) -> bool:
         super().bind(structure, layers)
@@ -417,6 +452,8 @@ class Experts(Stage):
             "in_token": torch.where(in_ran, token[in_safe], big),
             "counts": got.counts,
         }
+        new["top_out"], top_row, new["top_token"] = segment_top(got.row_out_max, expert, token, e_count, self.top_tokens)
+        new["top_dim"] = torch.where(new["top_out"] >= 0, y[top_row].abs().argmax(-1), 0)  # [E, T]: each row's dim
         self._accumulate(unit, new)
 
     @staticmethod
@@ -444,7 +481,7 @@ class Experts(Stage):
         tokens = torch.zeros(e_count, dtype=torch.long, device=y.device).index_add_(0, expert, weight_of_row)
         out_max, out_row = Experts._segment_max(y_row, expert, token, e_count)
         in_max, in_row = Experts._segment_max(x_row, expert, token, e_count)
-        return fused_triton.ExpertRows(tokens, out_max, out_row, in_max, in_row, counts)
+        return fused_triton.ExpertRows(tokens, out_max, out_row, in_max, in_row, counts, y_row)
 
     @staticmethod
     def _row_absmax(t: torch.Tensor) -> torch.Tensor:
@@ -505,6 +542,11 @@ class Experts(Stage):
             acc[k] = torch.where(in_wins, new[k], acc[k])
         acc["tokens"] = acc["tokens"] + new["tokens"]
         acc["counts"] = acc["counts"] + new["counts"]
+        both = {k: torch.cat([acc[k], new[k]], 1) for k in TOP}  # the largest of both, as merge() keeps them
+        order = both["top_token"].sort(dim=1, stable=True).indices
+        order = order.gather(1, (-both["top_out"].gather(1, order)).sort(dim=1, stable=True).indices)
+        for k in TOP:
+            acc[k] = both[k].gather(1, order[:, : new[k].shape[1]])
 
     def _medians(self, model) -> dict[str, np.ndarray]:
         """Median |w| of each unit's down-projection matrix, on the device, once."""
@@ -539,6 +581,9 @@ class Experts(Stage):
             "in_channel": np.zeros(r, np.int64),
             "in_token": np.full(r, np.iinfo(np.int64).max, np.int64),
             "median_abs_weight": np.zeros(r),
+            "top_out": np.full((r, self.top_tokens), -1.0),
+            "top_dim": np.zeros((r, self.top_tokens), np.int64),
+            "top_token": np.full((r, self.top_tokens), np.iinfo(np.int64).max, np.int64),
         }
         for unit in self.units:
             span = slice(unit.row0, unit.row0 + unit.experts)
@@ -553,9 +598,17 @@ class Experts(Stage):
         count_rows, count_dims, counts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         for units in by_device.values():
             rows = np.concatenate([np.arange(u.row0, u.row0 + u.experts) for u in units])
-            ints = to_host(torch.stack([torch.cat([u.acc[k] for u in units]) for k in INT_KEYS]))
-            floats = to_host(torch.stack([torch.cat([u.acc[k].double() for u in units]) for k in FLOAT_KEYS]))
+            top = {k: torch.cat([u.acc[k] for u in units]).t() for k in TOP}  # [T, rows] each
+            int_rows = torch.stack([torch.cat([u.acc[k] for u in units]) for k in INT_KEYS])
+            ints = to_host(torch.cat([int_rows, top["top_dim"], top["top_token"]]))  # one copy of the integers
+            float_rows = torch.stack([torch.cat([u.acc[k].double() for u in units]) for k in FLOAT_KEYS])
+            floats = to_host(torch.cat([float_rows, top["top_out"].double()]))  # one of the floats
+            t, n_int, n_float = self.top_tokens, len(INT_KEYS), len(FLOAT_KEYS)
             host = {**dict(zip(INT_KEYS, ints)), **dict(zip(FLOAT_KEYS, floats))}
+            held = floats[n_float:].T >= 0  # [rows, T]
+            arrays["top_out"][rows] = floats[n_float:].T
+            arrays["top_dim"][rows] = ints[n_int : n_int + t].T
+            arrays["top_token"][rows] = np.where(held, ints[n_int + t :].T + offset, arrays["top_token"][rows])
             ran = host["out_max"] >= 0
             arrays["tokens"][rows] = host["tokens"]
             for k in ("out_max", "out_dim", "col", "weight", "contribution", "in_max", "in_channel"):
@@ -605,17 +658,13 @@ class Experts(Stage):
                 ],
             }
             if s.out_max[r] >= 0:
-                token = int(s.out_token[r])
-                where: dict[str, Any] = {"token_index": token if token < UNKNOWN_TOKEN else None}
-                if length and token < UNKNOWN_TOKEN:
-                    seq, pos = divmod(token, length)
-                    where.update(sequence=seq, position=pos)
-                    if ctx.token_ids is not None and 0 <= seq - ctx.first_sequence < len(ctx.token_ids):
-                        tok = int(ctx.token_ids[seq - ctx.first_sequence, pos])
-                        where["token_id"] = tok
-                        if ctx.tokenizer is not None:
-                            where["token"] = ctx.tokenizer.convert_ids_to_tokens(tok)
-                entry["max_output_at"] = where
+                entry["max_output_at"] = self._where(int(s.out_token[r]), length, ctx)
+                # the rows of largest max |y| whose token is known: which tokens make the spikes
+                entry["top_outputs"] = [
+                    {"value": float(v), "dim": int(d), **self._where(int(t), length, ctx)}
+                    for v, d, t in zip(s.top_out[r], s.top_dim[r], s.top_token[r])
+                    if v >= 0 and t < UNKNOWN_TOKEN
+                ]
                 median = float(s.median_abs_weight[r])
                 entry["super_weight_candidate"] = {
                     "row": int(s.out_dim[r]),
@@ -632,7 +681,10 @@ class Experts(Stage):
             cut = float(np.percentile(maxima, cfg.super_percentile))
             largest = float(maxima.max())
             supers = [
-                {k: u[k] for k in ("layer", "expert", "max_output", "max_output_dim", "max_output_at", "tokens")}
+                {
+                    k: u[k]
+                    for k in ("layer", "expert", "max_output", "max_output_dim", "max_output_at", "top_outputs", "tokens")
+                }
                 for u in routed
                 if u["max_output"] > cut and u["max_output"] > cfg.super_fraction * largest
             ]
@@ -666,6 +718,21 @@ class Experts(Stage):
             ],
             "units": units,
         }
+
+    @staticmethod
+    def _where(token: int, length: int | None, ctx: ReportContext) -> dict[str, Any]:
+        """A global token index as the report gives it: sequence, position, token id and token
+        (as far as known: no index for an unknown token, no id for another shard's sequence)."""
+        where: dict[str, Any] = {"token_index": token if token < UNKNOWN_TOKEN else None}
+        if length and token < UNKNOWN_TOKEN:
+            seq, pos = divmod(token, length)
+            where.update(sequence=seq, position=pos)
+            if ctx.token_ids is not None and 0 <= seq - ctx.first_sequence < len(ctx.token_ids):
+                tok = int(ctx.token_ids[seq - ctx.first_sequence, pos])
+                where["token_id"] = tok
+                if ctx.tokenizer is not None:
+                    where["token"] = ctx.tokenizer.convert_ids_to_tokens(tok)
+        return where
 
     @staticmethod
     def _positions_share(supers: list[dict], ctx: ReportContext) -> None:
@@ -717,7 +784,14 @@ class Experts(Stage):
     # pragma: no mutate end
     def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
         supers = [
-            [s["layer"], s["expert"], s["max_output"], s["max_output_dim"], s["max_output_at"].get("token", "")]
+            [
+                s["layer"],
+                s["expert"],
+                s["max_output"],
+                s["max_output_dim"],
+                s["max_output_at"].get("token", ""),
+                " ".join(str(t.get("token", t.get("token_index"))) for t in s.get("top_outputs", [])),
+            ]
             for s in section["super_experts"]
         ]
         weights = [
@@ -732,7 +806,7 @@ class Experts(Stage):
             for u in top
         ]
         return {
-            "super_experts": (["layer", "expert", "max_output", "dim", "token"], supers),
+            "super_experts": (["layer", "expert", "max_output", "dim", "token", "top_tokens"], supers),
             "super_weight_candidates": (["layer", "kind", "expert", "row", "col", "weight", "ratio_to_median"], weights),
             "largest_outputs": (["layer", "kind", "expert", "tokens", "max_output", "dim", "max_input"], units),
         }

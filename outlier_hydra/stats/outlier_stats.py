@@ -33,8 +33,9 @@ import numpy as np
 
 from outlier_hydra.errors import OutlierHydraError
 
-# 4: a SHA-256 of the arrays in the metadata; 3: stages named by their registered name (2: a class path)
-FORMAT_VERSION = 4
+# 5: the experts stage's top outputs per unit; 4: a SHA-256 of the arrays in the metadata; 3: stages
+# named by their registered name (2: a class path)
+FORMAT_VERSION = 5
 
 # Edges for |x|: the thresholds people sweep (3..8), the range of systematic features (up to ~100)
 # and massive activations (>= 1000). The configured threshold is always added. The lowest edge
