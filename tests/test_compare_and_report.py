@@ -66,6 +66,7 @@ def test_compare_numbers_equal_the_runs_own_json(four_runs, tmp_path):
         assert [int(t.split()[0]) for t in row["top_dims"]] == [f["feature_dim"] for f in feats[:5]]
         if name == "minilm":
             assert row["kind"] == "dense" and row["router_top_expert_share"] is None and row["massive_activations"] is None
+            assert row["super_experts"] is None  # the experts stage is off for dense models
             assert row["total_params"] == row["active_params"] == _causal_lm_params(r["model"]["name"])
         else:
             assert row["kind"] == "MoE" and row["total_params"] > row["active_params"]
@@ -73,6 +74,8 @@ def test_compare_numbers_equal_the_runs_own_json(four_runs, tmp_path):
             shares = [t[0]["share"] for t in tops if t]
             assert row["router_top_expert_share"] == pytest.approx(st.mean(shares))
             assert row["massive_activations"] == sum(len(e["massive"]) for e in r["massive_activations"]["layers"])
+            named = [tuple(map(int, re.fullmatch(r"L(\d+) E(\d+) \(.*\)", x).groups())) for x in row["super_experts"]]
+            assert named == [(s["layer"], s["expert"]) for s in r["experts"]["super_experts"]] and named
     assert not any("different numbers of tokens" in n for n in doc["notes"])  # all four cover 256 tokens here
     with open(tmp_path / "cmp" / "comparison.csv") as f:
         assert [row["systematic_dims"] for row in csv.DictReader(f)] == [

@@ -8,8 +8,9 @@ plots and report.html into --out (default outputs/compare/<date>/<time>) and pri
   model, model type, dense or MoE, total and active parameters (counted on the meta device), hooked
   modules, tokens, systematic dims, mean and median layer % and seq % of the systematic dims, their
   largest magnitude, the top 5 dims with their percentages, for MoE the top expert's share of the
-  top-k choices at the systematic dims' outlier positions (mean over those dims), and counts of
-  massive activations when that stage ran.
+  top-k choices at the systematic dims' outlier positions (mean over those dims), its super experts
+  (layer, expert and max |down_proj output|) when the experts stage ran, and counts of massive
+  activations when that stage ran.
 
 Runs analysed at different criteria are refused, unless --reanalyze applies one set of criteria (the
 first run's, changed by analysis.* overrides) to all of them from their statistics, with no model.
@@ -50,6 +51,7 @@ COLUMNS = [
     "max_magnitude",
     "top_dims",
     "router_top_expert_share",
+    "super_experts",
     "massive_activations",
 ]
 
@@ -106,6 +108,7 @@ def row(run: SavedRun, results: dict) -> dict[str, Any]:
         f["top_experts_all_layers"][0]["share"] for f in (routing or {}).get("features", []) if f["top_experts_all_layers"]
     ]
     massive = results.get("massive_activations")
+    experts = results.get("experts")
     return {
         "run": str(run.path),
         "model": results["model"]["name"],
@@ -125,6 +128,9 @@ def row(run: SavedRun, results: dict) -> dict[str, Any]:
             f"{f['feature_dim']} ({100 * f['layer_percentage']:.0f}%/{100 * f['seq_percentage']:.0f}%)" for f in feats[:5]
         ],
         "router_top_expert_share": st.mean(shares) if shares else None,
+        "super_experts": (
+            [f"L{s['layer']} E{s['expert']} ({s['max_output']:.3g})" for s in experts["super_experts"]] if experts else None
+        ),
         "massive_activations": sum(len(e["massive"]) for e in massive["layers"]) if massive else None,
     }
 
