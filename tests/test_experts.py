@@ -938,8 +938,17 @@ def _tables_and_summaries_carry_the_sections(stages, results):
     hidden = {"max_output_at": {"token_index": None}, "top_outputs": []}
     unknown = {**experts, "super_experts": [{**experts["super_experts"][0], **hidden}]}
     assert [row[4:] for row in stage["experts"].rows(unknown)["super_experts"][1]] == [["", ""]]
-    named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in experts["super_experts"])
+    named = ", ".join(
+        f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f} on "
+        + ", ".join(repr(t) for t in list(dict.fromkeys(t["token"] for t in s["top_outputs"]))[:3])
+        + ")"
+        for s in experts["super_experts"]
+    )
     assert stage["experts"].summary(experts) == [f"super experts: {named}"]
+    one = unknown["super_experts"][0]  # no tokens known: no "on ..."
+    assert stage["experts"].summary(unknown) == [
+        f"super experts: layer {one['layer']} expert {one['expert']} ({one['max_output']:.0f})"
+    ]
     assert stage["experts"].summary({**experts, "super_experts": [], "unobserved_layers": [1, 3]}) == [
         "routed experts not observable in layers [1, 3]",
         "no super experts",
@@ -1019,6 +1028,12 @@ def test_the_summary_names_the_first_six_super_experts():
     assert Experts(make_cfg().analysis.stages.experts).summary({"super_experts": supers}) == [
         "super experts: layer 0 expert 10 (900), layer 1 expert 11 (800), layer 2 expert 12 (700), "
         "layer 3 expert 13 (600), layer 4 expert 14 (500), layer 5 expert 15 (400)"
+    ]
+    # with its top outputs: their first three distinct tokens (known ones only)
+    tops = [{"token": t} for t in ("<s>", ",", "<s>", "the", "of")] + [{"token_index": None}]
+    supers = [{"layer": 1, "expert": 68, "max_output": 744.4, "top_outputs": tops}]
+    assert Experts(make_cfg().analysis.stages.experts).summary({"super_experts": supers}) == [
+        "super experts: layer 1 expert 68 (744 on '<s>', ',', 'the')"
     ]
 
 

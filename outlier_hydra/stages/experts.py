@@ -818,5 +818,12 @@ class Experts(Stage):
             lines.append(f"routed experts not observable in layers {section['unobserved_layers']}")
         if not supers:
             return lines + ["no super experts"]
-        named = ", ".join(f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f})" for s in supers[:6])
-        return lines + [f"super experts: {named}"]
+        return lines + [f"super experts: {', '.join(self._named(s) for s in supers[:6])}"]
+
+    @staticmethod
+    def _named(s: dict) -> str:
+        """'layer 1 expert 68 (744 on 'the', ',')': its max |out| and the first three distinct tokens
+        of its top outputs (where the tokens are known)."""
+        tokens = list(dict.fromkeys(t["token"] for t in s.get("top_outputs", []) if "token" in t))[:3]
+        on = f" on {', '.join(map(repr, tokens))}" if tokens else ""
+        return f"layer {s['layer']} expert {s['expert']} ({s['max_output']:.0f}{on})"
