@@ -485,20 +485,25 @@ def test_the_torch_way_counts_nothing_of_rows_not_valid(sync_free):
     assert in_max.tolist() == [1.0, 0.5, -1.0] and in_row.tolist() == [0, 2, -1]
 
 
+@pytest.mark.parametrize("one_key", [True, False], ids=["one-key", "three-sorts"])
 @pytest.mark.parametrize("k", [0, 1, 3, 6])
-def test_segment_top_against_a_plain_loop(k):
-    """Per expert the k rows of largest row maximum, largest first, equal values by the earlier token,
-    rows holding none (-1) never; where fewer rows: -1, row 0 and the largest int64; against a plain
-    sort of each expert's rows."""
-    from outlier_hydra.stages.experts import segment_top
+def test_segment_top_against_a_plain_loop(k, one_key):
+    """Per expert the k rows of largest row maximum, largest first, equal values by the earlier token
+    (unknown tokens last, among themselves by row), rows holding none (-1) never, Inf a value; where
+    fewer rows: -1, row 0 and the largest int64; against a plain sort of each expert's rows. Both
+    ways: one sort of an int64 key (the batch's token bound given) and three stable sorts."""
+    from outlier_hydra.stages.experts import UNKNOWN_TOKEN, segment_top
 
     g = torch.Generator().manual_seed(5)
-    n, experts = 60, 5
+    n, experts = 60, 6
     values = torch.randint(0, 6, (n,), generator=g).float()  # few values: ties everywhere
     values[::7] = -1.0  # rows that hold no value (NaN, not counted)
-    expert = torch.randint(0, experts - 1, (n,), generator=g)  # the last expert gets no row
-    token = torch.randperm(n, generator=g)
-    top, rows, tokens = segment_top(values, expert, token, experts, k)
+    values[[3, 4]] = float("inf")
+    expert = torch.randint(0, experts - 2, (n,), generator=g)  # the last expert gets no row
+    token = torch.randperm(n, generator=g) * 1000  # tokens of a batch of 60,000 positions
+    token[[5, 6, 8, 9, 10, 11]] = UNKNOWN_TOKEN
+    expert[[12, 13]], values[[12, 13]], token[[12, 13]] = 4, torch.tensor([-1.0, 0.0]), torch.tensor([1, 2])  # 0 < none
+    top, rows, tokens = segment_top(values, expert, token, experts, k, 60_000 if one_key else None)
     assert top.shape == rows.shape == tokens.shape == (experts, k)
     for e in range(experts):
         mine = sorted((-float(values[r]), int(token[r]), r) for r in range(n) if expert[r] == e and values[r] >= 0)[:k]

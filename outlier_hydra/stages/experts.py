@@ -153,15 +153,28 @@ def _down_linear(block: torch.nn.Module, hidden: int) -> str | None:
     return found
 
 
-def segment_top(values, segment, token, n: int, k: int):
-    """Per segment (expert) the k rows of largest values (row maxima; < 0: a row holding none), equal
-    values by the earlier token: (values [n, k] float32, -1 where fewer rows; rows [n, k] int64, 0
-    there; tokens [n, k] int64, the largest int64 there). Three stable sorts of the rows, no host
-    sync."""
+KEY_SEGMENT_BITS, KEY_TOKEN_BITS = 12, 20  # segment_top's one-key sort: 12 + 31 (value) + 20 bits
+
+
+def segment_top(values, segment, token, n: int, k: int, tokens_below: int | None = None):
+    """Per segment (expert) the k rows of largest values (row maxima, float32; < 0: a row holding
+    none), equal values by the earlier token: (values [n, k] float32, -1 where fewer rows; rows
+    [n, k] int64, 0 there; tokens [n, k] int64, the largest int64 there). No host sync.
+
+    The order (segment, value descending, token) is one stable sort of an int64 key where it fits:
+    n <= 2^12 segments and every known token below tokens_below < 2^20 - 1 (the batch's positions;
+    an unknown token, any larger, ranks as 2^20 - 1, after all); a value >= 0 is ordered by its
+    float32 bits. Elsewhere three stable sorts (token, value, segment): the same order."""
     dev, big = values.device, torch.iinfo(torch.long).max
-    order = token.sort(stable=True).indices
-    order = order[(-values[order]).sort(stable=True).indices]
-    order = order[segment[order].sort(stable=True).indices]  # by segment, then value desc, then token
+    last_token = (1 << KEY_TOKEN_BITS) - 1
+    if tokens_below is not None and n <= 1 << KEY_SEGMENT_BITS and tokens_below < last_token:
+        bits = torch.where(values >= 0, values.float().view(torch.int32).long() + 1, 0)  # 0 .. 2^31 - 1
+        key = (segment << (31 + KEY_TOKEN_BITS)) | (((1 << 31) - 1 - bits) << KEY_TOKEN_BITS) | token.clamp(max=last_token)
+        order = key.sort(stable=True).indices
+    else:
+        order = token.sort(stable=True).indices
+        order = order[(-values[order]).sort(stable=True).indices]
+        order = order[segment[order].sort(stable=True).indices]  # by segment, then value desc, then token
     size = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, segment, torch.ones_like(segment))
     j = torch.arange(k, device=dev)
     at = (size.cumsum(0) - size)[:, None] + j  # [n, k]: each segment's first k places in the order
@@ -355,6 +368,7 @@ class Experts(Stage):
         """Called by the collector before each pass: the real modules and the batch's token layout."""
         self._resolve(model, int(self.structure.hidden_size))
         self.length = int(input_ids.shape[-1])
+        self.positions = int(input_ids.numel())  # every known token of the batch is below it
         if getattr(self, "model_id", None) != id(model):
             self.module_of = dict(model.named_modules())
             self.median = self._medians(model)
@@ -452,7 +466,9 @@ class Experts(Stage):
             "in_token": torch.where(in_ran, token[in_safe], big),
             "counts": got.counts,
         }
-        new["top_out"], top_row, new["top_token"] = segment_top(got.row_out_max, expert, token, e_count, self.top_tokens)
+        new["top_out"], top_row, new["top_token"] = segment_top(
+            got.row_out_max, expert, token, e_count, self.top_tokens, getattr(self, "positions", None)
+        )
         new["top_dim"] = torch.where(new["top_out"] >= 0, y[top_row].abs().argmax(-1), 0)  # [E, T]: each row's dim
         self._accumulate(unit, new)
 
