@@ -503,6 +503,9 @@ def test_segment_top_against_a_plain_loop(k, one_key):
     token = torch.randperm(n, generator=g) * 1000  # tokens of a batch of 60,000 positions
     token[[5, 6, 8, 9, 10, 11]] = UNKNOWN_TOKEN
     expert[[12, 13]], values[[12, 13]], token[[12, 13]] = 4, torch.tensor([-1.0, 0.0]), torch.tensor([1, 2])  # 0 < none
+    # an unknown token's value one float32 step above a known token's: the value decides, not the token
+    expert[[15, 16]], token[[15, 16]] = 3, torch.tensor([UNKNOWN_TOKEN, 0])
+    values[15], values[16] = 7.0, torch.nextafter(torch.tensor(7.0), torch.tensor(0.0))
     top, rows, tokens = segment_top(values, expert, token, experts, k, 60_000 if one_key else None)
     assert top.shape == rows.shape == tokens.shape == (experts, k)
     for e in range(experts):
@@ -1364,9 +1367,9 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
     def record(out_max, out_token, in_max, in_token, tag, top=((-1.0, -1.0),) * 4, top_token=((0, 0),) * 4):
         n = len(out_max)
         return {
-            "top_out": torch.tensor(top),
+            "top_out": torch.as_tensor(top),
             "top_dim": torch.full((n, 2), tag),
-            "top_token": torch.tensor(top_token),
+            "top_token": torch.as_tensor(top_token),
             "tokens": torch.ones(n, dtype=torch.long),
             "out_max": torch.tensor(out_max),
             "out_dim": torch.full((n,), tag),
@@ -1402,3 +1405,18 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
         assert acc[key].tolist() == [2, 2, 1, 1], key
     assert acc["in_max"].tolist() == [3.0, 2.0, 2.0, 2.0] and acc["in_token"].tolist() == [9, 3, 4, 4]
     assert acc["tokens"].tolist() == [2] * 4 and acc["counts"].tolist() == [[2] * 3] * 4
+    # wide tops with ties everywhere (sorts of 16 or fewer run stable by chance): numpy's stable order
+    g = torch.Generator().manual_seed(2)
+    first, second = [
+        record([1.0] * 3, [0] * 3, [1.0] * 3, [0] * 3, 1, torch.randint(0, 3, (3, 20), generator=g).float(), tok)
+        for tok in torch.randperm(120, generator=g).view(2, 3, 20)
+    ]
+    for side in (first, second):
+        side["top_dim"] = torch.randint(0, 50, (3, 20), generator=g)
+    both = {k: np.concatenate([first[k].numpy(), second[k].numpy()], 1) for k in ("top_out", "top_dim", "top_token")}
+    wide = _Unit(0, 0, 0, 0, 3, "experts", "down_proj")
+    Experts._accumulate(wide, first)  # (first becomes the unit's record, updated in place)
+    Experts._accumulate(wide, second)
+    order = np.lexsort((both["top_token"], -both["top_out"]), axis=1)[:, :20]
+    for k, v in both.items():
+        assert np.array_equal(wide.acc[k].numpy(), np.take_along_axis(v, order, 1)), k
