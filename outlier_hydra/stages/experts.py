@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 from outlier_hydra.collect import fused_cpu, fused_triton
 from outlier_hydra.collect.reductions import at_least, compile_errors
 from outlier_hydra.collect.transfer import to_host
+from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.models.structure import is_conv1d, matrix_dims
 from outlier_hydra.stages import ArrayStats, ReportContext, Stage
 
@@ -292,8 +293,6 @@ class Experts(Stage):
         self.threshold = float(config.magnitude_threshold)
         self.top_tokens = int(config.top_tokens)
         if self.top_tokens < 0:
-            from outlier_hydra.errors import OutlierHydraError
-
             raise OutlierHydraError(f"analysis.stages.experts.top_tokens: must be >= 0, got {self.top_tokens}")
 
     def bind(self, structure, layers: list[int]) -> bool:
