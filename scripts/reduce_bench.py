@@ -23,9 +23,11 @@ import time
 import torch
 
 from outlier_hydra.collect import fused_triton
-from outlier_hydra.collect.collector import _BatchState
+from outlier_hydra.collect.backends import BACKENDS
+from outlier_hydra.collect.batch_state import BatchState
 from outlier_hydra.collect.reductions import compiled_reduce, dense_reduce, edges_on
-from outlier_hydra.stages.experts import Experts
+from outlier_hydra.errors import first_line
+from outlier_hydra.stages.experts.tensors import rows_torch
 from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
 from outlier_hydra.tools.benchmark import sync
 
@@ -121,7 +123,7 @@ def main() -> None:
         try:
             check(x, edges_t, blocks)
         except Exception as exc:  # noqa: BLE001 - a launch shape that does not build is skipped
-            print(f"triton {blocks}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+            print(f"triton {blocks}: {type(exc).__name__}: {first_line(exc, 120)}")
             continue
         mine = torch.zeros_like(x)
         per_call = show(
@@ -148,7 +150,7 @@ def main() -> None:
     token = torch.randperm(routed, device=device, generator=g) // 8  # grouped_mm's tokens: each 8 times
 
     def experts_torch():
-        return Experts.rows_torch(inner, y, expert, token, valid, 64, True, 6.0)
+        return rows_torch(inner, y, expert, token, valid, 64, True, 6.0)
 
     print(f"experts, one layer: y [{routed}, {args.cols}], x [{routed}, {args.cols // 2}], 64 experts")
     show("experts: torch ops (|y|, maxima, one-hot counts)", experts_torch)
@@ -180,7 +182,7 @@ def main() -> None:
     for backend in ("compiled", "triton"):
 
         def batch(backend=backend):
-            state = _BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, modules, backend)
+            state = BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, modules, BACKENDS[backend]())
             for row in range(modules):
                 state.update(row, x)
             return state

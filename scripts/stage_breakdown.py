@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from outlier_hydra.cli import compose_config
 from outlier_hydra.config.targets import instantiate_node
+from outlier_hydra.tools.args import compose_config
 from outlier_hydra.tools.benchmark import prepare, sync, timed
 
 

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from outlier_hydra.config import config_dir, corpus_path, register  # noqa: E402
+from outlier_hydra.config import config_dir, corpus_path  # noqa: E402
 from outlier_hydra.config.paths import cache_dir  # noqa: E402
+from outlier_hydra.registration import register  # noqa: E402
 
 register()
 

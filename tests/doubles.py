@@ -9,7 +9,9 @@ import torch
 
 from outlier_hydra.analysis import SystematicOutlierAnalysis
 from outlier_hydra.collect import OutlierCollector
-from outlier_hydra.models.structure import HookPoint, config_top_k, discover, probe
+from outlier_hydra.models import discover, probe
+from outlier_hydra.models.configs import config_top_k
+from outlier_hydra.models.types import HookPoint
 
 
 class TopFeatureOnly(SystematicOutlierAnalysis):

@@ -461,3 +461,78 @@ def mismatches(results: dict, acts: np.ndarray, tables: dict, threshold: float =
             if got_top != want_top:
                 out.append(f"feature {want['feature_dim']} top experts {got_top} != {want_top}")
     return out
+
+
+def sub_block_inputs(model_dir, token_ids, batch_size) -> dict[int, list[np.ndarray]]:
+    """Independent of the project's discovery: what enters each layer's sub-blocks, by this rule alone.
+    The layer stack is the ModuleList of num_hidden_layers entries whose first entry owns a matrix; a
+    layer's sub-blocks are its children that own a parameter of two or more dims and receive a float
+    tensor of the hidden size (plain pre-hooks on every child of every layer), in the order they run.
+    Per layer: the hidden-size input of its first sub-block and, when another child runs last, of the
+    last one ([tokens, D] float64 over all batches): a mixer's and an MLP's, or the one block a layer
+    has (Mamba, Nemotron-H). A second mixer reading the same input (Falcon-H1) is neither first nor last."""
+    from torch import nn
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = model.config.get_text_config()
+    n, hidden = text.num_hidden_layers, text.hidden_size
+    stack = next(
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) == n and any(p.dim() >= 2 for p in m[0].parameters())
+    )
+    calls: dict[int, list[list]] = {i: [] for i in range(n)}  # per layer, per batch: [(child, input)]
+    handles = []
+
+    def hidden_input(args, kwargs):
+        for v in [*args, *kwargs.values()]:
+            if torch.is_tensor(v) and v.is_floating_point() and v.dim() >= 2 and v.shape[-1] == hidden:
+                return v
+        return None
+
+    for i, layer in enumerate(stack):
+        for name, child in layer.named_children():
+            if not any(p.dim() >= 2 for p in child.parameters()):
+                continue
+
+            def pre(module, args, kwargs, i=i, name=name):
+                x = hidden_input(args, kwargs)
+                batch = calls[i][-1]
+                if x is not None and name not in [c for c, _ in batch]:
+                    batch.append((name, x.detach().reshape(-1, hidden).double().numpy()))
+
+            handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
+
+    with torch.no_grad():
+        for s in range(0, len(token_ids), batch_size):
+            for i in range(n):
+                calls[i].append([])
+            model(input_ids=torch.from_numpy(token_ids[s : s + batch_size]))
+    for h in handles:
+        h.remove()
+    out: dict[int, list[np.ndarray]] = {}
+    for i, batches in calls.items():
+        names = [c for c, _ in batches[0]]
+        chosen = names[:1] + (names[-1:] if len(names) > 1 else [])
+        out[i] = [np.concatenate([dict(b)[c] for b in batches]) for c in chosen]
+    return out
+
+
+def layer_problems(results: dict, inputs: dict[int, list[np.ndarray]]) -> list[str]:
+    """Where the run's hook points per layer differ from the sub-blocks the reference found: a layer
+    reported with fewer hook points than it has sub-blocks (a mixer or MLP missed), or more."""
+    out = []
+    points: dict[int, int] = {}
+    for p in results["model"]["structure"]["hook_points"]:
+        layer = int(p["name"].split("_")[1])
+        points[layer] = points.get(layer, 0) + 1
+    for i, arrays in inputs.items():
+        if points.get(i, 0) != len(arrays):
+            out.append(f"layer {i}: {points.get(i, 0)} hook points, {len(arrays)} sub-block inputs")
+    return out
+
+
+def stacked(inputs: dict[int, list[np.ndarray]]) -> np.ndarray:
+    """The reference's inputs in model order, [modules, tokens, D] (what mismatches() takes)."""
+    return np.stack([a for i in sorted(inputs) for a in inputs[i]])

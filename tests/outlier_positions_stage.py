@@ -73,7 +73,7 @@ class OutlierPositions(Stage):
         }
 
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
-        from outlier_hydra.output.plots import pyplot, save_figure
+        from outlier_hydra.figures import pyplot, save_figure
 
         fig, ax = pyplot().subplots()
         ax.bar([e["layer"] for e in section["layers"]], [e["outlier_positions"] for e in section["layers"]])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import make_cfg, tiny_overrides
-from helpers import full_activations, mismatches, module_input_tables
+from helpers import full_activations, layer_problems, mismatches, module_input_tables, stacked, sub_block_inputs
 
 from outlier_hydra.pipeline import run
 
@@ -58,6 +58,8 @@ LAYOUTS: dict[str, tuple] = {
     "llama4_text": (ATTN, "layers.{i}.feed_forward", "{mlp}.router", "{mlp}.experts"),
     "jamba": ("layers.{i}.mamba|layers.{i}.self_attn", "layers.{i}.feed_forward", "{mlp}.router", "{mlp}.experts"),
     "qwen3_next": ("layers.{i}.linear_attn|layers.{i}.self_attn", MLP),
+    # gated-DeltaNet layers register their output projection first
+    "qwen3_5_moe_text": ("layers.{i}.linear_attn|layers.{i}.self_attn", MLP),
     "ernie4_5_moe": (ATTN, MLP),
     "hunyuan_v1_moe": (ATTN, MLP, "{mlp}.gate.wg", "{mlp}.experts"),
     "minimax": (ATTN, "layers.{i}.mlp", "{mlp}.gate", "{mlp}.experts"),
@@ -108,8 +110,8 @@ def check_family(model_type: str, tmp_path, *extra: str) -> None:
     of the run (with these extra overrides) equal to the recomputation from plain hooks."""
     from transformers import AutoModel
 
-    from outlier_hydra.models.structure import config_top_k
-    from outlier_hydra.models.tiny import build
+    from outlier_hydra.models.configs import config_top_k
+    from outlier_hydra.testing.tiny import build
 
     folder = build(model_type, tmp_path / "model", plant_dim=PLANT)
     results = run(
@@ -131,6 +133,10 @@ def check_family(model_type: str, tmp_path, *extra: str) -> None:
         folder, [p for _, p in points], moe, ids, batch_size=4, top_k=config_top_k(model.config.get_text_config())
     )
     assert mismatches(results, acts, tables) == []
+    # by a rule of its own (what each layer passes to its children), not by LAYOUTS nor discovery
+    inputs = sub_block_inputs(folder, ids, batch_size=4)
+    assert layer_problems(results, inputs) == []
+    assert mismatches(results, stacked(inputs), tables) == []
     assert PLANT in {r["feature_dim"] for r in results["systematic_outliers"]}
     if moe:
         assert len(results["moe_routing"]["layers"]) == len(moe)
@@ -153,8 +159,8 @@ def test_a_family_discovery_cannot_handle_fails_fast_naming_the_key(tmp_path):
     from conftest import REPO
 
     from outlier_hydra.errors import OutlierHydraError
-    from outlier_hydra.models.tiny import build
-    from outlier_hydra.pipeline.job import prepare
+    from outlier_hydra.pipeline.plan import prepare
+    from outlier_hydra.testing.tiny import build
 
     folder = build("longcat_flash", tmp_path / "model", plant_dim=None)
     overrides = tiny_overrides(folder, f"model.tokenizer={folder / 'tokenizer'}")
@@ -179,7 +185,7 @@ def test_a_family_discovery_cannot_handle_fails_fast_naming_the_key(tmp_path):
 def test_model_structure_overrides_discovery(tmp_path):
     """model.structure from the command line: the hook points read the q_proj / gate_proj inputs (the
     same normed hidden state), the routing stage is switched off by router=none."""
-    from outlier_hydra.models.tiny import build
+    from outlier_hydra.testing.tiny import build
 
     folder = build("qwen2_moe", tmp_path / "model", plant_dim=PLANT)
     results = run(
@@ -210,8 +216,8 @@ def test_jetmoe_needs_and_takes_an_override(tmp_path):
     discovery stops naming model.structure.mixer; the two paths from the command line analyse it,
     features and routing equal to the recomputation."""
     from outlier_hydra.errors import OutlierHydraError
-    from outlier_hydra.models.tiny import build
-    from outlier_hydra.pipeline.job import prepare
+    from outlier_hydra.pipeline.plan import prepare
+    from outlier_hydra.testing.tiny import build
 
     folder = build("jetmoe", tmp_path / "model", plant_dim=PLANT)
     base = tiny_overrides(folder, f"model.tokenizer={folder / 'tokenizer'}", "plots=false")
@@ -240,8 +246,8 @@ def test_jetmoe_needs_and_takes_an_override(tmp_path):
 def test_discovery_on_the_real_shapes(preset, mixer, mlp, moe_layers, dense, router, experts, shared):
     """The presets' real shapes, built on the meta device from their architecture blocks (offline):
     hook points, dense-first layers, routers, expert counts and shared experts where the papers say."""
-    from outlier_hydra.launch.vram import hf_config
-    from outlier_hydra.models.structure import model_structure
+    from outlier_hydra.models.discovery import model_structure
+    from outlier_hydra.models.size import hf_config
 
     cfg = make_cfg(f"model={preset}")
     config, _ = hf_config(cfg.model)

@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, make_cfg, tiny_overrides
 
 import outlier_hydra.pipeline.job as run_module
+import outlier_hydra.pipeline.plan as plan_module
 from outlier_hydra.errors import OutlierHydraError
 
 
@@ -19,7 +20,7 @@ def no_weights(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the bad input was reported")
 
-    monkeypatch.setattr(run_module, "load_model", refuse)
+    monkeypatch.setattr(plan_module, "load_model", refuse)
 
 
 def _fails(overrides, match, tmp_path):

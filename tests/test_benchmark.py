@@ -158,7 +158,7 @@ def test_gpu_check_script_runs_end_to_end_in_its_cpu_mode(tmp_path):
     experts = breakdown.read_text().split("\nexperts: CPU time by function")[1].split("\nall stages:")[0]
     rows = [line.split(" events  ")[1] for line in experts.splitlines() if " events  " in line]
     assert "(the model's own ops)" in rows and "__torch_function__" not in experts
-    assert any(r.startswith("outlier_hydra/stages/experts.py(") and r.endswith("_update") for r in rows)
+    assert any(r.startswith("outlier_hydra/stages/experts/__init__.py(") and r.endswith("_update") for r in rows)
 
 
 def test_reduce_bench_checks_every_kernel_against_torch_before_timing_it():

@@ -10,9 +10,9 @@ import shutil
 import pytest
 from conftest import make_cfg, tiny_overrides
 
-from outlier_hydra.launch.sweep import write_summary
 from outlier_hydra.pipeline import run
 from outlier_hydra.tools.compare import compare
+from outlier_hydra.tools.sweep_summary import write_summary
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):

@@ -284,7 +284,7 @@ def test_compiled_backend_falls_back_on_compilation_errors_only(monkeypatch):
     error inside a hook (an OOM, a bug) is raised, never swallowed by the fallback."""
     from torch._dynamo.exc import Unsupported
 
-    import outlier_hydra.collect.collector as collector_module
+    import outlier_hydra.collect.backends as collector_module
 
     x = torch.randn(1, 50, 4, generator=torch.Generator().manual_seed(2)) * 4
     reference = _collect([[x, x]], backend="dense")
@@ -314,7 +314,7 @@ def test_chunks_group_whole_layers_in_model_order():
     layer in the same group); N >= the number of layers, 0 or null: one group. (On a CPU the groups
     change no number, so they are asserted here.)"""
     from outlier_hydra.collect.collector import layer_chunks
-    from outlier_hydra.models.structure import HookPoint
+    from outlier_hydra.models.types import HookPoint
 
     points = [HookPoint(f"layer_{i}_ln_{k}", i, f"m{i}{k}") for i in (0, 2, 3, 5, 7) for k in ("attn", "mlp")]
 
@@ -333,10 +333,11 @@ def test_position_buffers_of_several_devices_combine_in_model_order():
     """A model split over devices (device_map) keeps one position buffer per device; at the end of
     the batch a later device's larger |x| replaces the earlier one's, equal ones keep the earlier
     (three "devices" here: cpu, cpu:0 and cpu:1 are distinct keys and need no GPU)."""
-    from outlier_hydra.collect.collector import _BatchState
+    from outlier_hydra.collect.backends import Dense, combined
+    from outlier_hydra.collect.batch_state import BatchState
     from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
 
-    state = _BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, 3, "dense")
+    state = BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, 3, Dense())
     vals = [
         torch.tensor([[7.0, -3.0, 9.0, 1.0]]),
         torch.tensor([[-7.0, 4.0, 2.0, 0.5]]),
@@ -344,7 +345,7 @@ def test_position_buffers_of_several_devices_combine_in_model_order():
     ]
     for dev, v in zip(["cpu", "cpu:0", "cpu:1"], vals):
         state.pabs[torch.device(dev)], state.pval[torch.device(dev)] = v.abs(), v
-    pabs, pval = state._positions()
+    pabs, pval = combined({dev: (state.pabs.get(dev), pval) for dev, pval in state.pval.items()})
     assert pval.tolist() == [[8.0, 4.0, 9.0, 2.0]]  # 7 then -7 (tie: 7 stays) then 8; 3 < 4 = -4 (tie: 4 stays)
     assert pabs.tolist() == [[8.0, 4.0, 9.0, 2.0]] and pabs.device == torch.device("cpu")
 
@@ -354,12 +355,13 @@ def test_a_batch_whose_modules_did_not_all_run_is_refused_by_name(backend):
     """The end of a batch where no hooked module ran, or one of them did not, is an error naming it,
     not statistics with a module's rows left empty."""
     from outlier_hydra.collect import fused_cpu
-    from outlier_hydra.collect.collector import _BatchState
+    from outlier_hydra.collect.backends import BACKENDS as by_name
+    from outlier_hydra.collect.batch_state import BatchState
     from outlier_hydra.stats import DEFAULT_EDGES, histogram_edges
 
     assert backend != "fused" or fused_cpu.available()  # (the collector builds or loads it before a pass)
     names = ["layer_0_ln_attn", "layer_0_ln_mlp"]
-    state = _BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, 2, backend)
+    state = BatchState(histogram_edges(DEFAULT_EDGES, 6.0), 5, 2, by_name[backend]())
     with pytest.raises(RuntimeError) as e:
         state.to_host(names, 6.0)
     assert str(e.value) == "no hooked module ran in the forward pass"
@@ -372,10 +374,10 @@ def test_a_batch_whose_modules_did_not_all_run_is_refused_by_name(backend):
 def test_each_chunk_is_flushed_when_the_pass_reaches_the_next(monkeypatch):
     """Within the one pass, the counts of a finished group of layers are handed to the host when the
     first hook of the next group fires (on a GPU: pinned, non-blocking copies; a CPU has none to make)."""
-    from outlier_hydra.collect.collector import _BatchState
+    from outlier_hydra.collect.batch_state import BatchState
 
     calls = []
-    monkeypatch.setattr(_BatchState, "flush", lambda self, before: calls.append((before, self.ge.count(None))))
+    monkeypatch.setattr(BatchState, "flush", lambda self, before: calls.append((before, self.ge.count(None))))
     acts = [[torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)] for _ in range(5)]
     for chunk, want in [(2, [(1, 6), (2, 2)]), (1, [(i, 10 - 2 * i) for i in range(1, 5)]), (None, []), (5, [])]:
         calls.clear()

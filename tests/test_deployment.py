@@ -9,10 +9,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from outlier_hydra.config import config_dir, register
+from outlier_hydra.config import config_dir
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.launch.launcher import executor_parameters, resolved_params
 from outlier_hydra.launch.vram import estimate, gpus_per_node
+from outlier_hydra.registration import register
 
 
 def _compose(*overrides):
@@ -224,7 +225,7 @@ def test_mxfp4_checkpoint_is_counted_in_its_stored_bytes():
 def test_quantization_is_read_from_a_local_config_json(tmp_path):
     """A checkpoint's own quantization_config decides: FP8 (DeepSeek-V3) stores linear weights and
     expert banks in one byte, embeddings and norms in model.dtype."""
-    from outlier_hydra.models.tiny import tiny_config
+    from outlier_hydra.testing.tiny import tiny_config
 
     config = tiny_config("deepseek_v3")
     config.vocab_size = 128  # so that the weights, not the embeddings, make most of the bytes

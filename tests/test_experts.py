@@ -4,6 +4,7 @@ output untouched, and the super-expert constants changed by reanalyze without th
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def _build(family, folder, super_expert=None, super_weight=None, plant_dim=None)
     down_proj weight set to 40: (layer, expert, row, col), expert None for a dense MLP."""
     from transformers import AutoModel
 
-    from outlier_hydra.models.tiny import build
+    from outlier_hydra.testing.tiny import build
 
     build(family, folder, plant_dim=plant_dim)
     model = AutoModel.from_pretrained(folder)
@@ -229,7 +230,7 @@ def test_a_super_weight_planted_in_a_census_family_is_found_at_its_layer_expert_
     that expert the only super expert and that weight, by row and column, the first candidate."""
     from helpers import plant_super_weight, super_weight_problems, super_weight_site
 
-    from outlier_hydra.models.tiny import build
+    from outlier_hydra.testing.tiny import build
 
     folder = build(model_type, tmp_path / "model", plant_dim=None)
     site = super_weight_site(_run(folder, tmp_path, "plots=false", name="plain"))
@@ -255,7 +256,8 @@ def test_model_output_is_bit_identical_with_the_stage(tmp_path):
     with torch.no_grad():
         plain = model(input_ids=ids).last_hidden_state
     points = structure_points(model, [0, 1, 2, 3])
-    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.models import discover, probe
+    from outlier_hydra.models.configs import config_top_k
 
     structure = discover(model, 4, 64, None, "test")
     probe(structure, model, torch.device("cpu"), "test", config_top_k(model.config))
@@ -273,7 +275,7 @@ def test_segment_counts_against_numpy():
     """The sync-free outlier counts (float16 one-hot products in blocks of 2048 rows): exact against
     numpy, with whole blocks and a remainder, invalid rows left out, and one segment of 6000 rows all
     at the threshold (counts far past float16's exact integers)."""
-    from outlier_hydra.stages.experts import segment_counts
+    from outlier_hydra.stages.experts.tensors import segment_counts
 
     rng = np.random.default_rng(0)
     rows, dims, n = 2048 * 3 + 777, 40, 5
@@ -303,7 +305,8 @@ def test_sync_free_counting_gives_the_same_statistics(impl, tmp_path, monkeypatc
     from transformers import AutoModel
 
     from outlier_hydra.collect import OutlierCollector
-    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.models import discover, probe
+    from outlier_hydra.models.configs import config_top_k
     from outlier_hydra.stages.experts import Experts
 
     folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
@@ -336,7 +339,8 @@ def test_a_triton_kernel_that_does_not_build_falls_back_to_torch_ops(tmp_path, m
     from triton.compiler.errors import CompilationError
 
     from outlier_hydra.collect import OutlierCollector, fused_triton
-    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.models import discover, probe
+    from outlier_hydra.models.configs import config_top_k
     from outlier_hydra.stages.experts import Experts
 
     folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5))
@@ -451,14 +455,14 @@ def test_the_torch_way_keeps_nan_rows_out_and_inf_as_a_maximum(sync_free):
     """rows_torch (the CPU's way, and the sync-free way of a GPU without triton) gives what the
     Triton kernels give: a row holding a NaN holds no value (an expert with only such rows has no
     maximum: -1, no row), an Inf is a maximum and stays Inf; recomputed by hand."""
-    from outlier_hydra.stages.experts import Experts
+    from outlier_hydra.stages.experts.tensors import rows_torch
 
     nan, inf = float("nan"), float("inf")
     y = torch.tensor([[1.0, nan], [2.0, -3.0], [-inf, 1.0], [5.0, 0.5]])
     x = torch.tensor([[nan, 1.0], [0.5, 0.25], [2.0, 1.0], [-inf, 0.0]])
     expert = torch.tensor([0, 1, 1, 2])
     tokens, out_max, out_row, in_max, in_row, counts, row_out_max = vars(
-        Experts.rows_torch(x, y, expert, torch.arange(4), None, 3, sync_free, 4.0)
+        rows_torch(x, y, expert, torch.arange(4), None, 3, sync_free, 4.0)
     ).values()
     assert row_out_max.tolist() == [-1.0, 3.0, inf, 5.0]
     assert out_max.tolist() == [-1.0, inf, 5.0] and out_row.tolist() == [-1, 2, 3]
@@ -470,14 +474,14 @@ def test_the_torch_way_keeps_nan_rows_out_and_inf_as_a_maximum(sync_free):
 def test_the_torch_way_counts_nothing_of_rows_not_valid(sync_free):
     """Rows past grouped_mm's last offset (valid False) are no expert's: no token, no maximum, no
     outlier count, however large; a row whose largest |y| is exactly the threshold counts."""
-    from outlier_hydra.stages.experts import Experts
+    from outlier_hydra.stages.experts.tensors import rows_torch
 
     y = torch.tensor([[4.0, 1.0], [9.0, -9.0], [2.0, 3.0], [8.0, 8.0]])
     x = torch.tensor([[1.0, 0.5], [7.0, 7.0], [0.25, 0.5], [6.0, 6.0]])
     expert = torch.tensor([0, 0, 1, 2])
     valid = torch.tensor([True, False, True, False])
     tokens, out_max, out_row, in_max, in_row, counts, row_out_max = vars(
-        Experts.rows_torch(x, y, expert, torch.arange(4), valid, 3, sync_free, 4.0)
+        rows_torch(x, y, expert, torch.arange(4), valid, 3, sync_free, 4.0)
     ).values()
     assert row_out_max.tolist() == [4.0, -1.0, 3.0, -1.0]
     assert tokens.tolist() == [1, 1, 0] and counts.tolist() == [[1, 0], [0, 0], [0, 0]]
@@ -492,7 +496,8 @@ def test_segment_top_against_a_plain_loop(k, one_key):
     (unknown tokens last, among themselves by row), rows holding none (-1) never, Inf a value; where
     fewer rows: -1, row 0 and the largest int64; against a plain sort of each expert's rows. Both
     ways: one sort of an int64 key (the batch's token bound given) and three stable sorts."""
-    from outlier_hydra.stages.experts import UNKNOWN_TOKEN, segment_top
+    from outlier_hydra.stages.experts import UNKNOWN_TOKEN
+    from outlier_hydra.stages.experts.tensors import segment_top
 
     g = torch.Generator().manual_seed(5)
     n, experts = 60, 6
@@ -584,7 +589,7 @@ def test_super_expert_share_of_the_systematic_outlier_positions(tmp_path):
     from helpers import module_input_tables
     from transformers import AutoModel
 
-    from outlier_hydra.models.tiny import plant_embedding_outlier
+    from outlier_hydra.testing.tiny import plant_embedding_outlier
 
     folder = _build("olmoe", tmp_path / "model", super_expert=(2, 5), plant_dim=13)
     model = AutoModel.from_pretrained(folder)
@@ -690,20 +695,25 @@ def _unit_truth(h, y, token, w, threshold):
     }
 
 
-def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
+@pytest.mark.parametrize("width", [64, 128, 32], ids=["equal", "wider", "narrower"])
+def test_every_routed_shared_and_dense_unit_against_plain_hooks(width, tmp_path):
     """A Qwen2-MoE with a dense layer 1 (mlp_only_layers) and a shared expert in each MoE layer,
-    the first two windows skipped: every unit's tokens, maxima, dims, channels, outlier counts,
-    position (token index, sequence, position, token id) and super-weight candidate equal plain
-    hooks on the down projections and a Python loop over the routed experts; the candidates are
-    ordered by |contribution|, the top 10 (top_units)."""
+    their intermediate width equal to the hidden size (64), wider or narrower (the down projection is
+    the matmul whose output is the block's, whatever its widths), the first two windows skipped:
+    every unit's tokens, maxima, dims, channels, outlier counts, position (token index, sequence,
+    position, token id) and super-weight candidate equal plain hooks on the down projections and a
+    Python loop over the routed experts; the candidates are ordered by |contribution|, the top 10
+    (top_units); nothing is unobserved."""
     from transformers import AutoModel
 
-    from outlier_hydra.models.tiny import tiny_config
+    from outlier_hydra.testing.tiny import tiny_config
 
     folder = tmp_path / "model"
     _build("qwen2_moe", folder)  # tokenizer and weights; rebuilt below with a dense layer
     config = tiny_config("qwen2_moe")
+    assert config.hidden_size == 64
     config.mlp_only_layers = [1]
+    config.intermediate_size = config.shared_expert_intermediate_size = width
     torch.manual_seed(1)
     AutoModel.from_config(config).eval().save_pretrained(folder)
     threshold, skip, length = 0.004, 2, 32
@@ -788,6 +798,7 @@ def test_every_routed_shared_and_dense_unit_against_plain_hooks(tmp_path):
         assert cand["ratio_to_median_abs_weight"] == w_cand["ratio_to_median_abs_weight"], key
         assert cand["contribution"] == close(w_cand["contribution"]), key
     assert any(u["outlier_dims"] for u in units.values()) and not section["unobserved_layers"]
+    assert section["unobserved"] == []
     order = [(c["layer"], c["kind"], c["expert"]) for c in section["super_weight_candidates"]]
     assert order == sorted(truth, key=lambda k: -abs(truth[k]["super_weight_candidate"]["contribution"]))[:10]
     for c in section["super_weight_candidates"]:
@@ -857,17 +868,71 @@ def test_saved_statistics_give_every_collect_section_back_without_the_model(tmp_
             }
 
 
-def test_an_mlp_without_a_projection_back_to_the_hidden_size_has_no_down_projection():
-    """The down projection is the MLP's last matmul from another width to the hidden size; a block
-    whose matmuls all keep the hidden size has none (the stage skips it rather than guess)."""
+def test_the_down_projection_is_the_matmul_whose_output_is_the_blocks_output():
+    """The probe names each MLP's down projection by what it does: the matmul whose output the block
+    returns, wherever it is registered and whatever its widths (a square one included); a block whose
+    output is made after its last matmul, or is not of the hidden size, has none and says why."""
     from torch import nn
 
-    from outlier_hydra.stages.experts import _down_linear
+    from outlier_hydra.models.probe import _output_matmuls, _watch_block_outputs
+    from outlier_hydra.models.types import LayerParts, Structure
 
-    assert _down_linear(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)), 64) is None
-    mlp = nn.ModuleDict({"up": nn.Linear(64, 192), "down": nn.Linear(192, 64), "out": nn.Linear(64, 64)})
-    assert _down_linear(mlp, 64) == "down"
-    assert _down_linear(nn.ModuleDict({"a": nn.Linear(96, 64), "b": nn.Linear(192, 64)}), 64) == "b"
+    class Square(nn.Module):  # registered out of order, every width the hidden size
+        def __init__(self):
+            super().__init__()
+            self.out, self.inner = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.inner(x)))
+
+    class Scaled(Square):  # the output is made after the last matmul
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Dropped(Square):  # an identity after it (dropout at eval) still returns the matmul's tensor
+        def forward(self, x):
+            return nn.functional.dropout(super().forward(x), 0.1, training=False)
+
+    blocks = {"a": Square(), "b": Scaled(), "c": Dropped(), "d": nn.Linear(8, 32), "e": nn.Linear(8, 8)}
+    model = nn.ModuleDict(blocks)
+    parts = [LayerParts(i, str(i), None, None, name, "MLP") for i, name in enumerate(blocks)]
+    structure = Structure("", 8, parts, "discovered")
+    modules, handles = dict(model.named_modules()), []
+    seen = _watch_block_outputs(structure, modules, handles)
+    with torch.no_grad():
+        for block in blocks.values():
+            block(torch.randn(3, 8))
+    for h in handles:
+        h.remove()
+    _output_matmuls(structure, modules, seen)
+    assert structure.output_matmul == {"a": "a.out", "c": "c.out", "e": "e"}
+    assert structure.no_output_matmul == {
+        "b": "no matmul's output is its output (it is computed after its last matmul)",
+        "d": "its output is not of the hidden size 8 (its down projection lies outside it)",
+    }
+
+
+def test_an_mlp_the_stage_cannot_read_is_listed_as_unobserved_and_logged_once(tmp_path, caplog):
+    """MiniLM with dense_models=true: BERT's MLP input block (intermediate) ends in the activation, its
+    down projection lies in the next block: every layer's unit is listed in `unobserved` with the
+    reason, the summary says so, and the log says it once."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="outlier_hydra")
+    results = run(make_cfg("analysis.stages.experts.dense_models=true", "plots=false"), tmp_path / "run")
+    section = results["experts"]
+    assert section["units"] == [] and section["super_experts"] == []
+    assert [(u["layer"], u["kind"], u["module"]) for u in section["unobserved"]] == [
+        (i, "dense", f"encoder.layer.{i}.intermediate") for i in range(6)
+    ]
+    assert {u["reason"] for u in section["unobserved"]} == {
+        "its output is not of the hidden size 384 (its down projection lies outside it)"
+    }
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warnings) == 1 and "6 unit(s)" in warnings[0]
+    from outlier_hydra.stages.experts import report
+
+    assert report.summary(section)[0].startswith("6 units not observable (e.g. encoder.layer.0.intermediate: its output")
 
 
 def _tables_and_summaries_carry_the_sections(stages, results):
@@ -1080,7 +1145,8 @@ def test_experts_kept_as_a_list_of_modules_are_read_through_their_down_linears(t
     from transformers import AutoModel
 
     from outlier_hydra.collect import OutlierCollector
-    from outlier_hydra.models.structure import config_top_k, discover, probe
+    from outlier_hydra.models import discover, probe
+    from outlier_hydra.models.configs import config_top_k
     from outlier_hydra.stages import ReportContext
     from outlier_hydra.stages.experts import Experts
 
@@ -1202,7 +1268,7 @@ def test_report_names_a_shared_expert_by_its_index_and_a_unit_that_never_ran_by_
 def test_the_down_projection_bank_is_found_by_name_and_its_layout_by_the_modules_own_flag():
     """_down_bank: the 3-D parameter named down_proj wherever it is registered (not only last); a
     module's own is_transposed decides the layout, the shape only where the module does not say."""
-    from outlier_hydra.stages.experts import _down_bank
+    from outlier_hydra.stages.experts.units import down_bank as _down_bank
 
     def bank(*shapes, **attrs):
         module = torch.nn.Module()
@@ -1228,7 +1294,8 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
     the second. Each hands the stage the rows, their experts and their tokens."""
     from types import SimpleNamespace
 
-    from outlier_hydra.stages.experts import _Unit, _Watch
+    from outlier_hydra.stages.experts.units import Unit as _Unit
+    from outlier_hydra.stages.experts.watch import Watch
 
     calls = []
     stage = SimpleNamespace(_update=lambda unit, x, y, expert, token, valid=None: calls.append((x, y, expert, token, valid)))
@@ -1239,7 +1306,7 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
     x = torch.randn(6, inter)
     offs = torch.tensor([2, 4], dtype=torch.int32)
     for positional in (True, False):
-        with _Watch(stage, unit, bank, index):
+        with Watch(functools.partial(stage._update, unit), bank, index):
             w = bank.transpose(-2, -1)
             y = torch._grouped_mm(x, w, offs) if positional else torch._grouped_mm(x, w, offs=offs)
         [(xs, ys, expert, token, valid)] = calls
@@ -1253,7 +1320,7 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
     def grouped_mm(x, w, offs):  # a torch whose public grouped_mm reaches the mode by that name
         return torch._grouped_mm(x, w, offs=offs)
 
-    watch = _Watch(stage, unit, bank, index)
+    watch = Watch(functools.partial(stage._update, unit), bank, index)
     y = grouped_mm(x, bank.transpose(-2, -1), offs)
     watch._read(grouped_mm, (x, bank.transpose(-2, -1), offs), {}, y)
     [(xs, ys, expert, token, valid)] = calls
@@ -1265,7 +1332,7 @@ def test_the_watch_reads_grouped_mm_and_bmm_however_the_model_calls_them():
     expected = torch.stack([bank[i] @ r for i, r in zip(ids, rows)])
     flipped = bank.transpose(1, 2).contiguous()  # an [E, I, H] bank: the rows multiply it from the left
     for b, call in ((bank, lambda g: torch.bmm(g, rows[:, :, None])), (flipped, lambda g: torch.bmm(rows[:, None, :], g))):
-        with _Watch(stage, unit, b, index[:, :1]):
+        with Watch(functools.partial(stage._update, unit), b, index[:, :1]):
             out = call(b[ids])
         [(xs, ys, expert, token, valid)] = calls
         calls.clear()
@@ -1280,7 +1347,8 @@ def test_the_watch_names_an_eager_experts_tokens_only_when_its_rows_are_the_choi
     without its position) rather than wrong ones."""
     from types import SimpleNamespace
 
-    from outlier_hydra.stages.experts import _Unit, _Watch
+    from outlier_hydra.stages.experts.units import Unit as _Unit
+    from outlier_hydra.stages.experts.watch import Watch
 
     calls = []
     stage = SimpleNamespace(_update=lambda unit, x, y, expert, token, valid=None: calls.append((expert, token)))
@@ -1288,7 +1356,7 @@ def test_the_watch_names_an_eager_experts_tokens_only_when_its_rows_are_the_choi
     unit = _Unit(0, 0, 0, 0, 3, "experts", "down_proj")
     index = torch.tensor([[1, 2], [0, 1], [1, 0]])  # expert 1: token 0 (slot 0), token 2 (slot 0), token 1 (slot 1)
     for rows, want in ((3, [0, 2, 1]), (2, None), (4, None)):
-        with _Watch(stage, unit, bank, index):
+        with Watch(functools.partial(stage._update, unit), bank, index):
             torch.nn.functional.linear(torch.randn(rows, 5), bank[1])
         [(expert, token)] = calls
         calls.clear()
@@ -1302,7 +1370,8 @@ def test_the_watch_takes_grouped_mm_order_from_the_models_own_sort():
     choices itself."""
     from types import SimpleNamespace
 
-    from outlier_hydra.stages.experts import _Unit, _Watch
+    from outlier_hydra.stages.experts.units import Unit as _Unit
+    from outlier_hydra.stages.experts.watch import Watch
 
     calls = []
     stage = SimpleNamespace(_update=lambda unit, x, y, expert, token, valid=None: calls.append((expert, token)))
@@ -1311,7 +1380,7 @@ def test_the_watch_takes_grouped_mm_order_from_the_models_own_sort():
     index = torch.tensor([[2, 0], [0, 1], [1, 2]])
     x, offs = torch.randn(6, 4), torch.tensor([2, 4, 6], dtype=torch.int32)
     for model_sort in ("function", "method", "stable", "by position", "descending", "descending by position", "other", None):
-        with _Watch(stage, unit, bank, index) as watch:
+        with Watch(functools.partial(stage._update, unit), bank, index) as watch:
             flat = index.reshape(-1)
             own = {
                 "function": lambda: torch.sort(flat),
@@ -1338,7 +1407,8 @@ def test_the_experts_hook_takes_the_choices_from_the_argument_the_probe_named():
     integer tensor (a decoy before them), and flattened to [tokens, k] from [batch, seq, k]."""
     from types import SimpleNamespace
 
-    from outlier_hydra.stages.experts import Experts, _Unit
+    from outlier_hydra.stages.experts import Experts
+    from outlier_hydra.stages.experts.units import Unit as _Unit
 
     stage = Experts(make_cfg().analysis.stages.experts)
     stage.structure = SimpleNamespace(moe=lambda layer: SimpleNamespace(choices="experts", index_at=2))
@@ -1362,7 +1432,8 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
     record stays (ExpertStats.merge's rule); a smaller maximum at an earlier token does not win.
     The same for the input maximum; tokens and counts add; the top outputs are the largest of both
     (equal values: the earlier token), each with its dim."""
-    from outlier_hydra.stages.experts import Experts, _Unit
+    from outlier_hydra.stages.experts.tensors import accumulate
+    from outlier_hydra.stages.experts.units import Unit as _Unit
 
     def record(out_max, out_token, in_max, in_token, tag, top=((-1.0, -1.0),) * 4, top_token=((0, 0),) * 4):
         n = len(out_max)
@@ -1390,11 +1461,12 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
     first_tokens = ((4, 2), (4, 7), (big, big), (2, big))
     second_top = ((6.0, 5.0), (5.0, 4.0), (2.0, 1.0), (-1.0, -1.0))
     second_tokens = ((9, 8), (3, 1), (5, 6), (big, big))
-    Experts._accumulate(
-        unit, record([5.0, 5.0, 5.0, 5.0], [4, 4, 4, 4], [2.0, 2.0, 2.0, 2.0], [4, 4, 4, 4], 1, first_top, first_tokens)
+    unit.acc = accumulate(
+        unit.acc, record([5.0, 5.0, 5.0, 5.0], [4, 4, 4, 4], [2.0, 2.0, 2.0, 2.0], [4, 4, 4, 4], 1, first_top, first_tokens)
     )
-    Experts._accumulate(
-        unit, record([6.0, 5.0, 5.0, 4.0], [9, 3, 4, 1], [3.0, 2.0, 2.0, 1.0], [9, 3, 4, 1], 2, second_top, second_tokens)
+    unit.acc = accumulate(
+        unit.acc,
+        record([6.0, 5.0, 5.0, 4.0], [9, 3, 4, 1], [3.0, 2.0, 2.0, 1.0], [9, 3, 4, 1], 2, second_top, second_tokens),
     )
     acc = unit.acc
     assert acc["top_out"].tolist() == [[6.0, 5.0], [5.0, 5.0], [2.0, 1.0], [3.0, -1.0]]
@@ -1415,8 +1487,8 @@ def test_a_unit_run_twice_in_a_pass_keeps_each_maximums_record_as_the_merge_does
         side["top_dim"] = torch.randint(0, 50, (3, 20), generator=g)
     both = {k: np.concatenate([first[k].numpy(), second[k].numpy()], 1) for k in ("top_out", "top_dim", "top_token")}
     wide = _Unit(0, 0, 0, 0, 3, "experts", "down_proj")
-    Experts._accumulate(wide, first)  # (first becomes the unit's record, updated in place)
-    Experts._accumulate(wide, second)
+    wide.acc = accumulate(wide.acc, first)  # (first becomes the unit's record, updated in place)
+    wide.acc = accumulate(wide.acc, second)
     order = np.lexsort((both["top_token"], -both["top_out"]), axis=1)[:, :20]
     for k, v in both.items():
         assert np.array_equal(wide.acc[k].numpy(), np.take_along_axis(v, order, 1)), k

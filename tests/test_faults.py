@@ -253,8 +253,8 @@ def test_concurrent_publishers_of_one_cache_entry_never_mix(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (make test as root, as CI runs it)")
 def test_final_results_and_plots_on_a_full_disk_leave_the_old_file_and_no_temporary(tmp_path):
     """The final JSON and the plots go through the same atomic write as the batches."""
+    from outlier_hydra.figures import pyplot, save_figure
     from outlier_hydra.files import NoSpace, write_json
-    from outlier_hydra.output.plots import pyplot, save_figure
 
     mount = tmp_path / "full"
     mount.mkdir()

@@ -227,7 +227,8 @@ def test_segment_max_equals_the_torch_ops_and_numpy():
     """The experts stage's per-expert records: the largest value >= 0 per segment, ties to the
     smallest token and then the last row (tokens repeat where the implementation hides them), -1
     rows never, a segment with no row -1/-1. C++ (CPU) against the torch ops (GPU) and a loop."""
-    from outlier_hydra.stages.experts import UNKNOWN_TOKEN, Experts
+    from outlier_hydra.stages.experts import UNKNOWN_TOKEN
+    from outlier_hydra.stages.experts.tensors import segment_max_torch
 
     g = torch.Generator().manual_seed(3)
     for s, n in [(1, 1), (50, 4), (400, 16)]:
@@ -246,7 +247,7 @@ def test_segment_max_equals_the_torch_ops_and_numpy():
                 want_best[e], want_row[e] = v, i
         for best, row in (
             fused_cpu.segment_max(values, segment, token, n),
-            Experts._segment_max_torch(values, segment, token, n),
+            segment_max_torch(values, segment, token, n),
         ):
             assert best.numpy().tolist() == want_best.tolist() and row.numpy().tolist() == want_row.tolist()
         if n > 1:
@@ -255,7 +256,7 @@ def test_segment_max_equals_the_torch_ops_and_numpy():
     values, segment, token = torch.tensor([0.0, 0.0, -1.0]), torch.tensor([0, 0, 1]), torch.tensor([5, 3, 1])
     for best, row in (
         fused_cpu.segment_max(values, segment, token, 2),
-        Experts._segment_max_torch(values, segment, token, 2),
+        segment_max_torch(values, segment, token, 2),
     ):
         assert best.tolist() == [0.0, -1.0] and row.tolist() == [1, -1]
     with pytest.raises(RuntimeError, match="out of range"):
@@ -419,7 +420,7 @@ def test_a_build_waits_while_another_live_process_holds_the_build_lock(tmp_path)
     it, and loads the library once the first lets go."""
     import shutil
 
-    from outlier_hydra.pipeline.lock import RunLock
+    from outlier_hydra.lock import RunLock
 
     fused_cpu._build(fused_cpu.FLAGS[0])  # (here the library is loaded already: nothing changes)
     directory = fused_cpu.build_directory()

@@ -49,18 +49,16 @@ def test_it_says_whether_it_applied():
 
 
 def test_a_cpu_run_and_a_cpu_benchmark_turn_it_on_unless_told_not_to(tiny_models, monkeypatch):
-    from outlier_hydra.models import load_model_config
-    from outlier_hydra.pipeline import job
+    from outlier_hydra.models import read_facts
+    from outlier_hydra.pipeline import plan
     from outlier_hydra.tools import benchmark
 
     calls = []
-    monkeypatch.setattr(job, "retain_freed_memory", lambda: calls.append("run"))
-    monkeypatch.setattr(benchmark, "retain_freed_memory", lambda: calls.append("benchmark"))
+    monkeypatch.setattr(plan, "retain_freed_memory", lambda: calls.append("ready"))
     for retain in (True, False):
         cfg = make_cfg(*tiny_overrides(tiny_models["olmoe"]), "model.device_map=cpu", f"retain_host_memory={retain}")
-        model_type = load_model_config(cfg.model).model_type
-        model, device = job.LazyModel(cfg, model_type).get()
+        model, device = plan.LazyModel(cfg, read_facts(cfg.model)).get()
         assert device == torch.device("cpu")
-        benchmark.prepare(make_cfg("benchmark=cpu_tiny", f"retain_host_memory={retain}"))
-        assert calls == (["run", "benchmark"] if retain else []), retain
+        benchmark.prepare(make_cfg("benchmark=cpu_tiny", f"retain_host_memory={retain}"))  # made ready the same way
+        assert calls == (["ready", "ready"] if retain else []), retain
         calls.clear()

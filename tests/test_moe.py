@@ -238,7 +238,7 @@ def test_every_routing_number_equals_an_independent_recomputation(family, extra,
 
 @pytest.mark.parametrize("model_type", ["olmoe", "hunyuan_v1_moe", "llama4_text"])
 def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path):
-    """MoeLayer.choices_hook (what massive_routing reads) where the router returns the choices (OLMoE),
+    """collect.hooks.choices_hook (what massive_routing reads) where the router returns the choices (OLMoE),
     where only the experts module is given them (HunYuan-MoE) and where no module is (Llama-4): per
     token, the same experts with the same weights as the plain hooks of the recomputation; and an
     experts module given them by keyword."""
@@ -246,9 +246,10 @@ def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path
     from test_architectures import LAYOUTS, _expected
     from transformers import AutoModel
 
-    from outlier_hydra.collect.hooks import attached
-    from outlier_hydra.models.structure import config_top_k, discover, probe
-    from outlier_hydra.models.tiny import build
+    from outlier_hydra.collect.hooks import attached, choices_hook
+    from outlier_hydra.models import discover, probe
+    from outlier_hydra.models.configs import config_top_k
+    from outlier_hydra.testing.tiny import build
 
     folder = build(model_type, tmp_path / "model")
     model = AutoModel.from_pretrained(folder).eval()
@@ -258,7 +259,7 @@ def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path
     _, moe = _expected(model, model_type, text.num_hidden_layers)
     assert model_type in LAYOUTS and moe
     got: dict = {i: [] for i in moe}
-    hooks = [structure.moe(i).choices_hook(lambda idx, w, i=i: got[i].append((idx, w))) for i in moe]
+    hooks = [choices_hook(structure.moe(i), lambda idx, w, i=i: got[i].append((idx, w))) for i in moe]
     ids = np.random.default_rng(0).integers(1000, 20000, (4, 16))
     with attached(model, hooks), torch.no_grad():
         model(input_ids=torch.from_numpy(ids))
@@ -270,10 +271,10 @@ def test_the_choices_hook_hands_over_the_models_own_choices(model_type, tmp_path
         want = [dict(zip(r, v)) for r, v in zip(tables[i]["idx"].tolist(), tables[i]["w"].tolist())]
         assert [sorted(m) for m in mine] == [sorted(m) for m in want], i
         assert all(m[e] == pytest.approx(v, rel=1e-6) for m, x in zip(mine, want) for e, v in x.items()), i
-    from outlier_hydra.models.structure import MoeLayer
+    from outlier_hydra.models.types import MoeLayer
 
     by_name = MoeLayer("b", "b.r", "b.e", 8, choices="experts", index_at="top_k_index", weights_at="top_k_weights")
-    path, pre, kind = by_name.choices_hook(lambda idx, w: got.update(named=(idx, w)))
+    path, pre, kind = choices_hook(by_name, lambda idx, w: got.update(named=(idx, w)))
     index, weights = torch.tensor([[1, 3]]), torch.tensor([[0.7, 0.3]])
     pre(None, (torch.zeros(1, 64),), {"top_k_index": index, "top_k_weights": weights})
     assert (path, kind) == ("b.e", "pre") and got["named"][0] is not index
@@ -465,7 +466,7 @@ def test_massive_activations_of_layers_that_return_tuples(model_type, tmp_path):
     stream (by a hook of the test) is never reported, and the largest finite values are."""
     from transformers import AutoModel
 
-    from outlier_hydra.models.tiny import build
+    from outlier_hydra.testing.tiny import build
 
     folder = build(model_type, tmp_path / "model", plant_dim=13)
     results = run(
@@ -625,13 +626,15 @@ def test_router_stage_reads_the_moe_blocks_input_where_the_probe_found_it():
 
     x = torch.tensor([[6.0, 0.0], [0.0, -7.0]])
     for inputs, args, kwargs in [({"layers.4.mlp": "hidden_states"}, (), {"hidden_states": x}), ({}, (x,), {})]:
-        moe = SimpleNamespace(block="layers.4.mlp", router="layers.4.mlp.gate", choices_hook=lambda fn: ("choices", fn))
+        moe = SimpleNamespace(
+            block="layers.4.mlp", router="layers.4.mlp.gate", experts="layers.4.mlp.experts", choices="experts", index_at=0
+        )
         stage = MoeRouting(make_cfg().analysis.stages.moe_routing)
         stage.structure = SimpleNamespace(moe=lambda layer, moe=moe: moe, inputs=inputs)
         stage.layers, stage.row = [4], {4: 0}
         stage.start_batch(0)
-        (path, pre, kind), (router, _), (choices, _) = stage.hooks([4])
-        assert (path, kind, router, choices) == ("layers.4.mlp", "pre", "layers.4.mlp.gate", "choices")
+        (path, pre, kind), (router, _), (choices, *_) = stage.hooks([4])
+        assert (path, kind, router, choices) == ("layers.4.mlp", "pre", "layers.4.mlp.gate", "layers.4.mlp.experts")
         pre(None, args, kwargs)
         assert 4 in stage.pending_h
 

@@ -73,8 +73,8 @@ def test_rerun_with_another_config_refuses(tiny_models, tmp_path):
 
 
 def test_finished_run_reruns_without_loading_the_model(tiny_models, tmp_path, monkeypatch):
-    import outlier_hydra.pipeline.job as run_module
+    import outlier_hydra.pipeline.plan as plan_module
 
     first = run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"])), tmp_path)
-    monkeypatch.setattr(run_module, "load_model", lambda *a: pytest.fail("nothing left to collect"))
+    monkeypatch.setattr(plan_module, "load_model", lambda *a: pytest.fail("nothing left to collect"))
     assert run(make_cfg(*tiny_overrides(tiny_models["qwen3_moe"])), tmp_path) == first

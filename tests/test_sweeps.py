@@ -14,7 +14,7 @@ from conftest import REPO, make_cfg, tiny_overrides
 
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.pipeline import cache, run
-from outlier_hydra.pipeline.job import plain_config
+from outlier_hydra.pipeline.plan import plain_config
 from outlier_hydra.tools.reanalyze import reanalyze
 
 THRESHOLDS = (4.0, 6.0, 8.0)

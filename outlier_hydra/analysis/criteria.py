@@ -29,6 +29,14 @@ FEATURE_FIELDS = [
 ]  # fmt: skip
 
 
+def criteria_text(c: dict, ge: str = ">=") -> str:
+    """The criteria as a sentence: '|x| >= 6 in >= 25% of modules and >= 6% of positions' (ge: the sign)."""
+    return (
+        f"|x| {ge} {c['magnitude_threshold']:g} in {ge} {100 * c['min_layer_percentage']:g}% of modules and "
+        f"{ge} {100 * c['min_seq_percentage']:g}% of positions"
+    )
+
+
 def meets(count: np.ndarray, total: int, minimum: float) -> np.ndarray:
     """count / total >= minimum, exactly, for the decimal the user wrote (repr: the shortest decimal
     that is that float, so 0.06 is 6/100, not the binary float just above it)."""

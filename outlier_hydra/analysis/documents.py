@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from outlier_hydra.stages import ReportContext, Stage
+from outlier_hydra.stages import ReportContext, Stage, StageSet
 from outlier_hydra.stats import OutlierStats, merge_all
 
 
@@ -48,7 +48,7 @@ def build_documents(
     reports name tokens; None for both where they are not at hand.
     "post" stages are not run here: they need the model (pipeline/job.py adds their sections)."""
     context = {"tokenizer": tokenizer, "token_ids": token_ids, "first_sequence": first_sequence}
-    collect_stages = [s for s in stages if s.phase == "collect"]
+    collect_stages = StageSet(stages).collecting
     per_batch = [document(header, analyzer, b, [b], collect_stages, context) for b in batches]
     total = dataclasses.replace(merge_all(list(batches)), threshold=analyzer.magnitude_threshold)
     return per_batch, document(header, analyzer, total, batches, collect_stages, context), total

@@ -76,13 +76,13 @@ BUILD_WAIT_S = 600.0  # how long to wait for another process's build before givi
 
 
 def _build(flags: tuple[str, ...]) -> None:
-    """Build or load under this project's lock (pipeline/lock.py: a dead holder's lock is taken
+    """Build or load under this project's lock (outlier_hydra/lock.py: a dead holder's lock is taken
     over), not only torch's: torch's own lock file, left by a build that was killed, makes every
     later load wait forever, so the holder of ours removes it first."""
     from torch.utils.cpp_extension import load
 
     from outlier_hydra.errors import OutlierHydraError
-    from outlier_hydra.pipeline.lock import RunLock
+    from outlier_hydra.lock import RunLock
 
     directory = build_directory(flags)
     directory.mkdir(parents=True, exist_ok=True)

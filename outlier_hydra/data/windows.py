@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from outlier_hydra.config import enum_value
-from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.config.schema import enum_value
+from outlier_hydra.errors import OutlierHydraError, first_line
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # dataset.format -> the `datasets` builder; auto: by suffix, else by content (valid UTF-8 text is text)
@@ -86,8 +86,7 @@ def open_dataset(ds_cfg):
     except Exception as exc:  # datasets raises many types; the user needs the key and the reason
         key = "dataset.data_files" if source == "local" else "dataset.name"
         what = ds_cfg.data_files if source == "local" else ds_cfg.name
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OutlierHydraError(f"{key}: cannot open {what}: {reason}") from exc
+        raise OutlierHydraError(f"{key}: cannot open {what}: {first_line(exc)}") from exc
     if ds_cfg.shuffle:
         ds = (
             ds.shuffle(seed=ds_cfg.seed, buffer_size=ds_cfg.shuffle_buffer)

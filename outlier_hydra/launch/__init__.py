@@ -1,1 +1,2 @@
-"""Launch: where jobs run. The Slurm/local launchers, the sweep-end callback, the VRAM estimate."""
+"""Launch: where jobs run. The Slurm and local launchers (launcher.py), what the Slurm controller says
+(slurm.py), and the VRAM estimate that sizes a request (vram.py)."""

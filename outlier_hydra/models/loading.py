@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from outlier_hydra.config import enum_value
+from outlier_hydra.config.schema import enum_value
 from outlier_hydra.errors import OutlierHydraError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

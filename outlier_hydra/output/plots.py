@@ -13,35 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from outlier_hydra.figures import pyplot, save_figure
+from outlier_hydra.models.label import short_name
 from outlier_hydra.stages import Stage
 from outlier_hydra.stats import OutlierStats
 
 TOP_DIMS = 16
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Render to memory, then write atomically (a full disk leaves no half-written PNG)."""
-    import io
-
-    from outlier_hydra.files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    try:
-        fig.tight_layout()
-        fig.savefig(buf, dpi=110, format="png")
-    finally:
-        pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def top_dims(results: dict, total: OutlierStats, threshold: float, n: int = TOP_DIMS) -> list[int]:
@@ -70,7 +47,7 @@ def make_plots(folder: Path, results: dict, total: OutlierStats, stages: Sequenc
 def core_plots(folder: Path, results: dict, total: OutlierStats) -> dict[str, Path]:
     plt = pyplot()
     threshold = results["criteria"]["magnitude_threshold"]
-    model = "/".join(results["model"]["name"].rstrip("/").split("/")[-2:])  # org/name, or a path's last two parts
+    model = short_name(results["model"]["name"])
     title = f"{model} ({results['model']['model_type']}), {results['num_tokens']} tokens, |x| >= {threshold:g}"
     paths = {}
     dims = top_dims(results, total, threshold)

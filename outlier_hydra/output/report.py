@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from outlier_hydra.analysis.criteria import FEATURE_FIELDS as FEATURE_COLUMNS
+from outlier_hydra.analysis.criteria import criteria_text
 from outlier_hydra.files import atomic_write_bytes
+from outlier_hydra.models.label import short_name
 
 REPORT = "report.html"
 
@@ -117,13 +119,6 @@ def write(path: Path, title: str, body: str) -> Path:
     return path
 
 
-def criteria_text(c: dict) -> str:
-    return (
-        f"|x| ≥ {c['magnitude_threshold']:g} in ≥ {100 * c['min_layer_percentage']:g}% of modules and "
-        f"≥ {100 * c['min_seq_percentage']:g}% of positions"
-    )
-
-
 def run_report(out: Path, results: dict, plots: dict[str, Path], stages: Sequence = ()) -> Path:
     """<run dir>/report.html: what was analysed, the systematic features, the plots, the stages."""
     m, d = results["model"], results["dataset"]
@@ -137,7 +132,7 @@ def run_report(out: Path, results: dict, plots: dict[str, Path], stages: Sequenc
                 "tokens": f"{results['num_tokens']} ({d['num_sequences']} x {d['sequence_length']})",
                 "hooked modules": results["num_hooked_modules"],
                 "batches": results["num_batches"],
-                "criteria": criteria_text(results["criteria"]),
+                "criteria": criteria_text(results["criteria"], ge="≥"),
                 "reduction": results.get("collector", {}).get("backend", "?"),
             }
         ),
@@ -187,9 +182,7 @@ def comparison_report(out: Path, rows: list[dict], columns: list[str], plots: di
     }
 
     def short(column: str, value: Any) -> Any:  # paths by their last two parts; the JSON keeps them whole
-        return (
-            "/".join(value.rstrip("/").split("/")[-2:]) if column in ("run", "model") and isinstance(value, str) else value
-        )
+        return short_name(value) if column in ("run", "model") and isinstance(value, str) else value
 
     parts = [
         f"<h1>Comparison of {len(rows)} runs</h1>",

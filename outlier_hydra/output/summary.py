@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from outlier_hydra.analysis.criteria import criteria_text
 from outlier_hydra.stages import Stage
 
 
@@ -15,9 +16,7 @@ def print_summary(results: dict, stages: Sequence[Stage] = (), max_rows: int = 2
     c = results["criteria"]
     header = (
         f"[bold]{len(feats)} systematic outlier features[/bold] in {results['model']['name']}\n"
-        f"{results['num_hooked_modules']} hooked modules, {results['num_tokens']} tokens; criteria: "
-        f"|x| >= {c['magnitude_threshold']:g} in >= {100 * c['min_layer_percentage']:g}% of modules "
-        f"and >= {100 * c['min_seq_percentage']:g}% of positions"
+        f"{results['num_hooked_modules']} hooked modules, {results['num_tokens']} tokens; criteria: {criteria_text(c)}"
     )
     table = Table()
     for col in ("dim", "max |x|", "layers %", "seq %", "occurrences", "batches", "examples"):

@@ -15,152 +15,26 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from outlier_hydra.analysis import build_documents, collector_section
-from outlier_hydra.collect.host_memory import retain_freed_memory
 from outlier_hydra.config.runtime import hydra_output_dir
-from outlier_hydra.config.targets import instantiate_node
-from outlier_hydra.config.validate import check_config, check_sequence_length, resolve_layers
-from outlier_hydra.data import sequence_range, token_windows
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.files import NoSpace
-from outlier_hydra.models import load_model, load_model_config, load_tokenizer, model_structure, probe
-from outlier_hydra.models.loading import input_device
-from outlier_hydra.models.structure import Structure, config_top_k, text_config
+from outlier_hydra.lock import RunLock
 from outlier_hydra.output import make_plots, open_logger, print_summary
 from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import cache, rundir
-from outlier_hydra.pipeline.lock import RunLock
+from outlier_hydra.pipeline.plan import LazyModel, Plan, prepare
 from outlier_hydra.pipeline.provenance import environment
-from outlier_hydra.stages import PostContext, Stage, build_stages
+from outlier_hydra.stages import PostContext
 from outlier_hydra.stats import DamagedStats, OutlierStats
 
 log = logging.getLogger(__name__)
-
-
-def plain_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
-
-
-@dataclass
-class Plan:
-    """What a run does, decided before any weight loads."""
-
-    cfg: DictConfig
-    plain: dict
-    model_type: str
-    layers: list[int]
-    tokenizer: Any
-    token_ids: np.ndarray
-    first_sequence: int
-    collector: Any
-    analyzer: Any
-    model_config: Any  # transformers' config of the checkpoint
-    structure: Structure  # where to hook (models/structure.py); the probe forward completes it on load
-    stages: list[Stage]
-    stats_key: str  # what determines the statistics (pipeline/cache.py): the same -> reusable batch files
-
-    def header(self, batches: list[OutlierStats]) -> dict:
-        return {
-            "model": {
-                "name": self.cfg.model.name,
-                "model_type": self.model_type,
-                "dtype": self.plain["model"]["dtype"],
-                "layers": self.layers,
-                "hidden_size": batches[0].num_features,
-                "structure": self.structure.describe(self.layers),
-            },
-            "dataset": {
-                "num_sequences": int(self.token_ids.shape[0]),
-                "sequence_length": int(self.token_ids.shape[1]),
-                "skip_sequences": self.first_sequence,
-            },
-            "collector": collector_section(batches),
-        }
-
-    @property
-    def points(self) -> list:
-        """The hook points (where each reads its input is known once the probe forward ran)."""
-        return self.structure.hook_points(self.layers)
-
-    def sequence_ids(self, device, sequences: list[int]) -> torch.Tensor:
-        """The token ids of the given (global) sequence indices, on the device."""
-        rows = [s - self.first_sequence for s in sequences]
-        return torch.from_numpy(self.token_ids[rows]).to(device)
-
-    def batch_ids(self, device, limit: int | None = None) -> list[torch.Tensor]:
-        bs = self.cfg.analysis.batch_size
-        starts = range(0, len(self.token_ids), bs)
-        return [torch.from_numpy(self.token_ids[s : s + bs]).to(device) for s in list(starts)[:limit]]
-
-
-def prepare(cfg: DictConfig) -> Plan:
-    check_config(cfg)
-    allowed = list(cfg.allowed_targets)
-    stages = build_stages(cfg.analysis.stages, allowed)
-    model_config = load_model_config(cfg.model)
-    layers = resolve_layers(cfg, text_config(model_config))
-    structure = model_structure(cfg.model, model_config)
-    check_sequence_length(cfg, text_config(model_config))
-    tokenizer = load_tokenizer(cfg.model)
-    token_ids = token_windows(cfg.dataset, tokenizer)
-    collector = instantiate_node(cfg.analysis.collector, "analysis.collector", allowed)
-    analyzer = instantiate_node(cfg.analysis.analyzer, "analysis.analyzer", allowed)
-    plain = plain_config(cfg)
-    stages = [s for s in stages if s.bind(structure, layers)]
-    edges = getattr(collector, "edges", None)
-    collecting = [s for s in stages if s.phase == "collect"]
-    stats_key = cache.cache_key(plain, edges if edges is not None else [], cfg.analysis.collector._target_, collecting)
-    return Plan(
-        cfg=cfg,
-        plain=plain,
-        model_type=model_config.model_type,
-        layers=layers,
-        tokenizer=tokenizer,
-        token_ids=token_ids,
-        first_sequence=sequence_range(cfg.dataset)[0],
-        collector=collector,
-        analyzer=analyzer,
-        model_config=model_config,
-        structure=structure,
-        stages=stages,
-        stats_key=stats_key,
-    )
-
-
-class LazyModel:
-    """Loads the weights the first time something needs them, and never otherwise."""
-
-    def __init__(self, cfg: DictConfig, model_type: str, structure: Structure | None = None, model_config=None):
-        self.cfg, self.model_type = cfg, model_type
-        self.structure, self.model_config = structure, model_config
-        self.model: torch.nn.Module | None = None
-        self.device: torch.device | None = None
-
-    def get(self) -> tuple[torch.nn.Module, torch.device]:
-        if self.model is None:
-            log.info("loading %s (%s, device_map=%s)", self.cfg.model.name, self.model_type, self.cfg.model.device_map)
-            if not self.cfg.progress:  # progress=false: no progress bar of transformers' either
-                from transformers.utils import logging as hf_logging
-
-                hf_logging.disable_progress_bar()
-            self.model = load_model(self.cfg.model)
-            self.device = input_device(self.model)
-            if self.device.type == "cpu" and self.cfg.retain_host_memory:
-                retain_freed_memory()
-            if self.structure is not None:  # one forward on a few tokens checks the hook points
-                top_k = config_top_k(text_config(self.model_config)) if self.model_config is not None else None
-                probe(self.structure, self.model, self.device, self.cfg.model.name, top_k)
-        assert self.device is not None
-        return self.model, self.device
 
 
 def saved_batch(plan: Plan, path: Path, index: int, stage_stats: dict) -> OutlierStats | None:
@@ -185,8 +59,7 @@ def collect_batches(plan: Plan, stats_dir: Path, lazy: LazyModel) -> tuple[list[
     """Each batch's statistics: from stats/ when a usable file is there (resume), else collected and
     saved. Running out of memory or disk ends the run with one line; the batches saved so far stay."""
     bs = plan.cfg.analysis.batch_size
-    collecting = [s for s in plan.stages if s.phase == "collect"]
-    stage_stats = {s.name: s.Stats for s in collecting if s.Stats is not None}
+    collecting, stage_stats = plan.stages.collecting, plan.stages.stats_classes
     num_batches = -(-len(plan.token_ids) // bs)
     batches: list[OutlierStats] = []
     done_before, seconds, new_tokens = 0, 0.0, 0
@@ -251,9 +124,29 @@ def gather(plan: Plan, out: Path, lazy: LazyModel) -> tuple[list[OutlierStats], 
     return batches, timing
 
 
+def header(plan: Plan, batches: list[OutlierStats]) -> dict:
+    """What was analysed: the head of every result document."""
+    return {
+        "model": {
+            "name": plan.cfg.model.name,
+            "model_type": plan.facts.model_type,
+            "dtype": plan.plain["model"]["dtype"],
+            "layers": plan.layers,
+            "hidden_size": batches[0].num_features,
+            "structure": plan.structure.describe(plan.layers),
+        },
+        "dataset": {
+            "num_sequences": int(plan.token_ids.shape[0]),
+            "sequence_length": int(plan.token_ids.shape[1]),
+            "skip_sequences": plan.first_sequence,
+        },
+        "collector": collector_section(batches),
+    }
+
+
 def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path) -> tuple[dict, OutlierStats]:
     per_batch, results, total = build_documents(
-        plan.header(batches),
+        header(plan, batches),
         plan.analyzer,
         batches,
         plan.stages,
@@ -261,17 +154,16 @@ def analyse(plan: Plan, batches: list[OutlierStats], lazy: LazyModel, out: Path)
         token_ids=plan.token_ids,
         first_sequence=plan.first_sequence,
     )
-    for stage in plan.stages:
-        if stage.phase == "post":
-            ctx = PostContext(
-                model=lazy.get,
-                points=lambda: plan.points,
-                batches=plan.batch_ids,
-                results=results,
-                structure=plan.structure,
-                sequences=plan.sequence_ids,
-            )
-            results[stage.name] = stage.measure(ctx)
+    for stage in plan.stages.post:
+        ctx = PostContext(
+            model=lazy.get,
+            points=lambda: plan.points,
+            batches=plan.batch_ids,
+            results=results,
+            structure=plan.structure,
+            sequences=plan.sequence_ids,
+        )
+        results[stage.name] = stage.measure(ctx)
     rundir.write_documents(out, per_batch, results, total)
     return results, total
 
@@ -291,7 +183,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
 def _run_locked(cfg: DictConfig, plan: Plan, out: Path) -> dict:
     rundir.claim(out, plan.plain, plan.token_ids)
     rundir.write_json(out / rundir.CONFIG_JSON, plan.plain)
-    lazy = LazyModel(cfg, plan.model_type, plan.structure, plan.model_config)
+    lazy = LazyModel(cfg, plan.facts)
     with open_logger(cfg, out, plan.plain) as logger:
         batches, timing = gather(plan, out, lazy)
         results, total = analyse(plan, batches, lazy, out)

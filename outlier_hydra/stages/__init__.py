@@ -1,224 +1,37 @@
-"""Stages: optional analyses that ride on the outlier collection, one module each.
+"""Stages: optional analyses that ride on the outlier collection, one module (or package) each.
 
-A stage is a subclass of :class:`Stage` in a module of this package (found by scanning the package,
-so nothing else names it) plus its YAML file ``conf/analysis/stages/<name>.yaml``, listed in
-``conf/analysis/default.yaml``. Its ``name`` is its registered name, its config key
-(``analysis.stages.<name>``), the key of its section in the result files and of its statistics in
-the ``.npz`` files. Everything else that concerns it is a method of the class:
-
-  Config          typed settings (a dataclass; ``enabled`` switches the stage)
-  Stats           its mergeable statistics (merge, to_arrays, from_arrays; ArrayStats gives the last two)
-  phase           "collect": hooks on the same forward passes as the outlier statistics
-                  "post": runs once the systematic features are known (one extra forward)
-  bind            whether it applies to this model (e.g. MoE only), and which layers it reads
-  hooks / stop_after / start_batch / finish_batch      the device side of a "collect" stage
-  measure         what a "post" stage computes (it gets the model on demand)
-  cache_key       what determines its statistics (statistics reuse across a sweep)
-  report          its JSON section, from merged statistics
-  plots / rows / summary        PNG files, tables (report.html and W&B) and summary lines from its section
-
-A stage from another package is named by ``_target_`` in its node (allowed through
-``allowed_targets``); it then registers itself by subclassing :class:`Stage`.
+The protocol a stage implements is protocol.py; which stages exist and run is registry.py. The
+built-in stages: moe_routing, experts (a package), massive_activations, int8_error, massive_routing.
 """
 
-from __future__ import annotations
+from outlier_hydra.stages.protocol import (
+    COLLECT,
+    POST,
+    ArrayStats,
+    Hook,
+    PostContext,
+    Reach,
+    ReportContext,
+    Stage,
+    StageConfig,
+    plain,
+)
+from outlier_hydra.stages.registry import StageSet, build_stages, builtin_stages, stage_class, typed_settings
 
-import importlib
-import pkgutil
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ClassVar
-
-import numpy as np
-
-Hook = Callable[..., Any]  # a forward hook (module, args, output), or a pre-hook (module, args, kwargs)
-
-
-@dataclass
-class StageConfig:
-    enabled: bool = True
-
-
-class ArrayStats:
-    """For a stage's statistics dataclass whose every field is an array: saved field by field, read
-    back as arrays (to_arrays / from_arrays of the Stats protocol); the subclass writes merge()."""
-
-    def to_arrays(self) -> dict:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_arrays(cls, arrays: dict):
-        return cls(**{k: np.asarray(v) for k, v in arrays.items()})
-
-
-@dataclass
-class ReportContext:
-    """What a stage's report may read besides its statistics."""
-
-    records: list[dict]  # the systematic features of the document being written
-    tokenizer: Any = None
-    token_ids: Any = None  # the run's token ids [sequences, length] (None: not available)
-    first_sequence: int = 0  # global index of token_ids[0]
-    extras: dict = field(default_factory=dict)  # every collect stage's statistics for the same document
-
-
-@dataclass
-class PostContext:
-    """What a "post" stage gets: the model on demand, the hook points and the run's batches."""
-
-    model: Callable[[], tuple[Any, Any]]  # () -> (model, input device); loads the weights if needed
-    points: Callable[[], list]  # () -> the hook points (call it after model())
-    batches: Callable[[Any, int], list]  # (device, n) -> the run's first n batches of token ids there
-    results: dict  # the final document so far
-    structure: Any = None  # models.structure.Structure (where the routers and experts are)
-    sequences: Callable[[Any, list[int]], Any] | None = None  # (device, global sequence indices) -> token ids
-
-
-class Stage:
-    name: ClassVar[str]
-    Config: ClassVar[type] = StageConfig
-    Stats: ClassVar[type | None] = None
-    phase: ClassVar[str] = "collect"
-    report_only: ClassVar[tuple[str, ...]] = ()  # settings read only by report(): reanalyze may change them
-
-    def __init__(self, config: Any):
-        self.config = config
-
-    # ---- every stage ---------------------------------------------------------------------------
-    def bind(self, structure, layers: list[int]) -> bool:
-        """Prepare for this model (its models.structure.Structure); False if the stage does not apply."""
-        self.structure, self.layers = structure, sorted(layers)
-        return True
-
-    def cache_key(self) -> dict:
-        """Everything that changes what this stage collects (default: its settings but report_only)."""
-        return {k: v for k, v in plain(self.config).items() if k not in self.report_only}
-
-    def report(self, stats: Any, ctx: ReportContext) -> dict:
-        raise NotImplementedError
-
-    def plots(self, section: dict, folder: Path) -> dict[str, Path]:
-        return {}
-
-    def rows(self, section: dict) -> dict[str, tuple[list[str], list[list]]]:
-        """Tables of its section, title -> (columns, rows): report.html shows them, W&B logs them."""
-        return {}
-
-    def tables(self, section: dict, wandb) -> dict:
-        """What W&B logs for it (default: rows() as wandb.Table under "<name>/<title>")."""
-        return {
-            f"{self.name}/{title}": wandb.Table(columns=cols, data=data)
-            for title, (cols, data) in self.rows(section).items()
-        }
-
-    def summary(self, section: dict) -> list[str]:
-        return []
-
-    # ---- "collect" stages ----------------------------------------------------------------------
-    def hooks(self, layers: list[int]) -> list[tuple]:
-        """(module path, forward hook) or (module path, pre-hook, "pre") pairs (collect/hooks.py)."""
-        return []
-
-    def stop_after(self, layer: int) -> tuple | None:
-        """(rank, module path[, "pre"]) the forward must reach in a pass's last layer (0: its last hook
-        point, 1: its router, 2: its experts' input, 3: the layer output), or None if the stage reads
-        nothing past the last hook point."""
-        return None
-
-    def prepare(self, model: Any, input_ids: Any) -> None:
-        """Before each pass: the model being run and the batch's token ids (most stages need neither)."""
-
-    def start_batch(self, first_sequence: int) -> None:
-        pass
-
-    def end_pass(self) -> None:
-        """After each pass, also one stopped early or failed: release anything held across hooks."""
-
-    def finish_batch(self) -> Any:
-        raise NotImplementedError
-
-    # ---- "post" stages -------------------------------------------------------------------------
-    def measure(self, ctx: PostContext) -> dict:
-        raise NotImplementedError
-
-
-def plain(config: Any) -> dict:
-    """A stage config (DictConfig or dataclass) as a plain dict without the `enabled` switch."""
-    from dataclasses import asdict, is_dataclass
-
-    from omegaconf import DictConfig, OmegaConf
-
-    d: Any
-    if isinstance(config, DictConfig):
-        d = OmegaConf.to_container(config, resolve=True)
-    elif is_dataclass(config) and not isinstance(config, type):
-        d = asdict(config)
-    else:
-        d = dict(config)
-    return {k: v for k, v in d.items() if k not in ("enabled", "_target_")}
-
-
-def builtin_stages() -> dict[str, type[Stage]]:
-    """name -> class of every stage defined in this package (each module imported once)."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-    return {cls.name: cls for cls in _subclasses(Stage) if cls.__module__.startswith(__name__ + ".")}
-
-
-def _subclasses(cls):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
-
-
-def stage_class(name: str, node: Any, allowed: list[str]) -> type[Stage]:
-    """The class of stage `name`: a built-in one, or the allowed `_target_` its node names."""
-    key = f"analysis.stages.{name}"
-    target = node.get("_target_") if node is not None else None
-    if target:
-        from outlier_hydra.config.targets import import_target
-
-        cls = import_target(str(target), f"{key}._target_", allowed)
-        if not (isinstance(cls, type) and issubclass(cls, Stage)):
-            raise _error(f"{key}._target_: {target} is not a Stage (outlier_hydra.stages.Stage)")
-        if cls.name != name:
-            raise _error(f"{key}: {target} is the stage {cls.name!r}; configure it as analysis.stages.{cls.name}")
-        return cls
-    known = builtin_stages()
-    if name not in known:
-        raise _error(
-            f"{key}: no stage named {name!r} (stages: {', '.join(sorted(known))}; a stage of your own needs _target_)"
-        )
-    return known[name]
-
-
-def typed_settings(cls: type[Stage], node: Any, key: str):
-    """The node merged into the stage's Config: a wrong type or unknown key is one line naming it."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    values = {k: v for k, v in dict(node).items() if k != "_target_"}
-    try:
-        return OmegaConf.merge(OmegaConf.structured(cls.Config), values)
-    except OmegaConfBaseException as exc:
-        where = f"{key}.{exc.full_key}" if getattr(exc, "full_key", None) else key
-        raise _error(f"{where}: {str(exc).splitlines()[0]}") from None
-
-
-def build_stages(stages_cfg: Any, allowed: list[str]) -> list[Stage]:
-    """The enabled stages, in configuration order (null or enabled=false: off)."""
-    out = []
-    for name, node in (stages_cfg or {}).items():
-        if node is None:
-            continue
-        cls = stage_class(str(name), node, allowed)
-        settings = typed_settings(cls, node, f"analysis.stages.{name}")
-        if settings.enabled:
-            out.append(cls(settings))
-    return out
-
-
-def _error(message: str):
-    from outlier_hydra.errors import OutlierHydraError
-
-    return OutlierHydraError(message)
+__all__ = [
+    "COLLECT",
+    "POST",
+    "ArrayStats",
+    "Hook",
+    "PostContext",
+    "Reach",
+    "ReportContext",
+    "Stage",
+    "StageConfig",
+    "StageSet",
+    "build_stages",
+    "builtin_stages",
+    "plain",
+    "stage_class",
+    "typed_settings",
+]

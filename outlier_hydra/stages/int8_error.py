@@ -18,7 +18,7 @@ import torch
 from omegaconf import MISSING
 
 from outlier_hydra.collect.hooks import attached, on_input
-from outlier_hydra.stages import PostContext, Stage
+from outlier_hydra.stages.protocol import POST, PostContext, Stage
 
 
 def absmax_int8(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class Int8ErrorConfig:
 class Int8Error(Stage):
     name = "int8_error"
     Config = Int8ErrorConfig
-    phase = "post"
+    phase = POST
 
     def __init__(self, config):
         super().__init__(config)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
-from outlier_hydra.stages import ArrayStats, ReportContext, Stage
+from outlier_hydra.stages.protocol import ArrayStats, Reach, ReportContext, Stage
 
 LOG_MIN, LOG_MAX, BINS_PER_DECADE = -6.0, 6.0, 10
 NUM_BINS = int((LOG_MAX - LOG_MIN) * BINS_PER_DECADE)
@@ -75,9 +75,9 @@ class MassiveActivations(Stage):
         self.first = first_sequence
         self.state: dict[int, tuple] = {}
 
-    def stop_after(self, layer: int) -> tuple[int, str]:
-        """(rank, module) the forward must reach in the pass's last layer: the layer output (rank 3)."""
-        return 3, self.structure.layer_path(layer)
+    def stop_after(self, layer: int) -> tuple[Reach, str]:
+        """The forward must reach the output of the pass's last layer."""
+        return Reach.LAYER_OUTPUT, self.structure.layer_path(layer)
 
     def hooks(self, layers: list[int]):
         return [(self.structure.layer_path(i), self._hook(i)) for i in layers]
@@ -142,7 +142,7 @@ class MassiveActivations(Stage):
     # pragma: no mutate start (drawing only: the numbers drawn are the section's, tested there)
     def plots(self, section: dict, folder: Path) -> dict[str, Path]:
         """massive_activations.png: largest and median |x| per layer against the criteria."""
-        from outlier_hydra.output.plots import pyplot, save_figure
+        from outlier_hydra.figures import pyplot, save_figure
 
         plt = pyplot()
         layers = [entry["layer"] for entry in section["layers"]]

@@ -4,7 +4,7 @@ Su et al. 2025 find that a few super experts make the massive activations. Once 
 (the experts stage's `super_experts`, the massive_activations stage's `massive` entries), this "post"
 stage runs one forward over the sequences that hold massive activations and reads, at each super
 expert's layer, the expert choices the model makes for those tokens (where the structure's probe
-found them: MoeLayer.choices_hook in models/structure.py). Per super expert (layer l, expert e): the
+found them: collect.hooks.choices_hook). Per super expert (layer l, expert e): the
 massive activations in the residual stream after layer l or later, their distinct token positions,
 how many of those positions chose e at layer l, and the share. It needs both stages on
 (massive_activations is off by default); otherwise its section says which is missing and nothing
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import MISSING
 
-from outlier_hydra.collect.hooks import attached
-from outlier_hydra.stages import PostContext, Stage
+from outlier_hydra.collect.hooks import attached, choices_hook
+from outlier_hydra.stages.protocol import POST, PostContext, Stage
 
 
 @dataclass
@@ -33,7 +33,7 @@ class MassiveRoutingConfig:
 class MassiveRouting(Stage):
     name = "massive_routing"
     Config = MassiveRoutingConfig
-    phase = "post"
+    phase = POST
 
     def bind(self, structure, layers: list[int]) -> bool:
         super().bind(structure, layers)
@@ -84,7 +84,7 @@ class MassiveRouting(Stage):
 
             return fn
 
-        hooks = [moe.choices_hook(receive(layer)) for layer in layers if (moe := ctx.structure.moe(layer))]
+        hooks = [choices_hook(moe, receive(layer)) for layer in layers if (moe := ctx.structure.moe(layer))]
         with attached(model, hooks):
             for start in range(0, len(sequences), self.config.batch_size):
                 current[:] = sequences[start : start + self.config.batch_size]

@@ -1,5 +1,5 @@
 """Router and expert statistics of MoE layers: the router's logits and the expert choices the model
-really makes (models/structure.py finds both: the router's own output, e.g. OLMoE, Mixtral, Qwen
+really makes (models/probe.py finds both: the router's own output, e.g. OLMoE, Mixtral, Qwen
 and gpt-oss give (logits, top-k weights, top-k indices); else the experts module's arguments, e.g.
 DeepSeek-V3 after its bias and grouped top-k; else the top-k of the softmax of the logits). Shared
 experts are always on and never counted as a choice. Per MoE layer, on the device:
@@ -24,10 +24,10 @@ import torch
 from omegaconf import MISSING
 
 from outlier_hydra.collect import fused_cpu
-from outlier_hydra.collect.hooks import on_input
+from outlier_hydra.collect.hooks import choices_hook, on_input
 from outlier_hydra.collect.reductions import at_least
 from outlier_hydra.collect.transfer import to_host
-from outlier_hydra.stages import ArrayStats, ReportContext, Stage
+from outlier_hydra.stages.protocol import ArrayStats, Reach, ReportContext, Stage
 
 
 @dataclass
@@ -108,14 +108,14 @@ class MoeRouting(Stage):
         self.pending_logits: dict[int, torch.Tensor] = {}
 
     def stop_after(self, layer: int) -> tuple | None:
-        """What the forward must reach in the pass's last layer: the router (rank 1), or the experts'
-        input (rank 2) where the choices are read there."""
+        """What the forward must reach in the pass's last layer: the router, or the experts' input
+        where the choices are read there."""
         moe = self.structure.moe(layer)
         if moe is None or layer not in self.row:
             return None
         if moe.choices == "experts":
-            return 2, moe.experts, "pre"
-        return 1, moe.router
+            return Reach.EXPERTS_INPUT, moe.experts, "pre"
+        return Reach.ROUTER, moe.router
 
     def hooks(self, layers: list[int]):
         out: list[tuple] = []
@@ -125,7 +125,7 @@ class MoeRouting(Stage):
                 continue
             out.append(on_input(moe.block, self.structure.inputs.get(moe.block, 0), self._mlp_input_hook(layer)))
             out.append((moe.router, self._logits_hook(layer, moe)))
-            out.append(moe.choices_hook(self._choices_receiver(layer)))  # after the logits
+            out.append(choices_hook(moe, self._choices_receiver(layer)))  # after the logits
         return out
 
     def _mlp_input_hook(self, layer: int):
@@ -271,7 +271,7 @@ class MoeRouting(Stage):
         feats = [f for f in section["features"] if f["layers"]][:3]
         if not feats:
             return {}
-        from outlier_hydra.output.plots import pyplot, save_figure
+        from outlier_hydra.figures import pyplot, save_figure
 
         plt = pyplot()
         fig, axes = plt.subplots(1, len(feats), figsize=(5 * len(feats), 3.8), squeeze=False)

@@ -30,7 +30,6 @@ import statistics as st
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -38,10 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from outlier_hydra.collect import fused_triton
 from outlier_hydra.collect.hooks import attached, on_input
-from outlier_hydra.collect.host_memory import retain_freed_memory
 from outlier_hydra.config.targets import instantiate_node
+from outlier_hydra.models.facts import facts_of
 from outlier_hydra.models.loading import DTYPES
-from outlier_hydra.models.structure import config_top_k, discover, probe
+from outlier_hydra.pipeline.plan import ready
 from outlier_hydra.pipeline.rundir import write_json
 from outlier_hydra.stages import build_stages
 
@@ -168,24 +167,19 @@ def memory_scaling(model, points, collector, b, device, stages=()) -> list[dict]
 
 
 def prepare(cfg: DictConfig):
-    """The preset's model on its device, its hook points, the "collect" stages that are on by default
-    (or switched on by the overrides) as a run uses them, and one batch of random tokens:
-    (device, model, points, stages, ids)."""
+    """The preset's model on its device, made ready as a run makes its model ready (pipeline/plan.py),
+    its hook points, the collecting stages that are on by default (or switched on by the overrides)
+    and apply to it, and one batch of random tokens: (device, model, points, stages, ids)."""
     b = cfg.benchmark
-    device = pick_device(b.device)
-    if device.type == "cpu" and cfg.retain_host_memory:  # as a run does (collect/host_memory.py)
-        retain_freed_memory()
-    model = build_model(b, device)
-    layers = list(range(b.shape.num_hidden_layers))
-    config: Any = model.config  # type: ignore[assignment]
-    structure = discover(model, len(layers), int(config.hidden_size), None, f"benchmark={b.name}")
-    probe(structure, model, device, f"benchmark={b.name}", config_top_k(config))
-    allowed = list(cfg.allowed_targets)
-    stages = [s for s in build_stages(cfg.analysis.stages, allowed) if s.phase == "collect" and s.bind(structure, layers)]
+    model = build_model(b, pick_device(b.device))
+    facts = facts_of(model, f"benchmark={b.name}")
+    device = ready(cfg, facts, model)
+    layers = list(range(facts.num_layers))
+    stages = build_stages(cfg.analysis.stages, list(cfg.allowed_targets)).collecting.bound(facts.structure, layers)
     ids = torch.randint(
         100, b.shape.vocab_size, (b.batch_size, b.sequence_length), generator=torch.Generator().manual_seed(0)
     ).to(device)
-    return device, model, structure.hook_points(layers), stages, ids
+    return device, model, facts.structure.hook_points(layers), stages, ids
 
 
 def run_benchmark(cfg: DictConfig, out: Path) -> dict:

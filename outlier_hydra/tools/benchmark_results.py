@@ -36,7 +36,7 @@ def table(runs: list[dict]) -> str:
             else f"RSS {r['peak_host_rss_mb'] / 1024:.1f}"
         )
         to_host = f"{r['ratio_baseline_over_forward']:.2f}x" if "ratio_baseline_over_forward" in r else "-"
-        alone = r.get("ratio_collect_no_stage_over_forward")  # (not in files before 2026-11-28)
+        alone = r.get("ratio_collect_no_stage_over_forward")  # (older files lack it)
         no_stage = f"{alone:.3f}x" if alone else "-"
         lines.append(
             f"{r['preset']:<20}{r['forward_s']:>10.4f}{r['ratio_collect_over_forward']:>8.3f}x"

@@ -26,13 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from outlier_hydra.analysis import build_documents
-from outlier_hydra.cli import settings
+from outlier_hydra.analysis import build_documents, criteria_text
 from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.models.label import short_name
 from outlier_hydra.pipeline import rundir
 from outlier_hydra.stats import OutlierStats
+from outlier_hydra.tools.args import settings
 from outlier_hydra.tools.reanalyze import ANALYSIS_ONLY
-from outlier_hydra.tools.saved_run import SavedRun, load_run, typed_config
+from outlier_hydra.tools.saved_run import SavedRun, load_run
 
 COLUMNS = [
     "run",
@@ -79,7 +80,7 @@ def parameters(run: SavedRun) -> tuple[int | None, int | None, bool | None]:
     """(total, active, is MoE) from the checkpoint's config (or the model group's architecture)."""
     from transformers.utils import logging as hf_logging
 
-    from outlier_hydra.launch.vram import count_params, hf_config
+    from outlier_hydra.models.size import count_params, hf_config
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # building a model on the meta device may warn; nothing is loaded
@@ -137,10 +138,7 @@ def row(run: SavedRun, results: dict) -> dict[str, Any]:
 
 def reanalysed(run: SavedRun, overrides: dict) -> tuple[dict, Any]:
     """The run's documents at other criteria, from its statistics (no model)."""
-    changed = {**run.config, "analysis": {**run.config["analysis"], **overrides}}
-    changed["analysis"]["analyzer"] = {**run.config["analysis"]["analyzer"], **overrides}
-    cfg = typed_config(changed, list(run.cfg.allowed_targets), run.path / rundir.CONFIG_JSON)
-    analyzer = run.analyzer(cfg.analysis.analyzer)
+    analyzer = run.analyzer(run.config_with(overrides).analysis.analyzer)
     header = {k: run.results[k] for k in ("model", "dataset", "collector") if k in run.results}
     _, results, total = build_documents(
         header, analyzer, run.batches, run.stages, tokenizer=None, token_ids=None, first_sequence=0
@@ -166,13 +164,12 @@ def compare(
                 f"{differ[0].path}: analysed at other criteria than {runs[0].path} ({differ[0].results['criteria']} vs "
                 f"{runs[0].results['criteria']}); add --reanalyze to apply one set to all from their statistics"
             )
-        docs = [
-            (r.results, OutlierStats.load(r.path / rundir.FINAL_STATS, {s.name: s.Stats for s in r.stages if s.Stats}))
-            for r in runs
-        ]
+        docs = [(r.results, OutlierStats.load(r.path / rundir.FINAL_STATS, r.stages.stats_classes)) for r in runs]
     rows = [row(r, res) for r, (res, _) in zip(runs, docs)]
     tokens = sorted({r["tokens"] for r in rows})
-    notes = [f"criteria: {_criteria(docs[0][0]['criteria'])}" + (" (reanalysed from the statistics)" if reanalyze else "")]
+    notes = [
+        f"criteria: {criteria_text(docs[0][0]['criteria'])}" + (" (reanalysed from the statistics)" if reanalyze else "")
+    ]
     if len(tokens) > 1:
         notes.append(
             f"the runs cover different numbers of tokens ({', '.join(map(str, tokens))}): percentages are "
@@ -199,23 +196,15 @@ def compare(
     return document
 
 
-def _criteria(c: dict) -> str:
-    return (
-        f"|x| >= {c['magnitude_threshold']:g} in >= {100 * c['min_layer_percentage']:g}% of modules and "
-        f">= {100 * c['min_seq_percentage']:g}% of positions"
-    )
-
-
 def _label(run: SavedRun, results: dict) -> str:
-    name = "/".join(str(results["model"]["name"]).rstrip("/").split("/")[-2:])
-    return f"{name} ({results['model']['model_type']})"
+    return f"{short_name(results['model']['name'])} ({results['model']['model_type']})"
 
 
 def comparison_plots(out: Path, runs: list[SavedRun], docs: list[tuple[dict, Any]]) -> dict[str, Path]:
     import numpy as np
 
     from outlier_hydra.analysis import SystematicOutlierAnalysis
-    from outlier_hydra.output.plots import pyplot, save_figure
+    from outlier_hydra.figures import pyplot, save_figure
 
     plt = pyplot()
     paths = {}
@@ -300,7 +289,7 @@ def _fmt(column: str, v: Any) -> str:
     if v is None:
         return "-"
     if column == "model":
-        return "/".join(str(v).rstrip("/").split("/")[-2:])
+        return short_name(v)
     if column.endswith("_params"):
         return f"{v / 1e9:.2f}B" if v >= 1e8 else f"{v / 1e6:.2f}M"
     return f"{v:.3g}" if isinstance(v, float) else str(v)

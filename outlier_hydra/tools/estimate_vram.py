@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from outlier_hydra.cli import compose_config
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.launch.vram import CARDS_GB, VramEstimate, estimate
+from outlier_hydra.tools.args import compose_config
 
 
 def table(est: VramEstimate) -> str:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from outlier_hydra.analysis import build_documents, collector_section
-from outlier_hydra.cli import no_more, settings
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import rundir
+from outlier_hydra.tools.args import no_more, settings
 from outlier_hydra.tools.saved_run import load_run, report_context
 
 # keys that may differ between shards of one run

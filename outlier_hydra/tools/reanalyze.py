@@ -19,14 +19,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from outlier_hydra.analysis import build_documents
-from outlier_hydra.cli import settings
 from outlier_hydra.config.validate import check_config
 from outlier_hydra.errors import OutlierHydraError
 from outlier_hydra.output.report import run_report
 from outlier_hydra.pipeline import rundir
 from outlier_hydra.stages import build_stages
 from outlier_hydra.stats import ThresholdNotAnEdge
-from outlier_hydra.tools.saved_run import load_run, report_context, typed_config
+from outlier_hydra.tools.args import settings
+from outlier_hydra.tools.saved_run import load_run, report_context
 
 ANALYSIS_ONLY = ("magnitude_threshold", "min_layer_percentage", "min_seq_percentage", "num_examples")
 
@@ -49,16 +49,12 @@ def reanalyze(run_dir: Path, overrides: list[str], out: Path | None = None) -> t
     for key in given:
         if key.startswith("analysis.stages.") and key not in report_only:
             raise refuse(key, sorted(report_only))
-    changed = dict(run.config)
     new_values = {k.removeprefix("analysis."): v for k, v in given.items() if k not in report_only}
-    stage_nodes = {name: dict(node) if node else node for name, node in run.config["analysis"]["stages"].items()}
+    stage_settings: dict[str, dict] = {}
     for key in (k for k in given if k in report_only):
         name, setting = key.removeprefix("analysis.stages.").split(".", 1)
-        stage_nodes[name][setting] = given[key]
-    # config.json holds the analyzer node resolved: the new values go there too
-    analyzer_node = {**run.config["analysis"]["analyzer"], **new_values}
-    changed["analysis"] = {**run.config["analysis"], **new_values, "analyzer": analyzer_node, "stages": stage_nodes}
-    cfg = typed_config(changed, list(allowed), Path(run_dir) / rundir.CONFIG_JSON)  # types the new values
+        stage_settings.setdefault(name, {})[setting] = given[key]
+    cfg = run.config_with(new_values, stage_settings)  # types the new values
     stages = build_stages(cfg.analysis.stages, list(allowed))
     check_config(cfg)
     kept = run.config["analysis"]["num_examples"]

@@ -17,9 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from outlier_hydra.config.schema import Config
 from outlier_hydra.config.targets import instantiate_node
-from outlier_hydra.errors import OutlierHydraError
+from outlier_hydra.errors import OutlierHydraError, first_line
 from outlier_hydra.pipeline import rundir
-from outlier_hydra.stages import Stage, build_stages
+from outlier_hydra.stages import StageSet, build_stages
 from outlier_hydra.stats import OutlierStats
 
 
@@ -29,8 +29,22 @@ class SavedRun:
     config: dict  # config.json as saved (plain)
     cfg: DictConfig  # the same, typed by the schema, allowed_targets from the command line
     results: dict
-    stages: list[Stage]
+    stages: StageSet
     batches: list[OutlierStats]
+
+    def config_with(self, analysis: dict, stages: dict[str, dict] | None = None) -> DictConfig:
+        """The run's config with other analysis-only values (analysis.KEY: value; the analyzer node,
+        saved resolved, gets them too) and stage settings ({stage: {setting: value}}), typed by the
+        schema: a wrong type is one line naming the key."""
+        saved = self.config["analysis"]
+        nodes = {name: dict(node) if node else node for name, node in saved["stages"].items()}
+        for name, settings in (stages or {}).items():
+            nodes[name] = {**nodes[name], **settings}
+        changed = {
+            **self.config,
+            "analysis": {**saved, **analysis, "analyzer": {**saved["analyzer"], **analysis}, "stages": nodes},
+        }
+        return typed_config(changed, list(self.cfg.allowed_targets), self.path / rundir.CONFIG_JSON)
 
     def analyzer(self, node: DictConfig | None = None):
         return instantiate_node(
@@ -44,7 +58,7 @@ def typed_config(plain: dict, allowed: list[str], where: Path) -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), {**plain, "allowed_targets": list(allowed)})
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "")
-        raise OutlierHydraError(f"{where}: {key + ': ' if key else ''}{str(exc).splitlines()[0]}") from None
+        raise OutlierHydraError(f"{where}: {key + ': ' if key else ''}{first_line(exc)}") from None
     assert isinstance(cfg, DictConfig)
     return cfg
 
@@ -57,9 +71,8 @@ def load_run(run_dir: Path, allowed: list[str]) -> SavedRun:
     config = rundir.read_json(run_dir / rundir.CONFIG_JSON)
     cfg = typed_config(config, allowed, run_dir / rundir.CONFIG_JSON)
     stages = build_stages(cfg.analysis.stages, list(allowed))
-    stage_stats = {s.name: s.Stats for s in stages if s.phase == "collect" and s.Stats is not None}
     results = rundir.read_json(final)
-    batches = rundir.load_batches(run_dir, stage_stats)
+    batches = rundir.load_batches(run_dir, stages.stats_classes)
     if len(batches) != results["num_batches"]:
         raise OutlierHydraError(f"{run_dir}: {len(batches)} batch statistics for {results['num_batches']} batches")
     return SavedRun(run_dir, config, cfg, results, stages, batches)

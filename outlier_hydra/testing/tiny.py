@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from outlier_hydra.errors import first_line
+
 HIDDEN = 64
 VOCAB = 30522  # the MiniLM tokenizer the offline runs use
 
@@ -121,8 +123,7 @@ def build(model_type: str, folder: Path, plant_dim: int | None = 13, seed: int =
         with torch.no_grad():
             model(input_ids=torch.arange(3, 11)[None])
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"its own forward fails at this size: {type(exc).__name__}: {first[:160]}") from None
+        raise ValueError(f"its own forward fails at this size: {type(exc).__name__}: {first_line(exc, 160)}") from None
     if plant_dim is not None:
         plant_embedding_outlier(model, plant_dim)
     model.save_pretrained(folder)
